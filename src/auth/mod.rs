@@ -1,0 +1,258 @@
+//! Who is calling, and may they: SAS tokens checked against shared access policies and device keys.
+//!
+//! Every failure here is IoT Hub's 401 (401002), whatever the reason; the reason goes to the debug log only
+//! (never the token itself).
+
+pub mod policies;
+pub mod routes;
+pub mod sas;
+
+use sqlx::PgPool;
+
+use crate::http::error::{ApiError, ApiResult};
+use sas::SasToken;
+
+/// A right a shared access policy can grant (spec §2.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Right {
+    RegistryRead,
+    RegistryWrite,
+    ServiceConnect,
+    DeviceConnect,
+}
+
+impl Right {
+    pub const ALL: [Right; 4] = [
+        Right::RegistryRead,
+        Right::RegistryWrite,
+        Right::ServiceConnect,
+        Right::DeviceConnect,
+    ];
+    fn bit(self) -> i16 {
+        match self {
+            Right::RegistryRead => 1,
+            Right::RegistryWrite => 2,
+            Right::ServiceConnect => 4,
+            Right::DeviceConnect => 8,
+        }
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            Right::RegistryRead => "RegistryRead",
+            Right::RegistryWrite => "RegistryWrite",
+            Right::ServiceConnect => "ServiceConnect",
+            Right::DeviceConnect => "DeviceConnect",
+        }
+    }
+}
+
+/// A set of rights, stored as a bit set and written as IoT Hub does: `"RegistryWrite, ServiceConnect"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rights(i16);
+
+impl Rights {
+    pub fn of(rights: &[Right]) -> Rights {
+        Rights(rights.iter().fold(0, |acc, r| acc | r.bit()))
+    }
+    pub fn from_bits(bits: i16) -> Rights {
+        Rights(bits & 0xf)
+    }
+    pub fn bits(self) -> i16 {
+        self.0
+    }
+    /// RegistryWrite includes RegistryRead (IoT Hub encodes RegistryWrite as RegistryRead | 2).
+    pub fn allows(self, right: Right) -> bool {
+        match right {
+            Right::RegistryRead => self.0 & (Right::RegistryRead.bit() | Right::RegistryWrite.bit()) != 0,
+            other => self.0 & other.bit() != 0,
+        }
+    }
+    /// Whether every right in `other` is allowed by these rights.
+    pub fn covers(self, other: Rights) -> bool {
+        Right::ALL
+            .iter()
+            .all(|r| !other.has_exactly(*r) || self.allows(*r))
+    }
+    fn has_exactly(self, right: Right) -> bool {
+        self.0 & right.bit() != 0
+    }
+    /// Parses `"RegistryRead, ServiceConnect"` (any order, any spacing, case-insensitive).
+    pub fn parse(text: &str) -> Option<Rights> {
+        let mut bits = 0;
+        for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let right = Right::ALL
+                .iter()
+                .find(|r| r.name().eq_ignore_ascii_case(part))?;
+            bits |= right.bit();
+        }
+        (bits != 0).then_some(Rights(bits))
+    }
+}
+
+impl std::fmt::Display for Rights {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let names: Vec<&str> = Right::ALL
+            .iter()
+            .filter(|r| self.has_exactly(**r))
+            .map(|r| r.name())
+            .collect();
+        f.write_str(&names.join(", "))
+    }
+}
+
+/// A caller authenticated with a shared access policy.
+#[derive(Debug, Clone)]
+pub struct PolicyCaller {
+    pub policy: String,
+    pub rights: Rights,
+}
+
+/// How a device call was authenticated: with the device's own key, or with a policy that has DeviceConnect.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeviceCredential {
+    DeviceKey,
+    Policy(String),
+}
+
+/// A caller allowed to act as one device.
+#[derive(Debug, Clone)]
+pub struct DeviceCaller {
+    pub device_id: String,
+    pub generation_id: String,
+    pub credential: DeviceCredential,
+}
+
+fn refuse(reason: &str) -> ApiError {
+    tracing::debug!(reason, "authorization refused");
+    ApiError::unauthorized(reason)
+}
+
+fn parse_header(header: Option<&str>) -> ApiResult<SasToken> {
+    let header = header.ok_or_else(|| refuse("Authorization header missing"))?;
+    SasToken::parse(header).map_err(|e| refuse(&e.to_string()))
+}
+
+/// Checks a policy token for `right` over the resource `target` (the request path's decoded segments).
+pub async fn authorize_policy(
+    db: &PgPool,
+    hostname: &str,
+    header: Option<&str>,
+    target: &[String],
+    right: Right,
+) -> ApiResult<PolicyCaller> {
+    let token = parse_header(header)?;
+    let Some(name) = token.key_name.clone() else {
+        return Err(refuse("a device token cannot call service endpoints"));
+    };
+    let policy = policies::keys(db, &name)
+        .await?
+        .ok_or_else(|| refuse("unknown shared access policy"))?;
+    check_token(&token, &policy.primary_key, &policy.secondary_key, policy.db_now)?;
+    check_scope(&token, hostname, target)?;
+    if !policy.rights.allows(right) {
+        return Err(refuse(&format!(
+            "the policy {name} does not grant {}",
+            right.name()
+        )));
+    }
+    Ok(PolicyCaller {
+        policy: name,
+        rights: policy.rights,
+    })
+}
+
+/// Checks a token for acting as `device_id`: the device's own key with a scope naming the device, or a policy with
+/// DeviceConnect whose scope covers it. A disabled or unknown device is refused either way.
+pub async fn authorize_device(
+    db: &PgPool,
+    hostname: &str,
+    header: Option<&str>,
+    device_id: &str,
+    target: &[String],
+) -> ApiResult<DeviceCaller> {
+    let token = parse_header(header)?;
+    let device = crate::registry::store::credentials(db, device_id).await?;
+    let credential = match &token.key_name {
+        None => {
+            let device = device.as_ref().ok_or_else(|| refuse("unknown device"))?;
+            let (Some(primary), Some(secondary)) = (&device.primary_key, &device.secondary_key)
+            else {
+                return Err(refuse("the device has no symmetric keys"));
+            };
+            check_token(&token, primary, secondary, device.db_now)?;
+            // A device token must name its device: `{host}/devices/{id}`.
+            let device_scope = [String::from("devices"), device_id.to_string()];
+            check_scope(&token, hostname, &device_scope)?;
+            check_scope(&token, hostname, target)?;
+            DeviceCredential::DeviceKey
+        }
+        Some(name) => {
+            let policy = policies::keys(db, name)
+                .await?
+                .ok_or_else(|| refuse("unknown shared access policy"))?;
+            check_token(&token, &policy.primary_key, &policy.secondary_key, policy.db_now)?;
+            check_scope(&token, hostname, target)?;
+            if !policy.rights.allows(Right::DeviceConnect) {
+                return Err(refuse(&format!("the policy {name} does not grant DeviceConnect")));
+            }
+            DeviceCredential::Policy(name.clone())
+        }
+    };
+    let device = device.ok_or_else(|| ApiError::device_not_found(device_id))?;
+    if device.status != "enabled" {
+        return Err(refuse("the device is disabled"));
+    }
+    Ok(DeviceCaller {
+        device_id: device_id.to_string(),
+        generation_id: device.generation_id,
+        credential,
+    })
+}
+
+fn check_token(token: &SasToken, primary: &str, secondary: &str, db_now: i64) -> ApiResult<()> {
+    // Both keys are always tried, so timing does not tell which one (if any) matched.
+    let primary_ok = token.signed_by(primary);
+    let secondary_ok = token.signed_by(secondary);
+    if !(primary_ok | secondary_ok) {
+        return Err(refuse("the token's signature does not match"));
+    }
+    if token.expired(db_now) {
+        return Err(refuse("the token has expired"));
+    }
+    Ok(())
+}
+
+fn check_scope(token: &SasToken, hostname: &str, target: &[String]) -> ApiResult<()> {
+    let scope = token
+        .resource()
+        .ok_or_else(|| refuse("the token's resource is not valid UTF-8"))?;
+    let encoded: Vec<String> = target.iter().map(|s| sas::encode_component(s)).collect();
+    if sas::scope_covers(&scope, hostname, &[target.to_vec(), encoded]) {
+        Ok(())
+    } else {
+        Err(refuse("the token's resource does not cover this request"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rights_render_in_canonical_order() {
+        let r = Rights::parse("DeviceConnect,  registrywrite,ServiceConnect").unwrap();
+        assert_eq!(r.to_string(), "RegistryWrite, ServiceConnect, DeviceConnect");
+        assert!(r.allows(Right::RegistryRead));
+        assert!(Rights::parse("Nope").is_none());
+        assert!(Rights::parse("").is_none());
+    }
+
+    #[test]
+    fn covers_compares_rights_sets() {
+        let owner = Rights::of(&[Right::RegistryWrite, Right::ServiceConnect, Right::DeviceConnect]);
+        let rw = Rights::of(&[Right::RegistryRead, Right::RegistryWrite]);
+        assert!(owner.covers(rw));
+        assert!(!rw.covers(owner));
+        assert!(rw.covers(Rights::of(&[Right::RegistryRead])));
+    }
+}

@@ -1,0 +1,106 @@
+//! Response header names in exact case.
+//!
+//! HTTP header names are case-insensitive, but the Azure IoT C SDK looks response headers up with case-sensitive
+//! compares (`ETag`, `ContentType`, `iothub-app-MyProperty`). hyper stores names in lower case and writes them so,
+//! unless the response carries hyper's (crate-private) header-case map, which it then follows. The only public way to
+//! obtain such a map is to have hyper parse a request with `preserve_header_case` on: so we let hyper parse a
+//! synthetic request that spells the wanted names, in memory, and hand the resulting extensions to the response.
+//! Maps are cached per set of names; HTTP/2 is unaffected (its names are lower case by definition).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use axum::extract::Request;
+use axum::middleware::Next;
+use axum::response::Response;
+use bytes::Bytes;
+use http::Extensions;
+use http_body_util::Empty;
+use hyper_util::rt::TokioIo;
+use tokio::io::AsyncWriteExt;
+
+/// Names every response writes in this case when present (spec §9).
+const FIXED: &[&str] = &[
+    "ETag",
+    "ContentType",
+    "ContentEncoding",
+    "Content-Type",
+    "Content-Length",
+    "Location",
+    "Retry-After",
+];
+
+/// Extra names a handler wants in exact case (e.g. `iothub-app-{name}` with the property's own case), put in the
+/// response's extensions.
+#[derive(Debug, Clone, Default)]
+pub struct ExactNames(pub Vec<String>);
+
+const CACHE_LIMIT: usize = 4096;
+
+static CACHE: Mutex<Option<HashMap<String, Extensions>>> = Mutex::new(None);
+
+/// Middleware: gives every HTTP/1 response the header-case map for the fixed names plus its [`ExactNames`].
+pub async fn exact_header_case(request: Request, next: Next) -> Response {
+    let mut response = next.run(request).await;
+    let extra = response.extensions_mut().remove::<ExactNames>();
+    let names: Vec<&str> = FIXED
+        .iter()
+        .copied()
+        .chain(extra.iter().flat_map(|e| e.0.iter().map(String::as_str)))
+        .filter(|n| http::HeaderName::from_bytes(n.as_bytes()).is_ok())
+        .collect();
+    if let Some(map) = case_map(&names).await {
+        response.extensions_mut().extend(map);
+    }
+    response
+}
+
+async fn case_map(names: &[&str]) -> Option<Extensions> {
+    let key = names.join("\n");
+    if let Some(found) = CACHE
+        .lock()
+        .unwrap()
+        .get_or_insert_with(HashMap::new)
+        .get(&key)
+    {
+        return Some(found.clone());
+    }
+    let map = parse_with_hyper(names).await?;
+    let mut cache = CACHE.lock().unwrap();
+    let cache = cache.get_or_insert_with(HashMap::new);
+    if cache.len() >= CACHE_LIMIT {
+        cache.clear();
+    }
+    cache.insert(key, map.clone());
+    Some(map)
+}
+
+async fn parse_with_hyper(names: &[&str]) -> Option<Extensions> {
+    let mut raw = b"GET / HTTP/1.1\r\nhost: case\r\n".to_vec();
+    for name in names {
+        raw.extend_from_slice(name.as_bytes());
+        raw.extend_from_slice(b": x\r\n");
+    }
+    raw.extend_from_slice(b"\r\n");
+
+    let (mut client, server) = tokio::io::duplex(raw.len() + 4096);
+    let (tx, rx) = tokio::sync::oneshot::channel::<Extensions>();
+    let tx = Arc::new(Mutex::new(Some(tx)));
+    let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+        if let Some(tx) = tx.lock().unwrap().take() {
+            let _ = tx.send(req.extensions().clone());
+        }
+        async { Ok::<_, std::convert::Infallible>(hyper::Response::new(Empty::<Bytes>::new())) }
+    });
+    let connection = hyper::server::conn::http1::Builder::new()
+        .preserve_header_case(true)
+        .serve_connection(TokioIo::new(server), service);
+    let capture = async move {
+        client.write_all(&raw).await.ok()?;
+        rx.await.ok()
+    };
+    tokio::select! {
+        map = capture => map,
+        _ = connection => None,
+    }
+}

@@ -1,0 +1,143 @@
+//! What every route shares: router assembly, the error type, extractors, header casing, OpenAPI, operations
+//! endpoints and the listeners.
+
+pub mod casing;
+pub mod error;
+pub mod extract;
+pub mod metrics;
+pub mod normalize;
+pub mod ops;
+pub mod tls;
+pub mod wire;
+
+use std::time::Duration;
+
+use axum::extract::{DefaultBodyLimit, Request};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::Router;
+use serde::Deserialize;
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
+use tower_http::trace::TraceLayer;
+use utoipa::openapi::security::{ApiKey, ApiKeyValue, SecurityScheme};
+use utoipa::{IntoParams, Modify, OpenApi};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_swagger_ui::SwaggerUi;
+
+use crate::AppState;
+use error::{ApiError, ErrorCode};
+
+/// Registry and policy bodies can be large (bulk requests of 100 devices); message routes check their own limits.
+const BODY_LIMIT: usize = 1024 * 1024;
+
+/// The `api-version` query parameter every IoT Hub path takes.
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ApiVersion {
+    /// One of the versions the Azure SDKs send, e.g. `2021-04-12`.
+    #[serde(rename = "api-version")]
+    #[param(rename = "api-version", example = "2021-04-12")]
+    pub api_version: String,
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "iothub",
+        description = "A self-hosted IoT messaging hub, wire-compatible with Azure IoT Hub's HTTPS device and \
+            registry API. Every call but the operations endpoints needs `Authorization: SharedAccessSignature ...` \
+            (print one with `iothub token`) and `?api-version=` (e.g. 2021-04-12). Errors have IoT Hub's body \
+            `{\"Message\": \"ErrorCode:<Name>;<text>\", \"ExceptionMessage\": ...}` and an `iothub-errorcode` header."
+    ),
+    modifiers(&SasSecurity),
+    tags(
+        (name = "registry", description = "Device identities (IoT Hub's registry API)"),
+        (name = "policies", description = "Shared access policies (an extension)"),
+        (name = "operations", description = "Health, readiness and metrics"),
+    )
+)]
+struct ApiDoc;
+
+struct SasSecurity;
+
+impl Modify for SasSecurity {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "sas",
+            SecurityScheme::ApiKey(ApiKey::Header(ApiKeyValue::with_description(
+                "Authorization",
+                "`SharedAccessSignature sr=...&sig=...&se=...[&skn=policy]`",
+            ))),
+        );
+    }
+}
+
+/// Every API route with its OpenAPI description.
+fn api() -> (Router<AppState>, utoipa::openapi::OpenApi) {
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .merge(crate::registry::routes::router())
+        .merge(crate::auth::routes::router())
+        .merge(ops::router())
+        .split_for_parts()
+}
+
+/// The OpenAPI document, as served at `/openapi.json` and committed in `openapi/openapi.json`.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    api().1
+}
+
+/// The whole HTTP application.
+pub fn app(state: AppState) -> Router {
+    let (api, doc) = api();
+    let timeout = state.config.request_timeout();
+    let concurrency = state.config.max_concurrent_requests;
+    let inner = api
+        .merge(SwaggerUi::new("/docs").url("/openapi.json", doc))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .layer(middleware::from_fn(move |r, n| with_timeout(timeout, r, n)))
+        .layer(middleware::from_fn(metrics::track))
+        .layer(middleware::from_fn(casing::exact_header_case))
+        .layer(tower::limit::GlobalConcurrencyLimitLayer::new(concurrency))
+        .layer(CatchPanicLayer::custom(|_| {
+            ApiError::internal("Internal error").into_response()
+        }))
+        .with_state(state);
+    // Path normalisation must run before routing, so it wraps the router instead of being one of its layers.
+    Router::new()
+        .fallback_service(inner)
+        .layer(middleware::from_fn(normalize::normalize))
+        .layer(
+            TraceLayer::new_for_http().make_span_with(|request: &Request| {
+                let id = request
+                    .headers()
+                    .get("x-request-id")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("");
+                tracing::info_span!("request", method = %request.method(), path = %request.uri().path(), request_id = %id)
+            }),
+        )
+        .layer(PropagateRequestIdLayer::x_request_id())
+        .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+        // Tokens travel in this header: keep them out of every log line.
+        .layer(SetSensitiveRequestHeadersLayer::new([http::header::AUTHORIZATION]))
+}
+
+async fn with_timeout(timeout: Duration, request: Request, next: Next) -> Response {
+    match tokio::time::timeout(timeout, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => ApiError::new(ErrorCode::GatewayTimeout, "The request took too long").into_response(),
+    }
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new(ErrorCode::NotFound, "No such resource")
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(ErrorCode::MethodNotAllowed, "Method not allowed on this resource")
+}

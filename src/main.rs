@@ -1,0 +1,301 @@
+//! The `iothub` command: the hub itself (`serve`) and small tools around it.
+
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand};
+use secrecy::ExposeSecret;
+use sqlx::PgPool;
+
+use iothub::auth::{policies, sas};
+use iothub::client::{ConnectionString, HubClient};
+use iothub::postgres::{self, ManagedCluster};
+use iothub::{registry, Config, Listeners};
+
+#[derive(Parser)]
+#[command(name = "iothub", version, about = "A self-hosted IoT messaging hub, wire-compatible with Azure IoT Hub's HTTPS API")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the hub. With no DATABASE_URL it runs its own PostgreSQL under ./data/postgres.
+    Serve(Config),
+    /// Apply the database migrations and create the default policies, then exit.
+    Migrate(DbArgs),
+    /// Shared access policies.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
+    /// Print a SAS token for a policy or a device.
+    Token(TokenArgs),
+    /// Manage devices through the hub's REST API.
+    Device {
+        #[command(flatten)]
+        hub: HubArgs,
+        #[command(subcommand)]
+        command: DeviceCommand,
+    },
+    /// Print the OpenAPI document.
+    Openapi,
+}
+
+#[derive(Args, Clone)]
+struct DbArgs {
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    database_url: Option<secrecy::SecretString>,
+    #[arg(long, env = "IOTHUB_DATA_DIR", default_value = "./data")]
+    data_dir: std::path::PathBuf,
+    #[arg(long, env = "IOTHUB_HOSTNAME", default_value = "localhost")]
+    hostname: String,
+}
+
+#[derive(Subcommand)]
+enum PolicyCommand {
+    /// One connection string per policy, in IoT Hub's form.
+    List(DbArgs),
+}
+
+#[derive(Args)]
+struct TokenArgs {
+    #[command(flatten)]
+    db: DbArgs,
+    /// Sign with this policy's key (default: iothubowner).
+    #[arg(long, conflicts_with = "device")]
+    policy: Option<String>,
+    /// Sign with this device's key instead; the token's scope is the device.
+    #[arg(long)]
+    device: Option<String>,
+    /// Lifetime in seconds.
+    #[arg(long, default_value_t = 3600)]
+    ttl: i64,
+    /// Sign with the secondary key.
+    #[arg(long)]
+    secondary: bool,
+}
+
+#[derive(Args)]
+struct HubArgs {
+    /// The hub's base URL.
+    #[arg(long, env = "IOTHUB_URL", default_value = "http://127.0.0.1:8080", global = true)]
+    url: String,
+    /// A service connection string with RegistryWrite; default: the iothubowner policy read from the database.
+    #[arg(long, env = "IOTHUB_CONNECTION_STRING", hide_env_values = true, global = true)]
+    connection_string: Option<String>,
+    #[command(flatten)]
+    db: DbArgs,
+}
+
+#[derive(Subcommand)]
+enum DeviceCommand {
+    /// Register a device (keys are generated) and print it with its connection string.
+    Create {
+        id: String,
+        #[arg(long)]
+        disabled: bool,
+    },
+    /// Print a device.
+    Get { id: String },
+    /// List devices.
+    List {
+        #[arg(long, default_value_t = 1000)]
+        top: u32,
+    },
+    /// Delete a device.
+    Delete { id: String },
+}
+
+#[tokio::main]
+async fn main() {
+    let cli = Cli::parse();
+    let json = matches!(&cli.command, Command::Serve(c) if c.log_json);
+    init_tracing(json);
+    if let Err(error) = run(cli).await {
+        eprintln!("iothub: {error:#}");
+        std::process::exit(1);
+    }
+}
+
+fn init_tracing(json: bool) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,tower_http=info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+/// The database a command should use: `DATABASE_URL`, or the managed local cluster (started, or adopted when a
+/// hub already runs it).
+async fn open_database(
+    database_url: Option<&secrecy::SecretString>,
+    data_dir: &std::path::Path,
+    pool_size: u32,
+) -> anyhow::Result<(PgPool, Option<ManagedCluster>)> {
+    match database_url {
+        Some(url) => {
+            let options = postgres::parse_url(url.expose_secret())?;
+            let pool = postgres::connect(options, pool_size).await.with_context(|| {
+                format!(
+                    "DATABASE_URL {}",
+                    iothub::config::redact_url(url.expose_secret())
+                )
+            })?;
+            Ok((pool, None))
+        }
+        None => {
+            let cluster = ManagedCluster::start(&data_dir.join("postgres")).await?;
+            let pool = postgres::connect(cluster.hub_options(), pool_size).await?;
+            Ok((pool, Some(cluster)))
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Serve(config) => serve(config).await,
+        Command::Migrate(db) => {
+            let (pool, cluster) = open_database(db.database_url.as_ref(), &db.data_dir, 2).await?;
+            iothub::prepare_database(&pool).await?;
+            pool.close().await;
+            println!("database migrated");
+            release(cluster).await
+        }
+        Command::Policy {
+            command: PolicyCommand::List(db),
+        } => {
+            let (pool, cluster) = open_database(db.database_url.as_ref(), &db.data_dir, 2).await?;
+            iothub::prepare_database(&pool).await?;
+            for policy in policies::list(&pool).await? {
+                println!("{}", policy.connection_string(&db.hostname));
+            }
+            pool.close().await;
+            release(cluster).await
+        }
+        Command::Token(args) => {
+            let (pool, cluster) =
+                open_database(args.db.database_url.as_ref(), &args.db.data_dir, 2).await?;
+            iothub::prepare_database(&pool).await?;
+            let expiry = chrono::Utc::now().timestamp() + args.ttl;
+            let token = match &args.device {
+                Some(id) => {
+                    let device = registry::store::get(&pool, id)
+                        .await?
+                        .with_context(|| format!("no device {id}"))?;
+                    let key = if args.secondary { device.secondary_key } else { device.primary_key }
+                        .with_context(|| format!("device {id} has no symmetric key"))?;
+                    sas::sign(&format!("{}/devices/{id}", args.db.hostname), &key, None, expiry)?
+                }
+                None => {
+                    let name = args.policy.as_deref().unwrap_or("iothubowner");
+                    let policy = policies::get(&pool, name)
+                        .await?
+                        .with_context(|| format!("no policy {name}"))?;
+                    let key = if args.secondary { &policy.secondary_key } else { &policy.primary_key };
+                    sas::sign(&args.db.hostname, key, Some(name), expiry)?
+                }
+            };
+            println!("{token}");
+            pool.close().await;
+            release(cluster).await
+        }
+        Command::Device { hub, command } => device_command(hub, command).await,
+        Command::Openapi => {
+            println!("{}", iothub::http::openapi().to_pretty_json()?);
+            Ok(())
+        }
+    }
+}
+
+/// Stops the managed cluster only if this command started it (a running hub keeps its own).
+async fn release(cluster: Option<ManagedCluster>) -> anyhow::Result<()> {
+    match cluster {
+        Some(cluster) if cluster.started_here() => cluster.stop().await,
+        _ => Ok(()),
+    }
+}
+
+async fn device_command(hub: HubArgs, command: DeviceCommand) -> anyhow::Result<()> {
+    let credentials = match &hub.connection_string {
+        Some(text) => ConnectionString::parse(text)?,
+        None => {
+            let (pool, cluster) =
+                open_database(hub.db.database_url.as_ref(), &hub.db.data_dir, 1).await?;
+            let policy = policies::get(&pool, "iothubowner")
+                .await?
+                .context("no iothubowner policy: pass --connection-string")?;
+            pool.close().await;
+            release(cluster).await?;
+            ConnectionString::parse(&policy.connection_string(&hub.db.hostname))?
+        }
+    };
+    if credentials.device_id.is_some() {
+        bail!("device management needs a service connection string, not a device's");
+    }
+    let client = HubClient::new(&hub.url, credentials)?;
+    let hostname = client.credentials.host_name.clone();
+    match command {
+        DeviceCommand::Create { id, disabled } => {
+            let device = client.create_device(&id, disabled).await?;
+            println!("{}", serde_json::to_string_pretty(&device)?);
+            if let Some(key) = device
+                .authentication
+                .symmetric_key
+                .as_ref()
+                .and_then(|k| k.primary_key.as_ref())
+            {
+                eprintln!("connection string: HostName={hostname};DeviceId={id};SharedAccessKey={key}");
+            }
+        }
+        DeviceCommand::Get { id } => {
+            println!("{}", serde_json::to_string_pretty(&client.get_device(&id).await?)?)
+        }
+        DeviceCommand::List { top } => {
+            for device in client.list_devices(top).await? {
+                println!("{}\t{}", device.device_id, device.status);
+            }
+        }
+        DeviceCommand::Delete { id } => {
+            client.delete_device(&id).await?;
+            println!("deleted {id}");
+        }
+    }
+    Ok(())
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
+    tracing::info!(config = %config, "starting");
+    let (pool, cluster) = open_database(
+        config.database_url.as_ref(),
+        &config.data_dir,
+        config.db_pool_size,
+    )
+    .await?;
+    let listeners = Listeners::bind(&config).await?;
+    let hub = iothub::launch(config, pool.clone(), listeners, shutdown_signal()).await?;
+    let result = hub.wait().await;
+    pool.close().await;
+    if let Some(cluster) = cluster {
+        // Give it a moment: connections closing is asynchronous on the server side.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        cluster.stop().await?;
+    }
+    result
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {},
+        _ = term.recv() => {},
+    }
+}
