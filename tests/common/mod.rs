@@ -1,0 +1,264 @@
+//! The test harness: a fresh database per test on a real PostgreSQL, and a hub launched on a random port.
+//!
+//! PostgreSQL comes from `DATABASE_URL` when it is set (the role needs CREATEDB); otherwise the harness runs a
+//! private cluster under the target folder, exactly as `iothub serve` does with no configuration, so `cargo test`
+//! passes on a machine that has nothing but the `postgresql` package.
+#![allow(dead_code)]
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use iothub::auth::sas;
+use iothub::client::API_VERSION;
+use iothub::postgres::ManagedCluster;
+use iothub::{Config, Listeners};
+use reqwest::Method;
+use serde_json::Value;
+use sqlx::postgres::PgConnectOptions;
+use sqlx::{ConnectOptions, Connection, PgPool};
+use tokio::sync::OnceCell;
+
+pub const HOST: &str = "testhub.example.net";
+
+/// Connection options for the server that holds the test databases (its maintenance database).
+async fn server() -> &'static PgConnectOptions {
+    static SERVER: OnceCell<PgConnectOptions> = OnceCell::const_new();
+    SERVER
+        .get_or_init(|| async {
+            if let Ok(url) = std::env::var("DATABASE_URL") {
+                return PgConnectOptions::from_str(&url).expect("DATABASE_URL");
+            }
+            let root = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("test-postgres");
+            std::fs::create_dir_all(&root).unwrap();
+            // Test binaries may run at once (nextest): one of them creates and starts the cluster, the others adopt it.
+            let lock = std::fs::File::create(root.join(".lock")).unwrap();
+            use std::os::fd::AsRawFd;
+            // SAFETY: flock(2) on a file descriptor we own.
+            unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) };
+            let cluster = ManagedCluster::start(&root)
+                .await
+                .expect("start a private PostgreSQL for the tests");
+            let options = cluster.options("postgres");
+            // Left running for the next test binary; `.ci/run` stops it at the end.
+            std::mem::forget(cluster);
+            drop(lock);
+            options
+        })
+        .await
+}
+
+/// A new, empty database; dropped when the returned guard drops.
+pub struct TestDb {
+    pub name: String,
+    pub options: PgConnectOptions,
+    server: PgConnectOptions,
+}
+
+impl TestDb {
+    pub async fn create() -> TestDb {
+        let server = server().await.clone();
+        let name = format!("iothub_test_{}", uuid::Uuid::new_v4().simple());
+        let mut conn = server.connect().await.expect("connect to the test server");
+        sqlx::query(&format!("CREATE DATABASE {name}"))
+            .execute(&mut conn)
+            .await
+            .expect("create a test database");
+        conn.close().await.ok();
+        TestDb {
+            options: server.clone().database(&name),
+            name,
+            server,
+        }
+    }
+
+    pub async fn pool(&self) -> PgPool {
+        iothub::postgres::connect(self.options.clone(), 8).await.unwrap()
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        let server = self.server.clone();
+        {
+            // Drop from a thread of its own: this may run inside or outside a runtime.
+            let _ = std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                rt.block_on(async move {
+                    if let Ok(mut conn) = server.connect().await {
+                        let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                            .execute(&mut conn)
+                            .await;
+                    }
+                });
+            })
+            .join();
+        }
+    }
+}
+
+/// A hub serving on a random local port, with its own database.
+pub struct TestHub {
+    pub base: String,
+    pub db: PgPool,
+    pub config: Config,
+    pub http: reqwest::Client,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    running: Option<iothub::RunningHub>,
+    _database: TestDb,
+}
+
+impl TestHub {
+    pub async fn start() -> TestHub {
+        Self::start_with(|_| {}).await
+    }
+
+    pub async fn start_with(adjust: impl FnOnce(&mut Config)) -> TestHub {
+        let database = TestDb::create().await;
+        let mut config = Config::with_database("postgres://unused");
+        config.hostname = HOST.to_string();
+        config.listen = "127.0.0.1:0".parse().unwrap();
+        adjust(&mut config);
+        let pool = database.pool().await;
+        let listeners = Listeners {
+            http: tokio::net::TcpListener::bind(config.listen).await.unwrap(),
+            tls: match config.tls_listen {
+                Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.unwrap()),
+                None => None,
+            },
+            metrics: match config.metrics_listen {
+                Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.unwrap()),
+                None => None,
+            },
+        };
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let running = iothub::launch(config.clone(), pool.clone(), listeners, async move {
+            let _ = stopped.await;
+        })
+        .await
+        .expect("launch the hub");
+        TestHub {
+            base: format!("http://{}", running.http_addr),
+            db: pool,
+            config,
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(60))
+                .build()
+                .unwrap(),
+            stop: Some(stop),
+            running: Some(running),
+            _database: database,
+        }
+    }
+
+    pub fn running(&self) -> &iothub::RunningHub {
+        self.running.as_ref().unwrap()
+    }
+
+    /// Stops the hub gracefully and waits for it.
+    pub async fn shutdown(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(running) = self.running.take() {
+            running.wait().await.unwrap();
+        }
+    }
+
+    pub async fn policy_key(&self, name: &str) -> String {
+        iothub::auth::policies::get(&self.db, name)
+            .await
+            .unwrap()
+            .unwrap_or_else(|| panic!("policy {name}"))
+            .primary_key
+    }
+
+    /// A token for policy `name`, scoped to the whole hub, valid for an hour.
+    pub async fn policy_token(&self, name: &str) -> String {
+        let key = self.policy_key(name).await;
+        sas::sign(HOST, &key, Some(name), now() + 3600).unwrap()
+    }
+
+    pub async fn owner(&self) -> String {
+        self.policy_token("iothubowner").await
+    }
+
+    /// A request to `path` (api-version added) with `token`.
+    pub fn request(&self, method: Method, path: &str, token: &str) -> reqwest::RequestBuilder {
+        let separator = if path.contains('?') { '&' } else { '?' };
+        self.http
+            .request(method, format!("{}{path}{separator}api-version={API_VERSION}", self.base))
+            .header("Authorization", token)
+    }
+
+    /// Creates a device with generated keys; returns its JSON.
+    pub async fn create_device(&self, id: &str) -> Value {
+        let token = self.owner().await;
+        let response = self
+            .request(Method::PUT, &device_path(id), &token)
+            .json(&serde_json::json!({"deviceId": id}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200, "create {id}");
+        response.json().await.unwrap()
+    }
+}
+
+impl Drop for TestHub {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+pub fn now() -> i64 {
+    chrono::Utc::now().timestamp()
+}
+
+pub fn device_path(id: &str) -> String {
+    format!("/devices/{}", sas::encode_component(id))
+}
+
+/// A device token signed with `key`, for `{HOST}/devices/{id}`.
+pub fn device_token(id: &str, key: &str) -> String {
+    sas::sign(&format!("{HOST}/devices/{id}"), key, None, now() + 3600).unwrap()
+}
+
+pub fn primary_key(device: &Value) -> String {
+    device["authentication"]["symmetricKey"]["primaryKey"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+pub fn secondary_key(device: &Value) -> String {
+    device["authentication"]["symmetricKey"]["secondaryKey"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+/// Asserts IoT Hub's error shape: status, `iothub-errorcode` header, `{Message, ExceptionMessage}`.
+pub async fn assert_error(response: reqwest::Response, status: u16, code: &str) {
+    assert_eq!(response.status(), status, "status of {}", response.url());
+    assert_eq!(
+        response
+            .headers()
+            .get("iothub-errorcode")
+            .map(|v| v.to_str().unwrap()),
+        Some(code),
+        "iothub-errorcode"
+    );
+    let body: Value = response.json().await.expect("a JSON error body");
+    let message = body["Message"].as_str().expect("Message");
+    assert!(
+        message.starts_with(&format!("ErrorCode:{code};")),
+        "Message: {message}"
+    );
+    assert!(body["ExceptionMessage"].is_string());
+}
