@@ -7,6 +7,7 @@ pub mod auth;
 pub mod client;
 pub mod config;
 pub mod http;
+pub mod notify;
 pub mod postgres;
 pub mod registry;
 
@@ -32,6 +33,8 @@ pub struct AppInner {
     pub config: Config,
     /// Turns true when the hub is stopping, so long polls can end early.
     pub shutdown: watch::Receiver<bool>,
+    /// Wake-ups for long polls when a transaction commits something they wait for.
+    pub notifier: notify::Notifier,
 }
 
 impl Deref for AppState {
@@ -105,10 +108,12 @@ pub async fn launch(
     prepare_database(&db).await?;
     http::metrics::handle();
     let (stop_tx, stop_rx) = watch::channel(false);
+    let notifier = notify::Notifier::start(db.clone(), stop_rx.clone()).await?;
     let state = AppState(Arc::new(AppInner {
         db,
         config: config.clone(),
         shutdown: stop_rx.clone(),
+        notifier,
     }));
     let app = http::app(state.clone());
     let mut tasks = JoinSet::new();

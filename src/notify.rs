@@ -1,0 +1,171 @@
+//! One LISTEN connection per hub process, fanned out to the requests waiting on it (long polls, event streams).
+//!
+//! Writers call [`notify`] as its own statement inside the transaction that makes something visible, so the
+//! notification is delivered exactly when that transaction commits, and never from a trigger (notifications from
+//! inside queries do not work on distributed PostgreSQL). Waiters [`Notifier::subscribe`] to a (channel, key) *before*
+//! they look in the database, so a commit between the look and the wait still wakes them. Only keys that someone
+//! waits on have an entry, so memory follows the number of waiters, not the traffic.
+//!
+//! When the LISTEN connection drops, notifications sent meanwhile are lost: on reconnecting every waiter is woken to
+//! look again.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use sqlx::postgres::PgListener;
+use sqlx::{PgPool, Postgres};
+use tokio::sync::watch;
+
+/// The channels the hub uses. A payload is the key waiters subscribe to.
+pub mod channel {
+    /// C2D: a message became deliverable for the device named in the payload.
+    pub const C2D: &str = "iothub_c2d";
+    /// D2C: events were committed to the partition named in the payload.
+    pub const D2C: &str = "iothub_d2c";
+    /// Feedback: records became receivable (payload unused).
+    pub const FEEDBACK: &str = "iothub_feedback";
+    pub const ALL: [&str; 3] = [C2D, D2C, FEEDBACK];
+}
+
+type Key = (String, String);
+
+#[derive(Clone, Default)]
+pub struct Notifier {
+    waiters: Arc<Mutex<HashMap<Key, watch::Sender<u64>>>>,
+    /// Bumped on every reconnect: a wake-up for every waiter.
+    epoch: Arc<watch::Sender<u64>>,
+}
+
+/// A registration for wake-ups on one (channel, key); drop it to unregister.
+pub struct Subscription {
+    notifier: Notifier,
+    key: Key,
+    receiver: watch::Receiver<u64>,
+    epoch: watch::Receiver<u64>,
+}
+
+impl Subscription {
+    /// Resolves at the next notification for this key (or reconnect) after the subscription was made or after
+    /// the previous `changed()` returned.
+    pub async fn changed(&mut self) {
+        tokio::select! {
+            _ = self.receiver.changed() => {}
+            _ = self.epoch.changed() => {}
+        }
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        let mut waiters = self.notifier.waiters.lock().unwrap();
+        if let Some(sender) = waiters.get(&self.key) {
+            // Our receiver is still alive here, so "only us" is a count of 1.
+            if sender.receiver_count() <= 1 {
+                waiters.remove(&self.key);
+            }
+        }
+    }
+}
+
+impl Notifier {
+    pub fn subscribe(&self, channel: &str, key: &str) -> Subscription {
+        let key = (channel.to_string(), key.to_string());
+        let receiver = {
+            let mut waiters = self.waiters.lock().unwrap();
+            waiters
+                .entry(key.clone())
+                .or_insert_with(|| watch::channel(0).0)
+                .subscribe()
+        };
+        Subscription {
+            notifier: self.clone(),
+            key,
+            receiver,
+            epoch: self.epoch.subscribe(),
+        }
+    }
+
+    fn wake(&self, channel: &str, key: &str) {
+        let waiters = self.waiters.lock().unwrap();
+        if let Some(sender) = waiters.get(&(channel.to_string(), key.to_string())) {
+            sender.send_modify(|n| *n += 1);
+        }
+    }
+
+    fn wake_all(&self) {
+        self.epoch.send_modify(|n| *n += 1);
+    }
+
+    /// Starts the LISTEN loop on `pool`; it runs until `shutdown` turns true.
+    pub async fn start(pool: PgPool, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<Notifier> {
+        let notifier = Notifier::default();
+        let mut listener = PgListener::connect_with(&pool).await?;
+        listener.listen_all(channel::ALL).await?;
+        let this = notifier.clone();
+        tokio::spawn(async move {
+            loop {
+                let received = tokio::select! {
+                    _ = shutdown.wait_for(|s| *s) => break,
+                    received = listener.try_recv() => received,
+                };
+                match received {
+                    Ok(Some(n)) => this.wake(n.channel(), n.payload()),
+                    // The connection dropped and will be re-established by the next call: whatever was sent
+                    // meanwhile is lost, so everyone looks again.
+                    Ok(None) => this.wake_all(),
+                    Err(error) => {
+                        tracing::warn!(%error, "LISTEN connection failed; retrying");
+                        this.wake_all();
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                    }
+                }
+            }
+        });
+        Ok(notifier)
+    }
+}
+
+/// Sends a notification as its own statement in `tx`; it is delivered when (and only if) `tx` commits.
+/// Call it at most once per transaction.
+pub async fn notify(
+    tx: &mut sqlx::Transaction<'_, Postgres>,
+    channel: &str,
+    key: &str,
+) -> Result<(), sqlx::Error> {
+    sqlx::query("SELECT pg_notify($1, $2)")
+        .bind(channel)
+        .bind(key)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn wakes_only_the_matching_key_and_cleans_up() {
+        let notifier = Notifier::default();
+        let mut a = notifier.subscribe(channel::C2D, "a");
+        let mut b = notifier.subscribe(channel::C2D, "b");
+        notifier.wake(channel::C2D, "a");
+        tokio::time::timeout(Duration::from_millis(100), a.changed())
+            .await
+            .expect("a woken");
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), b.changed())
+                .await
+                .is_err(),
+            "b must not wake"
+        );
+        notifier.wake_all();
+        tokio::time::timeout(Duration::from_millis(100), b.changed())
+            .await
+            .expect("b woken by reconnect");
+        drop(a);
+        drop(b);
+        assert!(notifier.waiters.lock().unwrap().is_empty());
+    }
+}
