@@ -180,10 +180,16 @@ pub async fn authorize_device(
                 return Err(refuse("the device has no symmetric keys"));
             };
             check_token(&token, primary, secondary, device.db_now)?;
-            // A device token must name its device: `{host}/devices/{id}`.
-            let device_scope = [String::from("devices"), device_id.to_string()];
-            check_scope(&token, hostname, &device_scope)?;
+            // A device token must name its device: its scope covers the target (which starts with
+            // `devices/{id}`) and is at least `{host}/devices/{id}` deep.
             check_scope(&token, hostname, target)?;
+            let depth = token
+                .resource()
+                .map(|s| s.trim_end_matches('/').split('/').count())
+                .unwrap_or(0);
+            if depth < 3 {
+                return Err(refuse("a device token's resource must name the device"));
+            }
             DeviceCredential::DeviceKey
         }
         Some(name) => {
