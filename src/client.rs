@@ -89,8 +89,15 @@ impl HubClient {
         path_and_query: &str,
         body: Option<serde_json::Value>,
     ) -> anyhow::Result<(StatusCode, String)> {
-        let separator = if path_and_query.contains('?') { '&' } else { '?' };
-        let url = format!("{}{path_and_query}{separator}api-version={API_VERSION}", self.base);
+        let separator = if path_and_query.contains('?') {
+            '&'
+        } else {
+            '?'
+        };
+        let url = format!(
+            "{}{path_and_query}{separator}api-version={API_VERSION}",
+            self.base
+        );
         let mut request = self
             .http
             .request(method, &url)
@@ -106,7 +113,12 @@ impl HubClient {
         Ok((status, response.text().await?))
     }
 
-    async fn expect(&self, method: Method, path: &str, body: Option<serde_json::Value>) -> anyhow::Result<String> {
+    async fn expect(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> anyhow::Result<String> {
         let (status, text) = self.call(method, path, body).await?;
         if !status.is_success() {
             bail!("the hub answered {status}: {text}");
@@ -124,7 +136,9 @@ impl HubClient {
     }
 
     pub async fn get_device(&self, id: &str) -> anyhow::Result<Device> {
-        let text = self.expect(Method::GET, &Self::device_path(id), None).await?;
+        let text = self
+            .expect(Method::GET, &Self::device_path(id), None)
+            .await?;
         Ok(serde_json::from_str(&text)?)
     }
 

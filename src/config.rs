@@ -150,7 +150,10 @@ mod tests {
             "postgres://u:***@h:5432/db?sslmode=disable"
         );
         assert_eq!(redact_url("postgres://u@h/db"), "postgres://u@h/db");
-        assert_eq!(redact_url("postgres:///db?host=/tmp"), "postgres:///db?host=/tmp");
+        assert_eq!(
+            redact_url("postgres:///db?host=/tmp"),
+            "postgres:///db?host=/tmp"
+        );
         let config = Config::with_database("postgres://u:hunter2@h/db");
         assert!(!format!("{config}").contains("hunter2"));
     }

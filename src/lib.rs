@@ -145,7 +145,8 @@ pub async fn launch(
         )?);
         tls_addr = Some(listener.local_addr()?);
         let handle = axum_server::Handle::new();
-        let server = axum_server::from_tcp_rustls(listener.into_std()?, rustls).handle(handle.clone());
+        let server =
+            axum_server::from_tcp_rustls(listener.into_std()?, rustls).handle(handle.clone());
         let mut stop = stop_rx.clone();
         tasks.spawn(async move {
             let _ = stop.wait_for(|s| *s).await;

@@ -13,7 +13,11 @@ use iothub::postgres::{self, ManagedCluster};
 use iothub::{registry, Config, Listeners};
 
 #[derive(Parser)]
-#[command(name = "iothub", version, about = "A self-hosted IoT messaging hub, wire-compatible with Azure IoT Hub's HTTPS API")]
+#[command(
+    name = "iothub",
+    version,
+    about = "A self-hosted IoT messaging hub, wire-compatible with Azure IoT Hub's HTTPS API"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -80,10 +84,20 @@ struct TokenArgs {
 #[derive(Args)]
 struct HubArgs {
     /// The hub's base URL.
-    #[arg(long, env = "IOTHUB_URL", default_value = "http://127.0.0.1:8080", global = true)]
+    #[arg(
+        long,
+        env = "IOTHUB_URL",
+        default_value = "http://127.0.0.1:8080",
+        global = true
+    )]
     url: String,
     /// A service connection string with RegistryWrite; default: the iothubowner policy read from the database.
-    #[arg(long, env = "IOTHUB_CONNECTION_STRING", hide_env_values = true, global = true)]
+    #[arg(
+        long,
+        env = "IOTHUB_CONNECTION_STRING",
+        hide_env_values = true,
+        global = true
+    )]
     connection_string: Option<String>,
     #[command(flatten)]
     db: DbArgs,
@@ -143,12 +157,14 @@ async fn open_database(
     match database_url {
         Some(url) => {
             let options = postgres::parse_url(url.expose_secret())?;
-            let pool = postgres::connect(options, pool_size).await.with_context(|| {
-                format!(
-                    "DATABASE_URL {}",
-                    iothub::config::redact_url(url.expose_secret())
-                )
-            })?;
+            let pool = postgres::connect(options, pool_size)
+                .await
+                .with_context(|| {
+                    format!(
+                        "DATABASE_URL {}",
+                        iothub::config::redact_url(url.expose_secret())
+                    )
+                })?;
             Ok((pool, None))
         }
         None => {
@@ -190,16 +206,29 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     let device = registry::store::get(&pool, id)
                         .await?
                         .with_context(|| format!("no device {id}"))?;
-                    let key = if args.secondary { device.secondary_key } else { device.primary_key }
-                        .with_context(|| format!("device {id} has no symmetric key"))?;
-                    sas::sign(&format!("{}/devices/{id}", args.db.hostname), &key, None, expiry)?
+                    let key = if args.secondary {
+                        device.secondary_key
+                    } else {
+                        device.primary_key
+                    }
+                    .with_context(|| format!("device {id} has no symmetric key"))?;
+                    sas::sign(
+                        &format!("{}/devices/{id}", args.db.hostname),
+                        &key,
+                        None,
+                        expiry,
+                    )?
                 }
                 None => {
                     let name = args.policy.as_deref().unwrap_or("iothubowner");
                     let policy = policies::get(&pool, name)
                         .await?
                         .with_context(|| format!("no policy {name}"))?;
-                    let key = if args.secondary { &policy.secondary_key } else { &policy.primary_key };
+                    let key = if args.secondary {
+                        &policy.secondary_key
+                    } else {
+                        &policy.primary_key
+                    };
                     sas::sign(&args.db.hostname, key, Some(name), expiry)?
                 }
             };
@@ -252,11 +281,16 @@ async fn device_command(hub: HubArgs, command: DeviceCommand) -> anyhow::Result<
                 .as_ref()
                 .and_then(|k| k.primary_key.as_ref())
             {
-                eprintln!("connection string: HostName={hostname};DeviceId={id};SharedAccessKey={key}");
+                eprintln!(
+                    "connection string: HostName={hostname};DeviceId={id};SharedAccessKey={key}"
+                );
             }
         }
         DeviceCommand::Get { id } => {
-            println!("{}", serde_json::to_string_pretty(&client.get_device(&id).await?)?)
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&client.get_device(&id).await?)?
+            )
         }
         DeviceCommand::List { top } => {
             for device in client.list_devices(top).await? {

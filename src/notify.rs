@@ -98,7 +98,10 @@ impl Notifier {
     }
 
     /// Starts the LISTEN loop on `pool`; it runs until `shutdown` turns true.
-    pub async fn start(pool: PgPool, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<Notifier> {
+    pub async fn start(
+        pool: PgPool,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> anyhow::Result<Notifier> {
         let notifier = Notifier::default();
         let mut listener = PgListener::connect_with(&pool).await?;
         listener.listen_all(channel::ALL).await?;

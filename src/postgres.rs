@@ -30,11 +30,15 @@ pub async fn connect(options: PgConnectOptions, max_connections: u32) -> anyhow:
 }
 
 pub fn parse_url(url: &str) -> anyhow::Result<PgConnectOptions> {
-    PgConnectOptions::from_str(url).map_err(|e| anyhow!("DATABASE_URL is not a PostgreSQL URL: {e}"))
+    PgConnectOptions::from_str(url)
+        .map_err(|e| anyhow!("DATABASE_URL is not a PostgreSQL URL: {e}"))
 }
 
 pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
-    MIGRATOR.run(pool).await.context("database migration failed")
+    MIGRATOR
+        .run(pool)
+        .await
+        .context("database migration failed")
 }
 
 /// A PostgreSQL cluster this process started (or found running from an earlier run) and will stop.
@@ -70,7 +74,13 @@ impl ManagedCluster {
             initdb
                 .arg("-D")
                 .arg(&data_dir)
-                .args(["-U", SUPERUSER, "--auth=trust", "--encoding=UTF8", "--locale=C"])
+                .args([
+                    "-U",
+                    SUPERUSER,
+                    "--auth=trust",
+                    "--encoding=UTF8",
+                    "--locale=C",
+                ])
                 .stdout(Stdio::null())
                 .stderr(Stdio::piped());
             as_owner(&mut initdb, owner);
@@ -186,6 +196,10 @@ impl ManagedCluster {
             "postgres://{SUPERUSER}@/{DATABASE}?host={}&port={PORT}",
             self.socket_dir.display()
         )
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
     }
 
     /// Whether this process started the cluster (rather than finding it running).

@@ -9,7 +9,13 @@ use iothub::http::error::ErrorCode;
 use reqwest::Method;
 use serde_json::{json, Value};
 
-const POLICIES: [&str; 5] = ["iothubowner", "service", "device", "registryRead", "registryReadWrite"];
+const POLICIES: [&str; 5] = [
+    "iothubowner",
+    "service",
+    "device",
+    "registryRead",
+    "registryReadWrite",
+];
 
 #[tokio::test]
 async fn each_policy_reaches_exactly_the_endpoints_its_rights_allow() {
@@ -74,35 +80,109 @@ async fn bad_tokens_are_refused_with_401() {
     let n = now();
 
     let good = [
-        ("the primary key", owner_token(&key, HOST, n + 60, Some("iothubowner"))),
-        ("the secondary key", owner_token(&secondary, HOST, n + 60, Some("iothubowner"))),
-        ("expired within the 5 minutes of skew", owner_token(&key, HOST, n - 200, Some("iothubowner"))),
-        ("a host with a port", owner_token(&key, &format!("{HOST}:443"), n + 60, Some("iothubowner"))),
-        ("an upper-case host", owner_token(&key, &HOST.to_uppercase(), n + 60, Some("iothubowner"))),
-        ("a scope of the devices collection", owner_token(&key, &format!("{HOST}/devices"), n + 60, Some("iothubowner"))),
-        ("a scope of the device itself", owner_token(&key, &format!("{HOST}/devices/t1"), n + 60, Some("iothubowner"))),
+        (
+            "the primary key",
+            owner_token(&key, HOST, n + 60, Some("iothubowner")),
+        ),
+        (
+            "the secondary key",
+            owner_token(&secondary, HOST, n + 60, Some("iothubowner")),
+        ),
+        (
+            "expired within the 5 minutes of skew",
+            owner_token(&key, HOST, n - 200, Some("iothubowner")),
+        ),
+        (
+            "a host with a port",
+            owner_token(&key, &format!("{HOST}:443"), n + 60, Some("iothubowner")),
+        ),
+        (
+            "an upper-case host",
+            owner_token(&key, &HOST.to_uppercase(), n + 60, Some("iothubowner")),
+        ),
+        (
+            "a scope of the devices collection",
+            owner_token(
+                &key,
+                &format!("{HOST}/devices"),
+                n + 60,
+                Some("iothubowner"),
+            ),
+        ),
+        (
+            "a scope of the device itself",
+            owner_token(
+                &key,
+                &format!("{HOST}/devices/t1"),
+                n + 60,
+                Some("iothubowner"),
+            ),
+        ),
     ];
     for (what, token) in good {
-        let response = hub.request(Method::GET, "/devices/t1", &token).send().await.unwrap();
+        let response = hub
+            .request(Method::GET, "/devices/t1", &token)
+            .send()
+            .await
+            .unwrap();
         assert_eq!(response.status(), 200, "{what}");
     }
 
     let forged_key = sas::generate_key();
     let bad = [
-        ("expired", owner_token(&key, HOST, n - 400, Some("iothubowner"))),
-        ("forged", owner_token(&forged_key, HOST, n + 60, Some("iothubowner"))),
-        ("another policy's key", owner_token(&read_key, HOST, n + 60, Some("iothubowner"))),
-        ("an unknown policy", owner_token(&key, HOST, n + 60, Some("nobody"))),
-        ("another hub", owner_token(&key, "otherhub.example.net", n + 60, Some("iothubowner"))),
-        ("another device's scope", owner_token(&key, &format!("{HOST}/devices/t2"), n + 60, Some("iothubowner"))),
-        ("a prefix that is not a segment", owner_token(&key, &format!("{HOST}/devices/t"), n + 60, Some("iothubowner"))),
+        (
+            "expired",
+            owner_token(&key, HOST, n - 400, Some("iothubowner")),
+        ),
+        (
+            "forged",
+            owner_token(&forged_key, HOST, n + 60, Some("iothubowner")),
+        ),
+        (
+            "another policy's key",
+            owner_token(&read_key, HOST, n + 60, Some("iothubowner")),
+        ),
+        (
+            "an unknown policy",
+            owner_token(&key, HOST, n + 60, Some("nobody")),
+        ),
+        (
+            "another hub",
+            owner_token(&key, "otherhub.example.net", n + 60, Some("iothubowner")),
+        ),
+        (
+            "another device's scope",
+            owner_token(
+                &key,
+                &format!("{HOST}/devices/t2"),
+                n + 60,
+                Some("iothubowner"),
+            ),
+        ),
+        (
+            "a prefix that is not a segment",
+            owner_token(
+                &key,
+                &format!("{HOST}/devices/t"),
+                n + 60,
+                Some("iothubowner"),
+            ),
+        ),
         ("no skn", owner_token(&key, HOST, n + 60, None)),
         ("not a SAS", "Bearer abc".to_string()),
         ("garbage", "SharedAccessSignature sr=&&&".to_string()),
-        ("a tampered expiry", owner_token(&key, HOST, n + 60, Some("iothubowner")).replace(&format!("se={}", n + 60), &format!("se={}", n + 6000))),
+        (
+            "a tampered expiry",
+            owner_token(&key, HOST, n + 60, Some("iothubowner"))
+                .replace(&format!("se={}", n + 60), &format!("se={}", n + 6000)),
+        ),
     ];
     for (what, token) in bad {
-        let response = hub.request(Method::GET, "/devices/t1", &token).send().await.unwrap();
+        let response = hub
+            .request(Method::GET, "/devices/t1", &token)
+            .send()
+            .await
+            .unwrap();
         assert_eq!(response.status(), 401, "{what}");
         assert_error(response, 401, "IotHubUnauthorizedAccess").await;
     }
@@ -142,38 +222,63 @@ async fn device_credentials_reach_only_their_own_enabled_device() {
     let hub = TestHub::start().await;
     let a = hub.create_device("dev-a").await;
     hub.create_device("dev-b").await;
-    let target = |id: &str| vec!["devices".to_string(), id.to_string(), "messages".to_string(), "events".to_string()];
+    let target = |id: &str| {
+        vec![
+            "devices".to_string(),
+            id.to_string(),
+            "messages".to_string(),
+            "events".to_string(),
+        ]
+    };
     let check = |token: String, id: &'static str| {
         let db = hub.db.clone();
         async move { authorize_device(&db, HOST, Some(&token), id, &target(id)).await }
     };
 
-    let own = check(device_token("dev-a", &primary_key(&a)), "dev-a").await.unwrap();
+    let own = check(device_token("dev-a", &primary_key(&a)), "dev-a")
+        .await
+        .unwrap();
     assert_eq!(own.device_id, "dev-a");
     assert_eq!(own.generation_id, a["generationId"].as_str().unwrap());
     assert_eq!(own.credential, DeviceCredential::DeviceKey);
-    check(device_token("dev-a", &secondary_key(&a)), "dev-a").await.unwrap();
+    check(device_token("dev-a", &secondary_key(&a)), "dev-a")
+        .await
+        .unwrap();
 
     // A's token, or A's key with B's name in the scope, never acts as B.
-    let err = check(device_token("dev-a", &primary_key(&a)), "dev-b").await.unwrap_err();
+    let err = check(device_token("dev-a", &primary_key(&a)), "dev-b")
+        .await
+        .unwrap_err();
     assert_eq!(err.code, ErrorCode::IotHubUnauthorizedAccess);
-    let err = check(device_token("dev-b", &primary_key(&a)), "dev-b").await.unwrap_err();
+    let err = check(device_token("dev-b", &primary_key(&a)), "dev-b")
+        .await
+        .unwrap_err();
     assert_eq!(err.code, ErrorCode::IotHubUnauthorizedAccess);
     // A device-key token must name its device.
     let hub_scoped = sas::sign(HOST, &primary_key(&a), None, now() + 60).unwrap();
     assert!(check(hub_scoped, "dev-a").await.is_err());
     // Expired.
-    let old = sas::sign(&format!("{HOST}/devices/dev-a"), &primary_key(&a), None, now() - 400).unwrap();
+    let old = sas::sign(
+        &format!("{HOST}/devices/dev-a"),
+        &primary_key(&a),
+        None,
+        now() - 400,
+    )
+    .unwrap();
     assert!(check(old, "dev-a").await.is_err());
     // Unknown device with a device token.
-    let err = check(device_token("ghost", &primary_key(&a)), "ghost").await.unwrap_err();
+    let err = check(device_token("ghost", &primary_key(&a)), "ghost")
+        .await
+        .unwrap_err();
     assert_eq!(err.code, ErrorCode::IotHubUnauthorizedAccess);
 
     // Policies: DeviceConnect acts for any device; other rights do not.
     let device_policy = hub.policy_token("device").await;
     let via = check(device_policy.clone(), "dev-b").await.unwrap();
     assert_eq!(via.credential, DeviceCredential::Policy("device".into()));
-    let err = check(hub.policy_token("service").await, "dev-b").await.unwrap_err();
+    let err = check(hub.policy_token("service").await, "dev-b")
+        .await
+        .unwrap_err();
     assert_eq!(err.code, ErrorCode::IotHubUnauthorizedAccess);
     let err = check(device_policy.clone(), "ghost").await.unwrap_err();
     assert_eq!(err.code, ErrorCode::DeviceNotFound);
@@ -188,7 +293,9 @@ async fn device_credentials_reach_only_their_own_enabled_device() {
         .await
         .unwrap();
     assert_eq!(response.status(), 200);
-    let err = check(device_token("dev-a", &primary_key(&a)), "dev-a").await.unwrap_err();
+    let err = check(device_token("dev-a", &primary_key(&a)), "dev-a")
+        .await
+        .unwrap_err();
     assert_eq!(err.code, ErrorCode::IotHubUnauthorizedAccess);
     assert!(check(device_policy, "dev-a").await.is_err());
 }
@@ -201,7 +308,12 @@ async fn device_ids_encoded_twice_in_the_scope_are_accepted() {
     let device = hub.create_device(&id).await;
     let resource = format!("{HOST}/devices/{}", sas::encode_component(&id));
     let token = sas::sign(&resource, &primary_key(&device), None, now() + 60).unwrap();
-    let target = vec!["devices".to_string(), id.clone(), "messages".to_string(), "events".to_string()];
+    let target = vec![
+        "devices".to_string(),
+        id.clone(),
+        "messages".to_string(),
+        "events".to_string(),
+    ];
     authorize_device(&hub.db, HOST, Some(&token), &id, &target)
         .await
         .unwrap();
@@ -211,11 +323,19 @@ async fn device_ids_encoded_twice_in_the_scope_are_accepted() {
 async fn rotating_a_key_invalidates_tokens_signed_with_the_old_one() {
     let hub = TestHub::start().await;
     let old_primary = hub.owner().await;
-    let key = iothub::auth::policies::get(&hub.db, "iothubowner").await.unwrap().unwrap();
-    let by_secondary = sas::sign(HOST, &key.secondary_key, Some("iothubowner"), now() + 600).unwrap();
+    let key = iothub::auth::policies::get(&hub.db, "iothubowner")
+        .await
+        .unwrap()
+        .unwrap();
+    let by_secondary =
+        sas::sign(HOST, &key.secondary_key, Some("iothubowner"), now() + 600).unwrap();
 
     let response = hub
-        .request(Method::POST, "/policies/iothubowner/regenerateKey", &by_secondary)
+        .request(
+            Method::POST,
+            "/policies/iothubowner/regenerateKey",
+            &by_secondary,
+        )
         .json(&json!({"key": "primary"}))
         .send()
         .await
@@ -225,10 +345,18 @@ async fn rotating_a_key_invalidates_tokens_signed_with_the_old_one() {
     assert_ne!(policy["primaryKey"], key.primary_key.as_str());
     assert_eq!(policy["secondaryKey"], key.secondary_key.as_str());
 
-    let response = hub.request(Method::GET, "/devices", &old_primary).send().await.unwrap();
+    let response = hub
+        .request(Method::GET, "/devices", &old_primary)
+        .send()
+        .await
+        .unwrap();
     assert_error(response, 401, "IotHubUnauthorizedAccess").await;
     let fresh = hub.owner().await;
-    let response = hub.request(Method::GET, "/devices", &fresh).send().await.unwrap();
+    let response = hub
+        .request(Method::GET, "/devices", &fresh)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status(), 200);
 
     // Device keys too: new keys through the registry invalidate the old device tokens.
@@ -247,12 +375,20 @@ async fn rotating_a_key_invalidates_tokens_signed_with_the_old_one() {
         .await
         .unwrap();
     assert_eq!(response.status(), 200);
-    assert!(authorize_device(&hub.db, HOST, Some(&old_device_token), "rot", &target)
-        .await
-        .is_err());
-    authorize_device(&hub.db, HOST, Some(&device_token("rot", &new_key)), "rot", &target)
-        .await
-        .unwrap();
+    assert!(
+        authorize_device(&hub.db, HOST, Some(&old_device_token), "rot", &target)
+            .await
+            .is_err()
+    );
+    authorize_device(
+        &hub.db,
+        HOST,
+        Some(&device_token("rot", &new_key)),
+        "rot",
+        &target,
+    )
+    .await
+    .unwrap();
 }
 
 #[tokio::test]
@@ -272,11 +408,17 @@ async fn policy_management_cannot_escalate_rights() {
     assert_eq!(list.len(), 5);
     for policy in &list {
         let visible = policy["primaryKey"].is_string();
-        let expected = matches!(policy["keyName"].as_str().unwrap(), "registryRead" | "registryReadWrite");
+        let expected = matches!(
+            policy["keyName"].as_str().unwrap(),
+            "registryRead" | "registryReadWrite"
+        );
         assert_eq!(visible, expected, "{policy}");
     }
 
-    for (name, rights) in [("sneaky", "ServiceConnect"), ("iothubowner", "RegistryRead")] {
+    for (name, rights) in [
+        ("sneaky", "ServiceConnect"),
+        ("iothubowner", "RegistryRead"),
+    ] {
         let response = hub
             .request(Method::PUT, &format!("/policies/{name}"), &rw)
             .json(&json!({"rights": rights}))
@@ -303,13 +445,26 @@ async fn policy_management_cannot_escalate_rights() {
     assert_eq!(response.status(), 200);
     let auditor: Value = response.json().await.unwrap();
     assert_eq!(auditor["rights"], "RegistryRead");
-    let token = sas::sign(HOST, auditor["primaryKey"].as_str().unwrap(), Some("auditor"), now() + 60).unwrap();
-    let response = hub.request(Method::GET, "/devices", &token).send().await.unwrap();
+    let token = sas::sign(
+        HOST,
+        auditor["primaryKey"].as_str().unwrap(),
+        Some("auditor"),
+        now() + 60,
+    )
+    .unwrap();
+    let response = hub
+        .request(Method::GET, "/devices", &token)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status(), 200);
 
     for (body, code) in [
         (json!({"rights": "Everything"}), "ArgumentInvalid"),
-        (json!({"rights": "RegistryRead", "primaryKey": "short"}), "ArgumentInvalid"),
+        (
+            json!({"rights": "RegistryRead", "primaryKey": "short"}),
+            "ArgumentInvalid",
+        ),
     ] {
         let response = hub
             .request(Method::PUT, "/policies/p2", &rw)
@@ -327,11 +482,23 @@ async fn policy_management_cannot_escalate_rights() {
         .unwrap();
     assert_error(response, 400, "ArgumentInvalid").await;
 
-    let response = hub.request(Method::DELETE, "/policies/auditor", &rw).send().await.unwrap();
+    let response = hub
+        .request(Method::DELETE, "/policies/auditor", &rw)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status(), 204);
-    let response = hub.request(Method::GET, "/devices", &token).send().await.unwrap();
+    let response = hub
+        .request(Method::GET, "/devices", &token)
+        .send()
+        .await
+        .unwrap();
     assert_error(response, 401, "IotHubUnauthorizedAccess").await;
-    let response = hub.request(Method::DELETE, "/policies/auditor", &rw).send().await.unwrap();
+    let response = hub
+        .request(Method::DELETE, "/policies/auditor", &rw)
+        .send()
+        .await
+        .unwrap();
     assert_error(response, 404, "PolicyNotFound").await;
 }
 
@@ -339,10 +506,22 @@ async fn policy_management_cannot_escalate_rights() {
 async fn the_last_policy_that_can_manage_the_registry_cannot_be_deleted() {
     let hub = TestHub::start().await;
     let owner = hub.owner().await;
-    let response = hub.request(Method::DELETE, "/policies/registryReadWrite", &owner).send().await.unwrap();
+    let response = hub
+        .request(Method::DELETE, "/policies/registryReadWrite", &owner)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status(), 204);
-    let response = hub.request(Method::DELETE, "/policies/iothubowner", &owner).send().await.unwrap();
+    let response = hub
+        .request(Method::DELETE, "/policies/iothubowner", &owner)
+        .send()
+        .await
+        .unwrap();
     assert_error(response, 400, "ArgumentInvalid").await;
-    let response = hub.request(Method::GET, "/devices", &owner).send().await.unwrap();
+    let response = hub
+        .request(Method::GET, "/devices", &owner)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status(), 200);
 }

@@ -33,7 +33,10 @@ async fn response_header_names_keep_their_exact_case_on_the_wire() {
     let head = response.split("\r\n\r\n").next().unwrap();
     assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
     assert!(head.contains("\r\nETag: \""), "{head}");
-    assert!(head.contains("\r\nContent-Type: application/json"), "{head}");
+    assert!(
+        head.contains("\r\nContent-Type: application/json"),
+        "{head}"
+    );
     assert!(!head.contains("\r\netag:"), "{head}");
 
     // Errors carry the header in its documented (lower) case.
@@ -43,7 +46,10 @@ async fn response_header_names_keep_their_exact_case_on_the_wire() {
     )
     .await;
     assert!(response.starts_with("HTTP/1.1 401"), "{response}");
-    assert!(response.contains("\r\niothub-errorcode: IotHubUnauthorizedAccess\r\n"), "{response}");
+    assert!(
+        response.contains("\r\niothub-errorcode: IotHubUnauthorizedAccess\r\n"),
+        "{response}"
+    );
 }
 
 #[tokio::test]
@@ -51,12 +57,21 @@ async fn literal_path_segments_match_in_any_case() {
     let hub = TestHub::start().await;
     hub.create_device("Case-1").await;
     let token = hub.owner().await;
-    for path in ["/DEVICES/Case-1", "/Devices/Case-1", "/STATISTICS/devices", "/statistics/Service"] {
+    for path in [
+        "/DEVICES/Case-1",
+        "/Devices/Case-1",
+        "/STATISTICS/devices",
+        "/statistics/Service",
+    ] {
         let response = hub.request(Method::GET, path, &token).send().await.unwrap();
         assert_eq!(response.status(), 200, "{path}");
     }
     // Device ids stay case-sensitive.
-    let response = hub.request(Method::GET, "/devices/case-1", &token).send().await.unwrap();
+    let response = hub
+        .request(Method::GET, "/devices/case-1", &token)
+        .send()
+        .await
+        .unwrap();
     assert_error(response, 404, "DeviceNotFound").await;
 }
 
@@ -65,7 +80,13 @@ async fn api_version_is_required_and_checked() {
     let hub = TestHub::start().await;
     let token = hub.owner().await;
     let url = |q: &str| format!("{}/devices{q}", hub.base);
-    let response = hub.http.get(url("")).header("Authorization", &token).send().await.unwrap();
+    let response = hub
+        .http
+        .get(url(""))
+        .header("Authorization", &token)
+        .send()
+        .await
+        .unwrap();
     assert_error(response, 400, "InvalidProtocolVersion").await;
     let response = hub
         .http
@@ -86,7 +107,12 @@ async fn api_version_is_required_and_checked() {
         assert_eq!(response.status(), 200, "{version}");
     }
     // Operations endpoints take none.
-    let response = hub.http.get(format!("{}/health/live", hub.base)).send().await.unwrap();
+    let response = hub
+        .http
+        .get(format!("{}/health/live", hub.base))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status(), 200);
 }
 
@@ -94,15 +120,33 @@ async fn api_version_is_required_and_checked() {
 async fn unknown_routes_methods_and_bodies_answer_in_iot_hub_shape() {
     let hub = TestHub::start().await;
     let token = hub.owner().await;
-    let response = hub.request(Method::GET, "/devices/a/b/c/d/e", &token).send().await.unwrap();
+    let response = hub
+        .request(Method::GET, "/devices/a/b/c/d/e", &token)
+        .send()
+        .await
+        .unwrap();
     assert_error(response, 404, "NotFound").await;
-    let response = hub.http.get(format!("{}/nothing-here", hub.base)).send().await.unwrap();
+    let response = hub
+        .http
+        .get(format!("{}/nothing-here", hub.base))
+        .send()
+        .await
+        .unwrap();
     assert_error(response, 404, "NotFound").await;
-    let response = hub.request(Method::PATCH, "/devices/a", &token).send().await.unwrap();
+    let response = hub
+        .request(Method::PATCH, "/devices/a", &token)
+        .send()
+        .await
+        .unwrap();
     assert_error(response, 405, "MethodNotAllowed").await;
 
     let huge = json!({"deviceId": "big", "statusReason": "x".repeat(2 * 1024 * 1024)});
-    let response = hub.request(Method::PUT, "/devices/big", &token).json(&huge).send().await.unwrap();
+    let response = hub
+        .request(Method::PUT, "/devices/big", &token)
+        .json(&huge)
+        .send()
+        .await
+        .unwrap();
     assert_error(response, 413, "MessageTooLarge").await;
 
     let response = hub
@@ -115,14 +159,23 @@ async fn unknown_routes_methods_and_bodies_answer_in_iot_hub_shape() {
     assert_error(response, 415, "UnsupportedMediaType").await;
 
     // Percent-encoding that does not decode to UTF-8 is a client mistake, not a server error.
-    let response = hub.request(Method::GET, "/devices/%FF%FE", &token).send().await.unwrap();
+    let response = hub
+        .request(Method::GET, "/devices/%FF%FE", &token)
+        .send()
+        .await
+        .unwrap();
     assert_error(response, 400, "ArgumentInvalid").await;
 }
 
 #[tokio::test]
 async fn every_response_has_a_request_id() {
     let hub = TestHub::start().await;
-    let response = hub.http.get(format!("{}/health/live", hub.base)).send().await.unwrap();
+    let response = hub
+        .http
+        .get(format!("{}/health/live", hub.base))
+        .send()
+        .await
+        .unwrap();
     let id = response.headers()["x-request-id"].to_str().unwrap();
     assert_eq!(id.len(), 36);
     let response = hub

@@ -10,15 +10,30 @@ use serde_json::Value;
 async fn health_and_readiness() {
     let hub = TestHub::start().await;
     for path in ["/health/live", "/health/ready"] {
-        let response = hub.http.get(format!("{}{path}", hub.base)).send().await.unwrap();
+        let response = hub
+            .http
+            .get(format!("{}{path}", hub.base))
+            .send()
+            .await
+            .unwrap();
         assert_eq!(response.status(), 200, "{path}");
         assert_eq!(response.text().await.unwrap(), "ok");
     }
     // Without its database the hub is alive but not ready, and says so quickly instead of hanging.
     hub.db.close().await;
-    let response = hub.http.get(format!("{}/health/ready", hub.base)).send().await.unwrap();
+    let response = hub
+        .http
+        .get(format!("{}/health/ready", hub.base))
+        .send()
+        .await
+        .unwrap();
     assert_error(response, 503, "ServiceUnavailable").await;
-    let response = hub.http.get(format!("{}/health/live", hub.base)).send().await.unwrap();
+    let response = hub
+        .http
+        .get(format!("{}/health/live", hub.base))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status(), 200);
 }
 
@@ -27,7 +42,10 @@ async fn metrics_count_requests_by_route_template() {
     let hub = TestHub::start().await;
     hub.create_device("m-1").await;
     let token = hub.owner().await;
-    hub.request(Method::GET, "/devices/m-1", &token).send().await.unwrap();
+    hub.request(Method::GET, "/devices/m-1", &token)
+        .send()
+        .await
+        .unwrap();
     let text = hub
         .http
         .get(format!("{}/metrics", hub.base))
@@ -46,11 +64,22 @@ async fn metrics_count_requests_by_route_template() {
 
 #[tokio::test]
 async fn metrics_can_have_their_own_listener() {
-    let hub = TestHub::start_with(|c| c.metrics_listen = Some("127.0.0.1:0".parse().unwrap())).await;
+    let hub =
+        TestHub::start_with(|c| c.metrics_listen = Some("127.0.0.1:0".parse().unwrap())).await;
     let addr = hub.running().metrics_addr.unwrap();
-    let response = hub.http.get(format!("http://{addr}/metrics")).send().await.unwrap();
+    let response = hub
+        .http
+        .get(format!("http://{addr}/metrics"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status(), 200);
-    let response = hub.http.get(format!("{}/metrics", hub.base)).send().await.unwrap();
+    let response = hub
+        .http
+        .get(format!("{}/metrics", hub.base))
+        .send()
+        .await
+        .unwrap();
     assert_error(response, 404, "NotFound").await;
 }
 
@@ -82,11 +111,17 @@ async fn the_served_openapi_document_is_the_committed_one() {
     // Every operation documents its responses, and every IoT Hub path documents api-version.
     for (path, item) in served["paths"].as_object().unwrap() {
         for (method, op) in item.as_object().unwrap() {
-            assert!(op["responses"].as_object().is_some_and(|r| !r.is_empty()), "{method} {path}");
+            assert!(
+                op["responses"].as_object().is_some_and(|r| !r.is_empty()),
+                "{method} {path}"
+            );
             let iot_hub_path = !path.starts_with("/health") && path != "/metrics";
             if iot_hub_path {
                 let params = op["parameters"].as_array().cloned().unwrap_or_default();
-                assert!(params.iter().any(|p| p["name"] == "api-version"), "{method} {path}");
+                assert!(
+                    params.iter().any(|p| p["name"] == "api-version"),
+                    "{method} {path}"
+                );
             }
         }
     }
@@ -95,12 +130,26 @@ async fn the_served_openapi_document_is_the_committed_one() {
 #[tokio::test]
 async fn the_docs_page_is_served_from_the_binary() {
     let hub = TestHub::start().await;
-    let page = hub.http.get(format!("{}/docs/", hub.base)).send().await.unwrap();
+    let page = hub
+        .http
+        .get(format!("{}/docs/", hub.base))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(page.status(), 200);
     let html = page.text().await.unwrap();
     assert!(html.contains("swagger-ui"), "{html}");
-    for asset in ["swagger-ui.css", "swagger-ui-bundle.js", "swagger-initializer.js"] {
-        let response = hub.http.get(format!("{}/docs/{asset}", hub.base)).send().await.unwrap();
+    for asset in [
+        "swagger-ui.css",
+        "swagger-ui-bundle.js",
+        "swagger-initializer.js",
+    ] {
+        let response = hub
+            .http
+            .get(format!("{}/docs/{asset}", hub.base))
+            .send()
+            .await
+            .unwrap();
         assert_eq!(response.status(), 200, "{asset}");
         assert!(response.bytes().await.unwrap().len() > 100, "{asset}");
     }

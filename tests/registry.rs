@@ -158,9 +158,18 @@ async fn invalid_input_is_a_400_in_iot_hub_shape() {
         (device_path("é"), json!({})),
         ("/devices/d1".into(), json!({"deviceId": "other"})),
         ("/devices/d1".into(), json!({"status": "sleeping"})),
-        ("/devices/d1".into(), json!({"statusReason": "nul\u{0}byte"})),
-        ("/devices/d1".into(), json!({"authentication": {"symmetricKey": {"primaryKey": "short"}}})),
-        ("/devices/d1".into(), json!({"authentication": {"type": "magic"}})),
+        (
+            "/devices/d1".into(),
+            json!({"statusReason": "nul\u{0}byte"}),
+        ),
+        (
+            "/devices/d1".into(),
+            json!({"authentication": {"symmetricKey": {"primaryKey": "short"}}}),
+        ),
+        (
+            "/devices/d1".into(),
+            json!({"authentication": {"type": "magic"}}),
+        ),
         ("/devices/d1".into(), json!({"status": 5})),
     ];
     for (path, body) in cases {
@@ -217,7 +226,9 @@ async fn updates_need_the_current_etag() {
     // The old etag is stale now.
     let response = update(format!("\"{etag}\""), "enabled").await.unwrap();
     assert_error(response, 412, "PreconditionFailed").await;
-    let response = update("\"bm90LWFuLWV0YWc=\"".into(), "enabled").await.unwrap();
+    let response = update("\"bm90LWFuLWV0YWc=\"".into(), "enabled")
+        .await
+        .unwrap();
     assert_error(response, 412, "PreconditionFailed").await;
     // "*" forces.
     let response = update("\"*\"".into(), "enabled").await.unwrap();
@@ -251,7 +262,10 @@ async fn updates_need_the_current_etag() {
     assert_error(response, 412, "PreconditionFailed").await;
     let response = hub
         .request(Method::DELETE, "/devices/e1", &token)
-        .header("If-Match", format!("\"{}\"", current["etag"].as_str().unwrap()))
+        .header(
+            "If-Match",
+            format!("\"{}\"", current["etag"].as_str().unwrap()),
+        )
         .send()
         .await
         .unwrap();
@@ -313,7 +327,10 @@ async fn listing_pages_with_a_continuation() {
             .map(|v| v.to_str().unwrap().to_string());
         let page: Vec<Value> = response.json().await.unwrap();
         assert!(page.len() <= 10);
-        seen.extend(page.iter().map(|d| d["deviceId"].as_str().unwrap().to_string()));
+        seen.extend(
+            page.iter()
+                .map(|d| d["deviceId"].as_str().unwrap().to_string()),
+        );
         pages += 1;
         if continuation.is_none() {
             break;
@@ -322,7 +339,12 @@ async fn listing_pages_with_a_continuation() {
     assert_eq!(pages, 3);
     assert_eq!(seen, expected);
 
-    for bad in ["/devices?top=0", "/devices?top=1001", "/devices?top=ten", "/devices?continuationToken=%%%"] {
+    for bad in [
+        "/devices?top=0",
+        "/devices?top=1001",
+        "/devices?top=ten",
+        "/devices?continuationToken=%%%",
+    ] {
         let response = hub.request(Method::GET, bad, &token).send().await.unwrap();
         assert_error(response, 400, "ArgumentInvalid").await;
     }
@@ -357,7 +379,12 @@ async fn bulk_applies_each_entry_and_reports_failures() {
         .as_array()
         .unwrap()
         .iter()
-        .map(|e| (e["deviceId"].as_str().unwrap(), e["errorCode"].as_str().unwrap()))
+        .map(|e| {
+            (
+                e["deviceId"].as_str().unwrap(),
+                e["errorCode"].as_str().unwrap(),
+            )
+        })
         .collect();
     assert_eq!(
         failed,
@@ -389,7 +416,9 @@ async fn bulk_applies_each_entry_and_reports_failures() {
         .await
         .unwrap();
     assert_error(response, 400, "ArgumentInvalid").await;
-    let too_many: Vec<Value> = (0..101).map(|i| json!({"id": format!("m{i}"), "importMode": "create"})).collect();
+    let too_many: Vec<Value> = (0..101)
+        .map(|i| json!({"id": format!("m{i}"), "importMode": "create"}))
+        .collect();
     let response = hub
         .request(Method::POST, "/devices", &token)
         .json(&too_many)

@@ -63,7 +63,9 @@ impl Rights {
     /// RegistryWrite includes RegistryRead (IoT Hub encodes RegistryWrite as RegistryRead | 2).
     pub fn allows(self, right: Right) -> bool {
         match right {
-            Right::RegistryRead => self.0 & (Right::RegistryRead.bit() | Right::RegistryWrite.bit()) != 0,
+            Right::RegistryRead => {
+                self.0 & (Right::RegistryRead.bit() | Right::RegistryWrite.bit()) != 0
+            }
             other => self.0 & other.bit() != 0,
         }
     }
@@ -147,7 +149,12 @@ pub async fn authorize_policy(
     let policy = policies::keys(db, &name)
         .await?
         .ok_or_else(|| refuse("unknown shared access policy"))?;
-    check_token(&token, &policy.primary_key, &policy.secondary_key, policy.db_now)?;
+    check_token(
+        &token,
+        &policy.primary_key,
+        &policy.secondary_key,
+        policy.db_now,
+    )?;
     check_scope(&token, hostname, target)?;
     if !policy.rights.allows(right) {
         return Err(refuse(&format!(
@@ -196,10 +203,17 @@ pub async fn authorize_device(
             let policy = policies::keys(db, name)
                 .await?
                 .ok_or_else(|| refuse("unknown shared access policy"))?;
-            check_token(&token, &policy.primary_key, &policy.secondary_key, policy.db_now)?;
+            check_token(
+                &token,
+                &policy.primary_key,
+                &policy.secondary_key,
+                policy.db_now,
+            )?;
             check_scope(&token, hostname, target)?;
             if !policy.rights.allows(Right::DeviceConnect) {
-                return Err(refuse(&format!("the policy {name} does not grant DeviceConnect")));
+                return Err(refuse(&format!(
+                    "the policy {name} does not grant DeviceConnect"
+                )));
             }
             DeviceCredential::Policy(name.clone())
         }
@@ -247,7 +261,10 @@ mod tests {
     #[test]
     fn rights_render_in_canonical_order() {
         let r = Rights::parse("DeviceConnect,  registrywrite,ServiceConnect").unwrap();
-        assert_eq!(r.to_string(), "RegistryWrite, ServiceConnect, DeviceConnect");
+        assert_eq!(
+            r.to_string(),
+            "RegistryWrite, ServiceConnect, DeviceConnect"
+        );
         assert!(r.allows(Right::RegistryRead));
         assert!(Rights::parse("Nope").is_none());
         assert!(Rights::parse("").is_none());
@@ -255,7 +272,11 @@ mod tests {
 
     #[test]
     fn covers_compares_rights_sets() {
-        let owner = Rights::of(&[Right::RegistryWrite, Right::ServiceConnect, Right::DeviceConnect]);
+        let owner = Rights::of(&[
+            Right::RegistryWrite,
+            Right::ServiceConnect,
+            Right::DeviceConnect,
+        ]);
         let rw = Rights::of(&[Right::RegistryRead, Right::RegistryWrite]);
         assert!(owner.covers(rw));
         assert!(!rw.covers(owner));

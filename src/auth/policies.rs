@@ -44,11 +44,17 @@ pub struct PolicyKeys {
 pub fn defaults() -> Vec<(&'static str, Rights)> {
     use Right::*;
     vec![
-        ("iothubowner", Rights::of(&[RegistryWrite, ServiceConnect, DeviceConnect])),
+        (
+            "iothubowner",
+            Rights::of(&[RegistryWrite, ServiceConnect, DeviceConnect]),
+        ),
         ("service", Rights::of(&[ServiceConnect])),
         ("device", Rights::of(&[DeviceConnect])),
         ("registryRead", Rights::of(&[RegistryRead])),
-        ("registryReadWrite", Rights::of(&[RegistryRead, RegistryWrite])),
+        (
+            "registryReadWrite",
+            Rights::of(&[RegistryRead, RegistryWrite]),
+        ),
     ]
 }
 
@@ -107,12 +113,14 @@ pub async fn keys(db: &PgPool, name: &str) -> ApiResult<Option<PolicyKeys>> {
     .bind(name)
     .fetch_optional(db)
     .await?;
-    Ok(row.map(|(rights, primary_key, secondary_key, db_now)| PolicyKeys {
-        rights: Rights::from_bits(rights),
-        primary_key,
-        secondary_key,
-        db_now,
-    }))
+    Ok(
+        row.map(|(rights, primary_key, secondary_key, db_now)| PolicyKeys {
+            rights: Rights::from_bits(rights),
+            primary_key,
+            secondary_key,
+            db_now,
+        }),
+    )
 }
 
 pub async fn create(db: &PgPool, policy: &Policy) -> ApiResult<Policy> {
@@ -169,10 +177,9 @@ pub async fn delete(db: &PgPool, name: &str) -> ApiResult<()> {
     if deleted == 0 {
         return Err(not_found(name));
     }
-    let writers: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM policies WHERE rights & 2 <> 0")
-            .fetch_one(&mut *tx)
-            .await?;
+    let writers: i64 = sqlx::query_scalar("SELECT count(*) FROM policies WHERE rights & 2 <> 0")
+        .fetch_one(&mut *tx)
+        .await?;
     if writers == 0 {
         return Err(ApiError::invalid(
             "Cannot delete the last policy with RegistryWrite",

@@ -132,7 +132,10 @@ async fn put_policy(
             "rights must list RegistryRead, RegistryWrite, ServiceConnect and/or DeviceConnect",
         )
     })?;
-    for key in [&input.primary_key, &input.secondary_key].into_iter().flatten() {
+    for key in [&input.primary_key, &input.secondary_key]
+        .into_iter()
+        .flatten()
+    {
         if !sas::valid_key(key) {
             return Err(ApiError::invalid(
                 "Keys must be base64 encodings of 16 to 64 bytes",

@@ -148,7 +148,12 @@ impl SasToken {
 }
 
 /// Signs a token for `resource` (unencoded, e.g. `myhub/devices/d1`) the way the SDKs do.
-pub fn sign(resource: &str, key_base64: &str, key_name: Option<&str>, expiry: i64) -> anyhow::Result<String> {
+pub fn sign(
+    resource: &str,
+    key_base64: &str,
+    key_name: Option<&str>,
+    expiry: i64,
+) -> anyhow::Result<String> {
     let key = BASE64
         .decode(key_base64)
         .map_err(|_| anyhow::anyhow!("the key is not base64"))?;
@@ -277,13 +282,21 @@ mod tests {
 
     #[test]
     fn scopes_are_segment_prefixes() {
-        let target = vec![vec!["devices".to_string(), "ab".to_string(), "messages".to_string()]];
+        let target = vec![vec![
+            "devices".to_string(),
+            "ab".to_string(),
+            "messages".to_string(),
+        ]];
         assert!(scope_covers("hub", "hub", &target));
         assert!(scope_covers("hub:443/devices", "HUB", &target));
         assert!(scope_covers("hub/devices/ab", "hub", &target));
         assert!(!scope_covers("hub/devices/a", "hub", &target));
         assert!(!scope_covers("other/devices/ab", "hub", &target));
-        assert!(!scope_covers("hub/devices/ab/messages/events/x", "hub", &target));
+        assert!(!scope_covers(
+            "hub/devices/ab/messages/events/x",
+            "hub",
+            &target
+        ));
     }
 
     #[test]

@@ -163,7 +163,13 @@ impl ApiError {
 
 impl std::fmt::Display for ApiError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} ({}): {}", self.code.name(), self.code.number(), self.message)
+        write!(
+            f,
+            "{} ({}): {}",
+            self.code.name(),
+            self.code.number(),
+            self.message
+        )
     }
 }
 
@@ -197,7 +203,10 @@ impl IntoResponse for ApiError {
         };
         let mut response = (status, axum::Json(body)).into_response();
         let headers = response.headers_mut();
-        headers.insert("iothub-errorcode", HeaderValue::from_static(self.code.name()));
+        headers.insert(
+            "iothub-errorcode",
+            HeaderValue::from_static(self.code.name()),
+        );
         if let Some(secs) = self.retry_after {
             headers.insert(http::header::RETRY_AFTER, HeaderValue::from(secs));
         }

@@ -156,7 +156,10 @@ impl From<axum::extract::rejection::BytesRejection> for ApiError {
         if rejection.status() == 413 {
             ApiError::new(ErrorCode::MessageTooLarge, "The request body is too large")
         } else {
-            ApiError::invalid(format!("Cannot read the request body: {}", rejection.body_text()))
+            ApiError::invalid(format!(
+                "Cannot read the request body: {}",
+                rejection.body_text()
+            ))
         }
     }
 }

@@ -130,7 +130,9 @@ pub fn app(state: AppState) -> Router {
 async fn with_timeout(timeout: Duration, request: Request, next: Next) -> Response {
     match tokio::time::timeout(timeout, next.run(request)).await {
         Ok(response) => response,
-        Err(_) => ApiError::new(ErrorCode::GatewayTimeout, "The request took too long").into_response(),
+        Err(_) => {
+            ApiError::new(ErrorCode::GatewayTimeout, "The request took too long").into_response()
+        }
     }
 }
 
@@ -139,5 +141,8 @@ async fn not_found() -> ApiError {
 }
 
 async fn method_not_allowed() -> ApiError {
-    ApiError::new(ErrorCode::MethodNotAllowed, "Method not allowed on this resource")
+    ApiError::new(
+        ErrorCode::MethodNotAllowed,
+        "Method not allowed on this resource",
+    )
 }

@@ -99,8 +99,12 @@ pub fn query_value<'q>(query: Option<&'q str>, name: &str) -> Option<std::borrow
 /// Whether the raw query has `name` as a key, with or without a value (`?reject`, `?reject=`).
 pub fn query_has(query: Option<&str>, name: &str) -> bool {
     query.is_some_and(|q| {
-        q.split('&')
-            .any(|pair| pair.split('=').next().unwrap_or("").eq_ignore_ascii_case(name))
+        q.split('&').any(|pair| {
+            pair.split('=')
+                .next()
+                .unwrap_or("")
+                .eq_ignore_ascii_case(name)
+        })
     })
 }
 
@@ -160,7 +164,10 @@ mod tests {
             Some("/messages/serviceBound/feedback")
         );
         // Variable segments keep their case: device ids are case-sensitive.
-        assert_eq!(canonical_path("/devices/Messages").as_deref(), Some("/devices/Messages"));
+        assert_eq!(
+            canonical_path("/devices/Messages").as_deref(),
+            Some("/devices/Messages")
+        );
         assert_eq!(canonical_path("/nothing/here"), None);
     }
 

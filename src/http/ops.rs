@@ -48,8 +48,11 @@ async fn ready(State(state): State<AppState>) -> Result<&'static str, ApiError> 
     ))]
 async fn metrics(State(state): State<AppState>) -> Response {
     if state.config.metrics_listen.is_some() {
-        return ApiError::new(ErrorCode::NotFound, "Metrics are served on their own listener")
-            .into_response();
+        return ApiError::new(
+            ErrorCode::NotFound,
+            "Metrics are served on their own listener",
+        )
+        .into_response();
     }
     metrics_text(State(state)).await
 }

@@ -73,8 +73,14 @@ mod tests {
     #[test]
     fn etags_round_trip_through_if_match() {
         assert_eq!(etag(984225715), "OTg0MjI1NzE1");
-        assert_eq!(IfMatch::parse("\"OTg0MjI1NzE1\""), IfMatch::Version(Some(984225715)));
-        assert_eq!(IfMatch::parse("W/\"OTg0MjI1NzE1\""), IfMatch::Version(Some(984225715)));
+        assert_eq!(
+            IfMatch::parse("\"OTg0MjI1NzE1\""),
+            IfMatch::Version(Some(984225715))
+        );
+        assert_eq!(
+            IfMatch::parse("W/\"OTg0MjI1NzE1\""),
+            IfMatch::Version(Some(984225715))
+        );
         assert_eq!(IfMatch::parse("\"*\""), IfMatch::Any);
         assert_eq!(IfMatch::parse("*"), IfMatch::Any);
         assert_eq!(IfMatch::parse("\"garbage\"").expected_version(), Some(-1));

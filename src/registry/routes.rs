@@ -178,7 +178,11 @@ async fn list_devices(
         None => 1000,
         Some(t) => match t.parse::<i64>() {
             Ok(n) if (1..=1000).contains(&n) => n,
-            _ => return Err(ApiError::invalid("top must be a whole number from 1 to 1000")),
+            _ => {
+                return Err(ApiError::invalid(
+                    "top must be a whole number from 1 to 1000",
+                ))
+            }
         },
     };
     let token = params.continuation_token.or_else(|| {
@@ -198,13 +202,15 @@ async fn list_devices(
     let mut page = store::list(&state.db, after.as_deref(), top + 1).await?;
     let more = page.len() as i64 > top;
     page.truncate(top as usize);
-    let next = more.then(|| wire::encode_continuation(&page.last().expect("a full page").device_id));
+    let next =
+        more.then(|| wire::encode_continuation(&page.last().expect("a full page").device_id));
     let devices: Vec<Device> = page.into_iter().map(Device::from).collect();
     let mut response = Json(devices).into_response();
     if let Some(next) = next {
-        response
-            .headers_mut()
-            .insert(CONTINUATION, HeaderValue::from_str(&next).expect("base64url"));
+        response.headers_mut().insert(
+            CONTINUATION,
+            HeaderValue::from_str(&next).expect("base64url"),
+        );
     }
     Ok(response)
 }

@@ -9,7 +9,8 @@ use crate::auth::sas;
 use crate::http::error::{ApiError, ApiResult, ErrorCode};
 use crate::http::wire::IfMatch;
 
-const COLUMNS: &str = "device_id, generation_id, etag_version, status, status_reason, status_updated_time,
+const COLUMNS: &str =
+    "device_id, generation_id, etag_version, status, status_reason, status_updated_time,
     auth_type, primary_key, secondary_key, primary_thumbprint, secondary_thumbprint, iot_edge,
     last_activity_time, 0::bigint AS c2d_message_count";
 
@@ -32,7 +33,10 @@ fn non_empty(s: &Option<String>) -> Option<String> {
 
 impl DeviceFields {
     /// Validates `input`; `existing` is the device being updated (its keys stay unless new ones are given).
-    pub fn resolve(input: &DeviceInput, existing: Option<&DeviceRecord>) -> ApiResult<DeviceFields> {
+    pub fn resolve(
+        input: &DeviceInput,
+        existing: Option<&DeviceRecord>,
+    ) -> ApiResult<DeviceFields> {
         let status = match input.status.as_deref() {
             None => existing.map_or("enabled".to_string(), |d| d.status.clone()),
             Some(s) if s.eq_ignore_ascii_case("enabled") => "enabled".into(),
@@ -61,7 +65,10 @@ impl DeviceFields {
         let (mut primary_thumbprint, mut secondary_thumbprint) = (None, None);
         match auth_type.as_str() {
             "sas" => {
-                let given = (non_empty(&symmetric.primary_key), non_empty(&symmetric.secondary_key));
+                let given = (
+                    non_empty(&symmetric.primary_key),
+                    non_empty(&symmetric.secondary_key),
+                );
                 for key in [&given.0, &given.1].into_iter().flatten() {
                     if !sas::valid_key(key) {
                         return Err(ApiError::invalid(
@@ -82,7 +89,10 @@ impl DeviceFields {
             "selfSigned" => {
                 primary_thumbprint = non_empty(&thumbprints.primary_thumbprint);
                 secondary_thumbprint = non_empty(&thumbprints.secondary_thumbprint);
-                for t in [&primary_thumbprint, &secondary_thumbprint].into_iter().flatten() {
+                for t in [&primary_thumbprint, &secondary_thumbprint]
+                    .into_iter()
+                    .flatten()
+                {
                     if t.len() > 128 || !t.bytes().all(|b| b.is_ascii_hexdigit()) {
                         return Err(ApiError::invalid("Thumbprints must be hexadecimal"));
                     }
@@ -122,11 +132,17 @@ impl DeviceFields {
 fn new_generation_id() -> String {
     const UNIX_EPOCH_TICKS: i64 = 621_355_968_000_000_000;
     let now = chrono::Utc::now();
-    let ticks = UNIX_EPOCH_TICKS + now.timestamp() * 10_000_000 + i64::from(now.timestamp_subsec_nanos() / 100);
+    let ticks = UNIX_EPOCH_TICKS
+        + now.timestamp() * 10_000_000
+        + i64::from(now.timestamp_subsec_nanos() / 100);
     ticks.to_string()
 }
 
-pub async fn create(db: &PgPool, device_id: &str, fields: &DeviceFields) -> ApiResult<DeviceRecord> {
+pub async fn create(
+    db: &PgPool,
+    device_id: &str,
+    fields: &DeviceFields,
+) -> ApiResult<DeviceRecord> {
     let mut tx = db.begin().await?;
     let created = insert(&mut tx, device_id, fields).await?;
     tx.commit().await?;
@@ -176,7 +192,10 @@ pub async fn get(db: &PgPool, device_id: &str) -> ApiResult<Option<DeviceRecord>
         .await?)
 }
 
-async fn lock(tx: &mut Transaction<'_, Postgres>, device_id: &str) -> ApiResult<Option<DeviceRecord>> {
+async fn lock(
+    tx: &mut Transaction<'_, Postgres>,
+    device_id: &str,
+) -> ApiResult<Option<DeviceRecord>> {
     let sql = format!("SELECT {COLUMNS} FROM devices WHERE device_id = $1 FOR UPDATE");
     Ok(sqlx::query_as::<_, DeviceRecord>(&sql)
         .bind(device_id)
@@ -215,7 +234,11 @@ pub async fn update(
     Ok(updated)
 }
 
-async fn write(tx: &mut Transaction<'_, Postgres>, device_id: &str, f: &DeviceFields) -> ApiResult<DeviceRecord> {
+async fn write(
+    tx: &mut Transaction<'_, Postgres>,
+    device_id: &str,
+    f: &DeviceFields,
+) -> ApiResult<DeviceRecord> {
     let sql = format!(
         "UPDATE devices SET
              status_updated_time = CASE WHEN status <> $2 THEN now() ELSE status_updated_time END,
@@ -278,6 +301,7 @@ pub async fn statistics(db: &PgPool) -> ApiResult<(i64, i64, i64)> {
 }
 
 /// What authenticating a device needs: its keys and status, and the database's clock.
+#[derive(sqlx::FromRow)]
 pub struct DeviceCredentials {
     pub status: String,
     pub generation_id: String,
@@ -287,24 +311,15 @@ pub struct DeviceCredentials {
 }
 
 pub async fn credentials(db: &PgPool, device_id: &str) -> ApiResult<Option<DeviceCredentials>> {
-    let row: Option<(String, String, Option<String>, Option<String>, i64)> = sqlx::query_as(
-        "SELECT status, generation_id, primary_key, secondary_key, extract(epoch FROM now())::bigint
+    Ok(sqlx::query_as::<_, DeviceCredentials>(
+        "SELECT status, generation_id, primary_key, secondary_key,
+                extract(epoch FROM now())::bigint AS db_now
          FROM devices WHERE device_id = $1",
     )
     .bind(device_id)
     .fetch_optional(db)
-    .await?;
-    Ok(row.map(
-        |(status, generation_id, primary_key, secondary_key, db_now)| DeviceCredentials {
-            status,
-            generation_id,
-            primary_key,
-            secondary_key,
-            db_now,
-        },
-    ))
+    .await?)
 }
-
 
 pub enum BulkMode {
     Create,

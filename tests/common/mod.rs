@@ -28,19 +28,33 @@ async fn server() -> &'static PgConnectOptions {
             if let Ok(url) = std::env::var("DATABASE_URL") {
                 return PgConnectOptions::from_str(&url).expect("DATABASE_URL");
             }
-            let root = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("test-postgres");
+            let target = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"));
+            let root = target.join("test-postgres");
             std::fs::create_dir_all(&root).unwrap();
             // Test binaries may run at once (nextest): one of them creates and starts the cluster, the others adopt it.
-            let lock = std::fs::File::create(root.join(".lock")).unwrap();
+            let lock = std::fs::File::create(target.join("test-postgres.lock")).unwrap();
             use std::os::fd::AsRawFd;
             // SAFETY: flock(2) on a file descriptor we own.
             unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) };
-            let cluster = ManagedCluster::start(&root)
-                .await
-                .expect("start a private PostgreSQL for the tests");
+            let cluster = match ManagedCluster::start(&root).await {
+                Ok(cluster) => cluster,
+                // As root, PostgreSQL runs as another user, who may not be able to enter a checkout under a
+                // private home folder: then the cluster lives in the system's temporary folder.
+                Err(error) => {
+                    let fallback = std::env::temp_dir().join("iothub-test-postgres");
+                    eprintln!("test cluster: {error:#}; using {}", fallback.display());
+                    ManagedCluster::start(&fallback)
+                        .await
+                        .expect("start a private PostgreSQL for the tests")
+                }
+            };
+            // Left running for the next test binary; `.ci/run` stops it through this file.
+            std::fs::write(
+                target.join("test-postgres.datadir"),
+                cluster.data_dir().display().to_string(),
+            )
+            .unwrap();
             let options = cluster.options("postgres");
-            // Left running for the next test binary; `.ci/run` stops it at the end.
-            std::mem::forget(cluster);
             drop(lock);
             options
         })
@@ -72,7 +86,9 @@ impl TestDb {
     }
 
     pub async fn pool(&self) -> PgPool {
-        iothub::postgres::connect(self.options.clone(), 8).await.unwrap()
+        iothub::postgres::connect(self.options.clone(), 8)
+            .await
+            .unwrap()
     }
 }
 
@@ -89,9 +105,10 @@ impl Drop for TestDb {
                     .unwrap();
                 rt.block_on(async move {
                     if let Ok(mut conn) = server.connect().await {
-                        let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-                            .execute(&mut conn)
-                            .await;
+                        let _ =
+                            sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                                .execute(&mut conn)
+                                .await;
                     }
                 });
             })
@@ -190,7 +207,10 @@ impl TestHub {
     pub fn request(&self, method: Method, path: &str, token: &str) -> reqwest::RequestBuilder {
         let separator = if path.contains('?') { '&' } else { '?' };
         self.http
-            .request(method, format!("{}{path}{separator}api-version={API_VERSION}", self.base))
+            .request(
+                method,
+                format!("{}{path}{separator}api-version={API_VERSION}", self.base),
+            )
             .header("Authorization", token)
     }
 
