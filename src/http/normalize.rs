@@ -62,9 +62,11 @@ pub const API_VERSIONS: &[&str] = &[
     "2022-04-30-preview",
 ];
 
-/// Rewrites the path's literal segments to their canonical case.
+/// Rewrites the path's literal segments to their canonical case, without a trailing slash (the Node SDK lists
+/// devices with `GET /devices/`).
 pub fn canonical_path(path: &str) -> Option<String> {
     let trimmed = path.strip_prefix('/')?;
+    let trimmed = trimmed.strip_suffix('/').unwrap_or(trimmed);
     let segments: Vec<&str> = trimmed.split('/').collect();
     for route in ROUTES {
         let pattern: Vec<&str> = route.split('/').collect();
@@ -169,6 +171,7 @@ mod tests {
             Some("/devices/Messages")
         );
         assert_eq!(canonical_path("/nothing/here"), None);
+        assert_eq!(canonical_path("/devices/").as_deref(), Some("/devices"));
     }
 
     #[test]
