@@ -50,8 +50,8 @@ pub struct Config {
     #[arg(long, env = "IOTHUB_MAX_CONCURRENT_REQUESTS", default_value_t = 1024)]
     pub max_concurrent_requests: usize,
 
-    /// Upper bound on one request's handling, in seconds (long polls excluded; they end by themselves).
-    #[arg(long, env = "IOTHUB_REQUEST_TIMEOUT_SECS", default_value_t = 30)]
+    /// Upper bound on producing a response, in seconds; above the longest long poll (30 s). Streams are not cut.
+    #[arg(long, env = "IOTHUB_REQUEST_TIMEOUT_SECS", default_value_t = 45)]
     pub request_timeout_secs: u64,
 
     /// Log as JSON lines instead of text.

@@ -193,7 +193,7 @@ impl ManagedCluster {
     /// A URL for the hub's database, for tools such as psql.
     pub fn url(&self) -> String {
         format!(
-            "postgres://{SUPERUSER}@/{DATABASE}?host={}&port={PORT}",
+            "postgres://{SUPERUSER}@localhost/{DATABASE}?host={}&port={PORT}",
             self.socket_dir.display()
         )
     }

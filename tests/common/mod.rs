@@ -85,6 +85,31 @@ impl TestDb {
         }
     }
 
+    /// A `DATABASE_URL` for this database, for running the `iothub` binary against it.
+    pub fn url(&self) -> String {
+        if let Ok(url) = std::env::var("DATABASE_URL") {
+            let (base, query) = url.split_once('?').unwrap_or((&url, ""));
+            let base = base.rsplit_once('/').map_or(base, |(b, _)| b);
+            let query = if query.is_empty() {
+                String::new()
+            } else {
+                format!("?{query}")
+            };
+            return format!("{base}/{}{query}", self.name);
+        }
+        let socket = self
+            .options
+            .get_socket()
+            .expect("the private cluster listens on a socket");
+        format!(
+            "postgres://{}@localhost/{}?host={}&port={}",
+            self.options.get_username(),
+            self.name,
+            socket.display(),
+            self.options.get_port()
+        )
+    }
+
     pub async fn pool(&self) -> PgPool {
         iothub::postgres::connect(self.options.clone(), 8)
             .await
@@ -169,6 +194,10 @@ impl TestHub {
             running: Some(running),
             _database: database,
         }
+    }
+
+    pub fn database_url(&self) -> String {
+        self._database.url()
     }
 
     pub fn running(&self) -> &iothub::RunningHub {
