@@ -54,6 +54,9 @@ pub struct Config {
     #[arg(long, env = "IOTHUB_REQUEST_TIMEOUT_SECS", default_value_t = 45)]
     pub request_timeout_secs: u64,
 
+    #[command(flatten)]
+    pub throttle: crate::throttle::ThrottleConfig,
+
     /// Log as JSON lines instead of text.
     #[arg(long, env = "IOTHUB_LOG_JSON", default_value_t = false)]
     pub log_json: bool,
@@ -129,6 +132,7 @@ impl std::fmt::Debug for Config {
             .field("db_pool_size", &self.db_pool_size)
             .field("max_concurrent_requests", &self.max_concurrent_requests)
             .field("request_timeout_secs", &self.request_timeout_secs)
+            .field("throttle", &self.throttle)
             .finish()
     }
 }

@@ -10,6 +10,7 @@ pub mod http;
 pub mod notify;
 pub mod postgres;
 pub mod registry;
+pub mod throttle;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -35,6 +36,8 @@ pub struct AppInner {
     pub shutdown: watch::Receiver<bool>,
     /// Wake-ups for long polls when a transaction commits something they wait for.
     pub notifier: notify::Notifier,
+    /// Token buckets per operation class (empty unless configured).
+    pub throttle: throttle::Throttle,
 }
 
 impl Deref for AppState {
@@ -108,13 +111,28 @@ pub async fn launch(
     prepare_database(&db).await?;
     http::metrics::handle();
     let (stop_tx, stop_rx) = watch::channel(false);
+    let throttle = throttle::Throttle::new(&config.throttle)?;
     let notifier = notify::Notifier::start(db.clone(), stop_rx.clone()).await?;
     let state = AppState(Arc::new(AppInner {
         db,
         config: config.clone(),
         shutdown: stop_rx.clone(),
         notifier,
+        throttle,
     }));
+    {
+        let state = state.clone();
+        let mut stop = stop_rx.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(std::time::Duration::from_secs(60));
+            loop {
+                tokio::select! {
+                    _ = stop.wait_for(|s| *s) => break,
+                    _ = tick.tick() => state.throttle.forget_idle(),
+                }
+            }
+        });
+    }
     let app = http::app(state.clone());
     let mut tasks = JoinSet::new();
 

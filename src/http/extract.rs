@@ -52,6 +52,7 @@ impl<R: NeedsRight> FromRequestParts<AppState> for Service<R> {
             R::RIGHT,
         )
         .await?;
+        throttle(parts, state, None)?;
         Ok(Service {
             caller,
             _right: PhantomData,
@@ -80,8 +81,29 @@ impl FromRequestParts<AppState> for Device {
             &target(parts),
         )
         .await?;
+        throttle(parts, state, Some(&caller.device_id))?;
         Ok(Device(caller))
     }
+}
+
+/// Counts an authenticated request against the throttle of its operation class (after authentication, so
+/// anonymous traffic cannot drain a device's bucket).
+fn throttle(parts: &Parts, state: &AppState, device: Option<&str>) -> Result<(), ApiError> {
+    let Some(route) = parts.extensions.get::<axum::extract::MatchedPath>() else {
+        return Ok(());
+    };
+    let Some(operation) = crate::throttle::Operation::of(&parts.method, route.as_str()) else {
+        return Ok(());
+    };
+    // Service calls on one device's resources (C2D send) count against that device too.
+    let path_device = device.map(str::to_string).or_else(|| {
+        let mut segments = parts.uri.path().trim_start_matches('/').split('/');
+        (segments.next() == Some("devices"))
+            .then(|| segments.next())
+            .flatten()
+            .map(|s| percent_decode_str(s).decode_utf8_lossy().into_owned())
+    });
+    state.throttle.check(operation, path_device.as_deref())
 }
 
 fn authorization(parts: &Parts) -> Option<&str> {
