@@ -26,7 +26,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the hub. With no DATABASE_URL it runs its own PostgreSQL under ./data/postgres.
-    Serve(Config),
+    Serve(Box<Config>),
     /// Apply the database migrations and create the default policies, then exit.
     Migrate(DbArgs),
     /// Shared access policies.
@@ -177,7 +177,7 @@ async fn open_database(
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Serve(config) => serve(config).await,
+        Command::Serve(config) => serve(*config).await,
         Command::Migrate(db) => {
             let (pool, cluster) = open_database(db.database_url.as_ref(), &db.data_dir, 2).await?;
             iothub::prepare_database(&pool).await?;
