@@ -137,19 +137,11 @@ pub async fn launch(
     let mut tasks = JoinSet::new();
 
     let http_addr = listeners.http.local_addr()?;
-    {
-        let app = app.clone();
-        let mut stop = stop_rx.clone();
-        let listener = listeners.http;
-        tasks.spawn(async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(async move {
-                    let _ = stop.wait_for(|s| *s).await;
-                })
-                .await
-                .context("HTTP listener failed")
-        });
-    }
+    tasks.spawn(http::serve::serve(
+        listeners.http,
+        app.clone(),
+        stop_rx.clone(),
+    ));
 
     let mut tls_addr = None;
     if let Some(listener) = listeners.tls {
@@ -168,7 +160,7 @@ pub async fn launch(
         let mut stop = stop_rx.clone();
         tasks.spawn(async move {
             let _ = stop.wait_for(|s| *s).await;
-            handle.graceful_shutdown(Some(std::time::Duration::from_secs(35)));
+            handle.graceful_shutdown(Some(http::serve::DRAIN_TIMEOUT));
             Ok(())
         });
         let app = app.clone();

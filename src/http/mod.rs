@@ -7,6 +7,7 @@ pub mod extract;
 pub mod metrics;
 pub mod normalize;
 pub mod ops;
+pub mod serve;
 pub mod tls;
 pub mod wire;
 
