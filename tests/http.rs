@@ -195,10 +195,16 @@ async fn slow_or_oversized_request_heads_are_cut_off() {
 
     // Slowloris: half a request head, then silence. The hub closes the connection after its header timeout.
     let mut slow = tokio::net::TcpStream::connect(addr).await.unwrap();
-    slow.write_all(b"GET /health/live HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+    slow.write_all(b"GET /health/live HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
     let started = std::time::Instant::now();
     let mut buf = Vec::new();
-    let read = tokio::time::timeout(std::time::Duration::from_secs(30), slow.read_to_end(&mut buf)).await;
+    let read = tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        slow.read_to_end(&mut buf),
+    )
+    .await;
     assert!(read.is_ok(), "the connection was not closed");
     assert!(started.elapsed() < std::time::Duration::from_secs(20));
 
@@ -208,9 +214,17 @@ async fn slow_or_oversized_request_heads_are_cut_off() {
         "a".repeat(200 * 1024)
     );
     let response = raw(&hub, &flood).await;
-    assert!(response.is_empty() || response.starts_with("HTTP/1.1 431"), "{response}");
+    assert!(
+        response.is_empty() || response.starts_with("HTTP/1.1 431"),
+        "{response}"
+    );
 
     // The hub still serves others meanwhile.
-    let response = hub.http.get(format!("{}/health/live", hub.base)).send().await.unwrap();
+    let response = hub
+        .http
+        .get(format!("{}/health/live", hub.base))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status(), 200);
 }

@@ -13,7 +13,11 @@ use tokio::io::AsyncReadExt;
 async fn no_key_or_token_in_the_log_at_trace_level() {
     // The database is prepared by an in-process hub; the process under test is the real binary.
     let hub = TestHub::start().await;
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_iothub"))
         .arg("serve")
         .env("DATABASE_URL", hub.database_url())
@@ -34,7 +38,12 @@ async fn no_key_or_token_in_the_log_at_trace_level() {
     let base = format!("http://127.0.0.1:{port}");
     let http = reqwest::Client::new();
     for _ in 0..100 {
-        if http.get(format!("{base}/health/ready")).send().await.is_ok_and(|r| r.status() == 200) {
+        if http
+            .get(format!("{base}/health/ready"))
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 200)
+        {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -56,9 +65,17 @@ async fn no_key_or_token_in_the_log_at_trace_level() {
     let device_token = device_token("logged", &device_key);
     let forged = sas::sign(HOST, &sas::generate_key(), Some("iothubowner"), now() + 60).unwrap();
     for token in [&owner, &device_token, &forged] {
-        http.get(url("/devices/logged")).header("Authorization", token).send().await.unwrap();
+        http.get(url("/devices/logged"))
+            .header("Authorization", token)
+            .send()
+            .await
+            .unwrap();
     }
-    http.get(url("/policies")).header("Authorization", &owner).send().await.unwrap();
+    http.get(url("/policies"))
+        .header("Authorization", &owner)
+        .send()
+        .await
+        .unwrap();
 
     // SAFETY: kill(2) on our own child.
     unsafe { libc::kill(child.id().unwrap() as i32, libc::SIGTERM) };
@@ -73,12 +90,25 @@ async fn no_key_or_token_in_the_log_at_trace_level() {
         secrets.push(policy.secondary_key);
     }
     for token in [&owner, &device_token, &forged] {
-        let sig = token.split("sig=").nth(1).unwrap().split('&').next().unwrap();
+        let sig = token
+            .split("sig=")
+            .nth(1)
+            .unwrap()
+            .split('&')
+            .next()
+            .unwrap();
         secrets.push(sig.to_string());
-        secrets.push(percent_encoding::percent_decode_str(sig).decode_utf8_lossy().into_owned());
+        secrets.push(
+            percent_encoding::percent_decode_str(sig)
+                .decode_utf8_lossy()
+                .into_owned(),
+        );
     }
     for secret in &secrets {
         assert!(!log.contains(secret.as_str()), "a secret reached the log");
     }
-    assert!(!log.contains("SharedAccessSignature sr="), "a token reached the log");
+    assert!(
+        !log.contains("SharedAccessSignature sr="),
+        "a token reached the log"
+    );
 }

@@ -28,7 +28,11 @@ pub fn http1_builder() -> hyper::server::conn::http1::Builder {
     builder
 }
 
-pub async fn serve(listener: TcpListener, app: Router, mut stop: watch::Receiver<bool>) -> anyhow::Result<()> {
+pub async fn serve(
+    listener: TcpListener,
+    app: Router,
+    mut stop: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
     let graceful = GracefulShutdown::new();
     loop {
         let accepted = tokio::select! {
@@ -53,7 +57,10 @@ pub async fn serve(listener: TcpListener, app: Router, mut stop: watch::Receiver
         });
     }
     drop(listener);
-    if tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown()).await.is_err() {
+    if tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown())
+        .await
+        .is_err()
+    {
         tracing::warn!("requests still in flight after {DRAIN_TIMEOUT:?}; stopping anyway");
     }
     Ok(())
