@@ -54,6 +54,11 @@ pub struct Config {
     #[arg(long, env = "IOTHUB_REQUEST_TIMEOUT_SECS", default_value_t = 45)]
     pub request_timeout_secs: u64,
 
+    /// How long, in milliseconds, authentication may reuse a device's or policy's keys read from the database.
+    /// Changes made through other hub processes take effect within this time; 0 reads the database every time.
+    #[arg(long, env = "IOTHUB_AUTH_CACHE_MS", default_value_t = 1000)]
+    pub auth_cache_ms: u64,
+
     #[command(flatten)]
     pub throttle: crate::throttle::ThrottleConfig,
 
@@ -74,6 +79,10 @@ impl Config {
         let mut config = Wrapper::parse_from(["iothub"]).config;
         config.database_url = Some(SecretString::from(url.to_string()));
         config
+    }
+
+    pub fn auth_cache(&self) -> Duration {
+        Duration::from_millis(self.auth_cache_ms)
     }
 
     pub fn request_timeout(&self) -> Duration {
@@ -132,6 +141,7 @@ impl std::fmt::Debug for Config {
             .field("db_pool_size", &self.db_pool_size)
             .field("max_concurrent_requests", &self.max_concurrent_requests)
             .field("request_timeout_secs", &self.request_timeout_secs)
+            .field("auth_cache_ms", &self.auth_cache_ms)
             .field("throttle", &self.throttle)
             .finish()
     }

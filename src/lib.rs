@@ -36,6 +36,8 @@ pub struct AppInner {
     pub shutdown: watch::Receiver<bool>,
     /// Wake-ups for long polls when a transaction commits something they wait for.
     pub notifier: notify::Notifier,
+    /// Keys and statuses for authentication, cached briefly.
+    pub credentials: auth::Credentials,
     /// Token buckets per operation class (empty unless configured).
     pub throttle: throttle::Throttle,
 }
@@ -112,6 +114,7 @@ pub async fn launch(
     http::metrics::handle();
     let (stop_tx, stop_rx) = watch::channel(false);
     let throttle = throttle::Throttle::new(&config.throttle)?;
+    let db_for_auth = db.clone();
     let notifier = notify::Notifier::start(db.clone(), stop_rx.clone()).await?;
     let state = AppState(Arc::new(AppInner {
         db,
@@ -119,6 +122,7 @@ pub async fn launch(
         shutdown: stop_rx.clone(),
         notifier,
         throttle,
+        credentials: auth::Credentials::new(db_for_auth, config.auth_cache()),
     }));
     {
         let state = state.clone();

@@ -4,7 +4,7 @@
 mod common;
 
 use common::*;
-use iothub::auth::{authorize_device, sas, DeviceCredential};
+use iothub::auth::{authorize_device, sas, Credentials, DeviceCredential};
 use iothub::http::error::ErrorCode;
 use reqwest::Method;
 use serde_json::{json, Value};
@@ -232,7 +232,16 @@ async fn device_credentials_reach_only_their_own_enabled_device() {
     };
     let check = |token: String, id: &'static str| {
         let db = hub.db.clone();
-        async move { authorize_device(&db, HOST, Some(&token), id, &target(id)).await }
+        async move {
+            authorize_device(
+                &Credentials::uncached(db),
+                HOST,
+                Some(&token),
+                id,
+                &target(id),
+            )
+            .await
+        }
     };
 
     let own = check(device_token("dev-a", &primary_key(&a)), "dev-a")
@@ -314,9 +323,15 @@ async fn device_ids_encoded_twice_in_the_scope_are_accepted() {
         "messages".to_string(),
         "events".to_string(),
     ];
-    authorize_device(&hub.db, HOST, Some(&token), &id, &target)
-        .await
-        .unwrap();
+    authorize_device(
+        &Credentials::uncached(hub.db.clone()),
+        HOST,
+        Some(&token),
+        &id,
+        &target,
+    )
+    .await
+    .unwrap();
 }
 
 #[tokio::test]
@@ -363,9 +378,15 @@ async fn rotating_a_key_invalidates_tokens_signed_with_the_old_one() {
     let device = hub.create_device("rot").await;
     let old_device_token = device_token("rot", &primary_key(&device));
     let target = vec!["devices".to_string(), "rot".to_string()];
-    authorize_device(&hub.db, HOST, Some(&old_device_token), "rot", &target)
-        .await
-        .unwrap();
+    authorize_device(
+        &Credentials::uncached(hub.db.clone()),
+        HOST,
+        Some(&old_device_token),
+        "rot",
+        &target,
+    )
+    .await
+    .unwrap();
     let new_key = sas::generate_key();
     let response = hub
         .request(Method::PUT, "/devices/rot", &fresh)
@@ -375,13 +396,17 @@ async fn rotating_a_key_invalidates_tokens_signed_with_the_old_one() {
         .await
         .unwrap();
     assert_eq!(response.status(), 200);
-    assert!(
-        authorize_device(&hub.db, HOST, Some(&old_device_token), "rot", &target)
-            .await
-            .is_err()
-    );
+    assert!(authorize_device(
+        &Credentials::uncached(hub.db.clone()),
+        HOST,
+        Some(&old_device_token),
+        "rot",
+        &target
+    )
+    .await
+    .is_err());
     authorize_device(
-        &hub.db,
+        &Credentials::uncached(hub.db.clone()),
         HOST,
         Some(&device_token("rot", &new_key)),
         "rot",
@@ -520,6 +545,43 @@ async fn the_last_policy_that_can_manage_the_registry_cannot_be_deleted() {
     assert_error(response, 400, "ArgumentInvalid").await;
     let response = hub
         .request(Method::GET, "/devices", &owner)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+}
+
+#[tokio::test]
+async fn key_changes_made_elsewhere_take_effect_within_the_cache_time() {
+    // Another hub process rotating a key is simulated by writing the database directly.
+    let hub = TestHub::start_with(|c| c.auth_cache_ms = 500).await;
+    let old = hub.owner().await;
+    let response = hub
+        .request(Method::GET, "/devices", &old)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let rights =
+        iothub::auth::Rights::parse("RegistryWrite, ServiceConnect, DeviceConnect").unwrap();
+    iothub::auth::policies::update(
+        &hub.db,
+        "iothubowner",
+        rights,
+        Some(&sas::generate_key()),
+        None,
+    )
+    .await
+    .unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(700)).await;
+    let response = hub
+        .request(Method::GET, "/devices", &old)
+        .send()
+        .await
+        .unwrap();
+    assert_error(response, 401, "IotHubUnauthorizedAccess").await;
+    let response = hub
+        .request(Method::GET, "/devices", &hub.owner().await)
         .send()
         .await
         .unwrap();

@@ -62,9 +62,15 @@ async fn tokens_from_the_cli_carry_their_policy_rights() {
         .to_string();
     assert!(!device.contains("skn="));
     let target = vec!["devices".to_string(), "cli-dev".to_string()];
-    iothub::auth::authorize_device(&hub.db, HOST, Some(&device), "cli-dev", &target)
-        .await
-        .unwrap();
+    iothub::auth::authorize_device(
+        &iothub::auth::Credentials::uncached(hub.db.clone()),
+        HOST,
+        Some(&device),
+        "cli-dev",
+        &target,
+    )
+    .await
+    .unwrap();
 
     let out = iothub(&hub, &["token", "--policy", "nope"]).await;
     assert!(!out.status.success());

@@ -3,11 +3,12 @@
 //! Every failure here is IoT Hub's 401 (401002), whatever the reason; the reason goes to the debug log only
 //! (never the token itself).
 
+pub mod credentials;
 pub mod policies;
 pub mod routes;
 pub mod sas;
 
-use sqlx::PgPool;
+pub use credentials::Credentials;
 
 use crate::http::error::{ApiError, ApiResult};
 use sas::SasToken;
@@ -136,7 +137,7 @@ fn parse_header(header: Option<&str>) -> ApiResult<SasToken> {
 
 /// Checks a policy token for `right` over the resource `target` (the request path's decoded segments).
 pub async fn authorize_policy(
-    db: &PgPool,
+    credentials: &Credentials,
     hostname: &str,
     header: Option<&str>,
     target: &[String],
@@ -146,14 +147,17 @@ pub async fn authorize_policy(
     let Some(name) = token.key_name.clone() else {
         return Err(refuse("a device token cannot call service endpoints"));
     };
-    let policy = policies::keys(db, &name)
-        .await?
+    let fresh = credentials.policy(&name).await?;
+    let policy = fresh
+        .value
+        .as_ref()
+        .as_ref()
         .ok_or_else(|| refuse("unknown shared access policy"))?;
     check_token(
         &token,
         &policy.primary_key,
         &policy.secondary_key,
-        policy.db_now,
+        fresh.db_now,
     )?;
     check_scope(&token, hostname, target)?;
     if !policy.rights.allows(right) {
@@ -171,22 +175,23 @@ pub async fn authorize_policy(
 /// Checks a token for acting as `device_id`: the device's own key with a scope naming the device, or a policy with
 /// DeviceConnect whose scope covers it. A disabled or unknown device is refused either way.
 pub async fn authorize_device(
-    db: &PgPool,
+    credentials: &Credentials,
     hostname: &str,
     header: Option<&str>,
     device_id: &str,
     target: &[String],
 ) -> ApiResult<DeviceCaller> {
     let token = parse_header(header)?;
-    let device = crate::registry::store::credentials(db, device_id).await?;
+    let fresh = credentials.device(device_id).await?;
+    let device = fresh.value.as_ref().as_ref();
     let credential = match &token.key_name {
         None => {
-            let device = device.as_ref().ok_or_else(|| refuse("unknown device"))?;
+            let device = device.ok_or_else(|| refuse("unknown device"))?;
             let (Some(primary), Some(secondary)) = (&device.primary_key, &device.secondary_key)
             else {
                 return Err(refuse("the device has no symmetric keys"));
             };
-            check_token(&token, primary, secondary, device.db_now)?;
+            check_token(&token, primary, secondary, fresh.db_now)?;
             // A device token must name its device: its scope covers the target (which starts with
             // `devices/{id}`) and is at least `{host}/devices/{id}` deep.
             check_scope(&token, hostname, target)?;
@@ -200,14 +205,17 @@ pub async fn authorize_device(
             DeviceCredential::DeviceKey
         }
         Some(name) => {
-            let policy = policies::keys(db, name)
-                .await?
+            let fresh_policy = credentials.policy(name).await?;
+            let policy = fresh_policy
+                .value
+                .as_ref()
+                .as_ref()
                 .ok_or_else(|| refuse("unknown shared access policy"))?;
             check_token(
                 &token,
                 &policy.primary_key,
                 &policy.secondary_key,
-                policy.db_now,
+                fresh_policy.db_now,
             )?;
             check_scope(&token, hostname, target)?;
             if !policy.rights.allows(Right::DeviceConnect) {
@@ -224,7 +232,7 @@ pub async fn authorize_device(
     }
     Ok(DeviceCaller {
         device_id: device_id.to_string(),
-        generation_id: device.generation_id,
+        generation_id: device.generation_id.clone(),
         credential,
     })
 }

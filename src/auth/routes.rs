@@ -168,6 +168,7 @@ async fn put_policy(
             .await?
         }
     };
+    state.credentials.forget_policy(name);
     Ok(Json(view(policy, &caller.caller, &state.config.hostname)))
 }
 
@@ -191,6 +192,7 @@ async fn delete_policy(
         .ok_or_else(|| policies::not_found(&name))?;
     forbid_escalation(&caller.caller, existing.rights)?;
     policies::delete(&state.db, &name).await?;
+    state.credentials.forget_policy(&name);
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -236,5 +238,6 @@ async fn regenerate_key(
         secondary.as_deref(),
     )
     .await?;
+    state.credentials.forget_policy(&name);
     Ok(Json(view(policy, &caller.caller, &state.config.hostname)))
 }

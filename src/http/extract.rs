@@ -45,7 +45,7 @@ impl<R: NeedsRight> FromRequestParts<AppState> for Service<R> {
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
         let caller = auth::authorize_policy(
-            &state.db,
+            &state.credentials,
             &state.config.hostname,
             authorization(parts),
             &target(parts),
@@ -74,7 +74,7 @@ impl FromRequestParts<AppState> for Device {
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
         let Path(DeviceIdParam { id }) = Path::from_request_parts(parts, state).await?;
         let caller = auth::authorize_device(
-            &state.db,
+            &state.credentials,
             &state.config.hostname,
             authorization(parts),
             &id,

@@ -116,6 +116,7 @@ async fn put_device(
         None => store::create(&state.db, id, &DeviceFields::resolve(&input, None)?).await?,
         Some(if_match) => store::update(&state.db, id, &if_match, &input).await?,
     };
+    state.credentials.forget_device(id);
     Ok(with_etag(device))
 }
 
@@ -138,6 +139,7 @@ async fn delete_device(
 ) -> ApiResult<StatusCode> {
     let if_match = if_match(&headers).unwrap_or(IfMatch::Any);
     store::delete(&state.db, checked_id(&id)?, &if_match).await?;
+    state.credentials.forget_device(&id);
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -256,7 +258,10 @@ async fn bulk_devices(
                 capabilities: entry.capabilities.clone(),
                 etag: None,
             };
-            store::apply_bulk(&state.db, id, &mode, entry.etag.as_deref(), &input).await
+            let applied =
+                store::apply_bulk(&state.db, id, &mode, entry.etag.as_deref(), &input).await;
+            state.credentials.forget_device(id);
+            applied
         }
         .await;
         if let Err(e) = outcome {
