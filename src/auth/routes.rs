@@ -55,6 +55,7 @@ fn view(policy: Policy, caller: &PolicyCaller, hostname: &str) -> PolicyView {
 #[into_params(parameter_in = Path)]
 pub struct PolicyNamePath {
     /// The policy's name: 1–64 letters, digits and `_ - @ .`.
+    #[param(pattern = r"^[A-Za-z0-9_\-@.]{1,64}$")]
     pub name: String,
 }
 
@@ -199,6 +200,7 @@ async fn delete_policy(
 #[derive(Debug, Deserialize, ToSchema)]
 pub struct RegenerateKey {
     /// `primary`, `secondary` or `both`.
+    #[schema(pattern = "^(primary|secondary|both)$")]
     pub key: String,
 }
 

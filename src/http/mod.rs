@@ -76,13 +76,91 @@ impl Modify for SasSecurity {
     }
 }
 
+/// What every IoT Hub route can answer besides its own responses, added to each operation in one place: bad
+/// `api-version` or input (400), authorization (401), throttling (429), database unavailable (503), and for
+/// routes with a body, too large (413) or not JSON (415). Also pins `api-version` to the versions accepted.
+struct StandardResponses;
+
+impl Modify for StandardResponses {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::path::Operation;
+        use utoipa::openapi::schema::{ObjectBuilder, Type};
+        use utoipa::openapi::{ContentBuilder, Ref, RefOr, ResponseBuilder};
+
+        let error = |description: &str| {
+            RefOr::T(
+                ResponseBuilder::new()
+                    .description(description)
+                    .content(
+                        "application/json",
+                        ContentBuilder::new()
+                            .schema(Some(Ref::from_schema_name("ErrorBody")))
+                            .build(),
+                    )
+                    .build(),
+            )
+        };
+        let versions = ObjectBuilder::new()
+            .schema_type(Type::String)
+            .enum_values(Some(normalize::API_VERSIONS.iter().copied()))
+            .build();
+        let patch = |op: &mut Operation| {
+            if op.security.is_none() {
+                return;
+            }
+            let mut add = |status: &str, description: &str| {
+                op.responses
+                    .responses
+                    .entry(status.to_string())
+                    .or_insert_with(|| error(description));
+            };
+            add("400", "Missing or unsupported api-version (InvalidProtocolVersion, 400001), or invalid input (ArgumentInvalid, 400004)");
+            add("401", "Missing, invalid, expired or insufficient token (IotHubUnauthorizedAccess, 401002)");
+            add(
+                "429",
+                "Throttled (ThrottlingException, 429001); see Retry-After",
+            );
+            add(
+                "503",
+                "The database is unavailable (ServiceUnavailable, 503001); see Retry-After",
+            );
+            if op.request_body.is_some() {
+                add("413", "The body is too large (MessageTooLarge, 413001)");
+                add("415", "The body is not JSON (UnsupportedMediaType)");
+            }
+            for parameter in op.parameters.iter_mut().flatten() {
+                if parameter.name == "api-version" {
+                    parameter.schema = Some(RefOr::T(versions.clone().into()));
+                }
+            }
+        };
+        for item in openapi.paths.paths.values_mut() {
+            for op in [
+                &mut item.get,
+                &mut item.put,
+                &mut item.post,
+                &mut item.delete,
+                &mut item.patch,
+            ]
+            .into_iter()
+            .flatten()
+            {
+                patch(op);
+            }
+        }
+    }
+}
+
 /// Every API route with its OpenAPI description.
 fn api() -> (Router<AppState>, utoipa::openapi::OpenApi) {
-    OpenApiRouter::with_openapi(ApiDoc::openapi())
+    let (router, mut doc) = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .merge(crate::registry::routes::router())
         .merge(crate::auth::routes::router())
         .merge(ops::router())
-        .split_for_parts()
+        .split_for_parts();
+    // After the merge: the document's paths exist only now.
+    StandardResponses.modify(&mut doc);
+    (router, doc)
 }
 
 /// The OpenAPI document, as served at `/openapi.json` and committed in `openapi/openapi.json`.

@@ -60,10 +60,11 @@ pub fn encode_continuation(key: &str) -> String {
 }
 
 pub fn decode_continuation(token: &str) -> Option<String> {
+    // Lossy: any well-formed token is a position to continue from, even one this hub did not issue.
     URL_SAFE_NO_PAD
         .decode(token.trim())
         .ok()
-        .and_then(|b| String::from_utf8(b).ok())
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
 }
 
 #[cfg(test)]

@@ -30,6 +30,7 @@ pub fn router() -> OpenApiRouter<AppState> {
 #[into_params(parameter_in = Path)]
 pub struct DeviceIdPath {
     /// The device id (percent-encoded in the URL).
+    #[param(pattern = r"^[A-Za-z0-9\-:.+%_#*?!(),=@;$']{1,128}$")]
     pub id: String,
 }
 
@@ -87,7 +88,7 @@ async fn get_device(
 #[utoipa::path(put, path = "/devices/{id}", tag = "registry",
     params(DeviceIdPath, ApiVersion,
         ("If-Match" = Option<String>, Header, description = "Absent: create. `\"<etag>\"` or `\"*\"`: update.")),
-    request_body(content = DeviceInput, example = json!({"deviceId": "thermostat-1", "status": "enabled"})),
+    request_body(content = DeviceInput, example = json!({"status": "enabled", "statusReason": "installed"})),
     responses(
         (status = 200, description = "The created or updated device", body = Device),
         (status = 400, description = "Invalid id or body (400004)", body = ErrorBody),
@@ -147,10 +148,11 @@ async fn delete_device(
 #[into_params(parameter_in = Query)]
 pub struct ListParams {
     /// Page size, 1–1000 (default 1000).
-    pub top: Option<String>,
+    #[param(minimum = 1, maximum = 1000)]
+    pub top: Option<u32>,
     /// Where the previous page ended (the `x-ms-continuation` header of its answer); may also be sent as a header.
     #[serde(rename = "continuationToken")]
-    #[param(rename = "continuationToken")]
+    #[param(rename = "continuationToken", pattern = "^[A-Za-z0-9_-]*$")]
     pub continuation_token: Option<String>,
 }
 
@@ -162,7 +164,7 @@ const CONTINUATION: &str = "x-ms-continuation";
 /// `continuationToken=`) for the next page.
 #[utoipa::path(get, path = "/devices", tag = "registry",
     params(ApiVersion, ListParams,
-        ("x-ms-continuation" = Option<String>, Header, description = "Continue after the previous page")),
+        ("x-ms-continuation" = Option<String>, Header, description = "Continue after the previous page", pattern = "^[A-Za-z0-9_-]*$")),
     responses(
         (status = 200, description = "A page of devices", body = [Device],
             headers(("x-ms-continuation" = String, description = "Present when more devices follow"))),
@@ -176,16 +178,14 @@ async fn list_devices(
     Query(params): Query<ListParams>,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
-    let top = match params.top.as_deref() {
+    let top = match params.top {
         None => 1000,
-        Some(t) => match t.parse::<i64>() {
-            Ok(n) if (1..=1000).contains(&n) => n,
-            _ => {
-                return Err(ApiError::invalid(
-                    "top must be a whole number from 1 to 1000",
-                ))
-            }
-        },
+        Some(n) if (1..=1000).contains(&n) => i64::from(n),
+        Some(_) => {
+            return Err(ApiError::invalid(
+                "top must be a whole number from 1 to 1000",
+            ))
+        }
     };
     let token = params.continuation_token.or_else(|| {
         headers
@@ -217,6 +217,15 @@ async fn list_devices(
     Ok(response)
 }
 
+/// The two shapes of a 400 answer to a bulk request (for the OpenAPI document).
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)]
+#[serde(untagged)]
+enum BulkFailure {
+    Partial(BulkRegistryOperationResult),
+    Malformed(ErrorBody),
+}
+
 /// At most this many entries in one bulk request, as on IoT Hub.
 const BULK_LIMIT: usize = 100;
 
@@ -229,7 +238,7 @@ const BULK_LIMIT: usize = 100;
     request_body(content = [ExportImportDevice], example = json!([{"id": "d1", "importMode": "create"}, {"id": "d2", "importMode": "delete"}])),
     responses(
         (status = 200, description = "Every entry applied", body = BulkRegistryOperationResult),
-        (status = 400, description = "Some entries failed (the body lists them), or the request is malformed", body = BulkRegistryOperationResult),
+        (status = 400, description = "Some entries failed (a BulkRegistryOperationResult lists them), or the request is malformed (an ErrorBody)", body = BulkFailure),
         (status = 401, description = "Missing, invalid or insufficient token (401002)", body = ErrorBody),
     ),
     security(("sas" = ["RegistryWrite"])))]
