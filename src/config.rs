@@ -54,6 +54,10 @@ pub struct Config {
     #[arg(long, env = "IOTHUB_REQUEST_TIMEOUT_SECS", default_value_t = 30)]
     pub request_timeout_secs: u64,
 
+    /// Cloud-to-device messaging and feedback.
+    #[command(flatten)]
+    pub c2d: crate::c2d::C2dSettings,
+
     /// Log as JSON lines instead of text.
     #[arg(long, env = "IOTHUB_LOG_JSON", default_value_t = false)]
     pub log_json: bool,
@@ -129,6 +133,7 @@ impl std::fmt::Debug for Config {
             .field("db_pool_size", &self.db_pool_size)
             .field("max_concurrent_requests", &self.max_concurrent_requests)
             .field("request_timeout_secs", &self.request_timeout_secs)
+            .field("c2d", &self.c2d)
             .finish()
     }
 }

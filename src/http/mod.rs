@@ -55,6 +55,8 @@ pub struct ApiVersion {
     tags(
         (name = "registry", description = "Device identities (IoT Hub's registry API)"),
         (name = "policies", description = "Shared access policies (an extension)"),
+        (name = "c2d", description = "Cloud-to-device messages: the service's queue calls and the device's receive and settlement"),
+        (name = "feedback", description = "Delivery feedback for cloud-to-device messages"),
         (name = "operations", description = "Health, readiness and metrics"),
     )
 )]
@@ -79,6 +81,8 @@ impl Modify for SasSecurity {
 fn api() -> (Router<AppState>, utoipa::openapi::OpenApi) {
     OpenApiRouter::with_openapi(ApiDoc::openapi())
         .merge(crate::registry::routes::router())
+        .merge(crate::c2d::routes::router())
+        .merge(crate::feedback::routes::router())
         .merge(crate::auth::routes::router())
         .merge(ops::router())
         .split_for_parts()
