@@ -71,6 +71,24 @@ impl TestDb {
         }
     }
 
+    /// A URL for this database, for processes started with `DATABASE_URL`.
+    pub fn url(&self) -> String {
+        if let Ok(url) = std::env::var("DATABASE_URL") {
+            let (base, query) = url.split_once('?').unwrap_or((&url, ""));
+            let server = base.rsplit_once('/').map_or(base, |(server, _)| server);
+            let query = if query.is_empty() { String::new() } else { format!("?{query}") };
+            return format!("{server}/{}{query}", self.name);
+        }
+        let socket = self.options.get_socket().expect("the private cluster listens on a socket");
+        format!(
+            "postgres://{}@localhost/{}?host={}&port={}",
+            self.options.get_username(),
+            self.name,
+            socket.display(),
+            self.options.get_port()
+        )
+    }
+
     pub async fn pool(&self) -> PgPool {
         iothub::postgres::connect(self.options.clone(), 8).await.unwrap()
     }
