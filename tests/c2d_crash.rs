@@ -9,7 +9,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::*;
-use reqwest::Method;
 use serde_json::Value;
 
 const DEVICES: usize = 4;
@@ -255,7 +254,7 @@ async fn a_killed_hub_loses_no_message() {
             .fetch_all(&pool)
             .await
             .unwrap();
-    let ledger = ledger.lock().unwrap();
+    let ledger = std::mem::take(&mut *ledger.lock().unwrap());
     let stored: BTreeSet<String> = rows.iter().map(|r| r.2.clone()).collect();
     for id in &ledger.enqueued {
         assert!(stored.contains(id), "acknowledged message {id} was lost");

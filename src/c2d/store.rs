@@ -166,46 +166,54 @@ pub async fn receive(
          SELECT {ROW}, (SELECT count(*) FROM feedback) AS feedback_written FROM taken",
         feedback = record_outcomes("taken", "$5")
     );
-    let mut tx = db.begin().await?;
+    // Each claim is one statement, so one transaction of its own: a dead-lettered candidate and its feedback
+    // commit together, and a delivery needs no more round trips than the statement.
     let mut feedback_written = 0i64;
+    let mut delivered = None;
     // Bounded: each round ends one message for good, and a queue holds at most the configured depth (plus what
     // expired meanwhile); the bound only guards against surprises.
     for _ in 0..10_000 {
-        let row: Option<(MessageRow, i64)> = sqlx::query_as::<_, MessageRowWithCount>(&sql)
+        let row = sqlx::query_as::<_, MessageRowWithCount>(&sql)
             .bind(device_id)
             .bind(lock_token)
             .bind(settings.c2d_max_delivery_count as i32)
             .bind(settings.c2d_lock_secs as i32)
             .bind(settings.feedback_ttl_secs as i32)
-            .fetch_optional(&mut *tx)
-            .await?
-            .map(|r| (r.row, r.feedback_written));
+            .fetch_optional(db)
+            .await?;
         match row {
-            Some((row, written)) if row.state == "dead_lettered" => feedback_written += written,
-            Some((row, _)) => {
-                if feedback_written > 0 {
-                    notify::notify(&mut tx, channel::FEEDBACK, "").await?;
-                }
-                tx.commit().await?;
-                return Ok(Received::Message(Box::new(row)));
+            Some(r) if r.row.state == "dead_lettered" => feedback_written += r.feedback_written,
+            Some(r) => {
+                delivered = Some(r.row);
+                break;
             }
             None => break,
         }
+    }
+    if feedback_written > 0 {
+        wake_feedback(db).await?;
+    }
+    if let Some(row) = delivered {
+        return Ok(Received::Message(Box::new(row)));
     }
     let retry_in: Option<f64> = sqlx::query_scalar(&format!(
         "SELECT extract(epoch FROM min(locked_until) - now())::float8 FROM c2d_messages
          WHERE device_id = $1 AND {LIVE} AND state = 'invisible'"
     ))
     .bind(device_id)
-    .fetch_one(&mut *tx)
+    .fetch_one(db)
     .await?;
-    if feedback_written > 0 {
-        notify::notify(&mut tx, channel::FEEDBACK, "").await?;
-    }
-    tx.commit().await?;
     Ok(Received::Empty {
         retry_in: retry_in.map(|s| std::time::Duration::from_secs_f64(s.max(0.0))),
     })
+}
+
+/// Tells feedback receivers that records committed (by statements that were their own transactions).
+async fn wake_feedback(db: &PgPool) -> ApiResult<()> {
+    let mut tx = db.begin().await?;
+    notify::notify(&mut tx, channel::FEEDBACK, "").await?;
+    tx.commit().await?;
+    Ok(())
 }
 
 #[derive(sqlx::FromRow)]
@@ -240,22 +248,21 @@ pub async fn settle(
          SELECT (SELECT count(*) FROM settled), (SELECT count(*) FROM feedback)",
         feedback = record_outcomes("settled", "$5")
     );
-    let mut tx = db.begin().await?;
+    // One statement: the outcome and its feedback record commit together.
     let (settled, written): (i64, i64) = sqlx::query_as(&sql)
         .bind(device_id)
         .bind(lock_token)
         .bind(state)
         .bind(outcome)
         .bind(settings.feedback_ttl_secs as i32)
-        .fetch_one(&mut *tx)
+        .fetch_one(db)
         .await?;
     if settled == 0 {
         return Err(lock_lost());
     }
     if written > 0 {
-        notify::notify(&mut tx, channel::FEEDBACK, "").await?;
+        wake_feedback(db).await?;
     }
-    tx.commit().await?;
     Ok(())
 }
 
