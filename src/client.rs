@@ -113,6 +113,37 @@ impl HubClient {
         Ok((status, response.text().await?))
     }
 
+    /// Sends a request with raw headers and body (message calls); errors only when the hub cannot be reached.
+    pub async fn call_raw(
+        &self,
+        method: Method,
+        path_and_query: &str,
+        headers: &[(String, String)],
+        body: Vec<u8>,
+    ) -> anyhow::Result<reqwest::Response> {
+        let separator = if path_and_query.contains('?') {
+            '&'
+        } else {
+            '?'
+        };
+        let url = format!(
+            "{}{path_and_query}{separator}api-version={API_VERSION}",
+            self.base
+        );
+        let mut request = self
+            .http
+            .request(method, &url)
+            .header("Authorization", self.credentials.token(3600)?)
+            .body(body);
+        for (name, value) in headers {
+            request = request.header(name.as_str(), value.as_str());
+        }
+        request
+            .send()
+            .await
+            .with_context(|| format!("cannot reach the hub at {}", self.base))
+    }
+
     async fn expect(
         &self,
         method: Method,

@@ -61,6 +61,9 @@ pub struct Config {
 
     #[command(flatten)]
     pub throttle: crate::throttle::ThrottleConfig,
+    /// Cloud-to-device messaging and feedback.
+    #[command(flatten)]
+    pub c2d: crate::c2d::C2dSettings,
 
     /// Log as JSON lines instead of text.
     #[arg(long, env = "IOTHUB_LOG_JSON", default_value_t = false)]
@@ -143,6 +146,7 @@ impl std::fmt::Debug for Config {
             .field("request_timeout_secs", &self.request_timeout_secs)
             .field("auth_cache_ms", &self.auth_cache_ms)
             .field("throttle", &self.throttle)
+            .field("c2d", &self.c2d)
             .finish()
     }
 }

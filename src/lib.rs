@@ -4,8 +4,10 @@
 //! the tests both use it. PostgreSQL is the only state, so any number of hub processes can share one database.
 
 pub mod auth;
+pub mod c2d;
 pub mod client;
 pub mod config;
+pub mod feedback;
 pub mod http;
 pub mod notify;
 pub mod postgres;
@@ -110,6 +112,7 @@ pub async fn launch(
     listeners: Listeners,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<RunningHub> {
+    config.c2d.validate()?;
     prepare_database(&db).await?;
     http::metrics::handle();
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -190,6 +193,12 @@ pub async fn launch(
                 .context("metrics listener failed")
         });
     }
+
+    tokio::spawn(c2d::sweeper::run(
+        state.db.clone(),
+        config.c2d.clone(),
+        stop_rx.clone(),
+    ));
 
     tokio::spawn(async move {
         shutdown.await;

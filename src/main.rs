@@ -43,6 +43,20 @@ enum Command {
         #[command(subcommand)]
         command: DeviceCommand,
     },
+    /// Cloud-to-device messages through the hub's REST API.
+    C2d {
+        #[command(flatten)]
+        hub: HubArgs,
+        #[command(subcommand)]
+        command: iothub::c2d::cli::C2dCommand,
+    },
+    /// Delivery feedback through the hub's REST API.
+    Feedback {
+        #[command(flatten)]
+        hub: HubArgs,
+        #[command(subcommand)]
+        command: iothub::c2d::cli::FeedbackCommand,
+    },
     /// Print the OpenAPI document.
     Openapi,
 }
@@ -237,6 +251,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             release(cluster).await
         }
         Command::Device { hub, command } => device_command(hub, command).await,
+        Command::C2d { hub, command } => {
+            iothub::c2d::cli::c2d(&service_client(&hub).await?, command).await
+        }
+        Command::Feedback { hub, command } => {
+            iothub::c2d::cli::feedback(&service_client(&hub).await?, command).await
+        }
         Command::Openapi => {
             println!("{}", iothub::http::openapi().to_pretty_json()?);
             Ok(())
@@ -303,6 +323,27 @@ async fn device_command(hub: HubArgs, command: DeviceCommand) -> anyhow::Result<
         }
     }
     Ok(())
+}
+
+/// A client of the hub's REST API with the service credentials `hub` names (default: the iothubowner policy).
+async fn service_client(hub: &HubArgs) -> anyhow::Result<HubClient> {
+    let credentials = match &hub.connection_string {
+        Some(text) => ConnectionString::parse(text)?,
+        None => {
+            let (pool, cluster) =
+                open_database(hub.db.database_url.as_ref(), &hub.db.data_dir, 1).await?;
+            let policy = policies::get(&pool, "iothubowner")
+                .await?
+                .context("no iothubowner policy: pass --connection-string")?;
+            pool.close().await;
+            release(cluster).await?;
+            ConnectionString::parse(&policy.connection_string(&hub.db.hostname))?
+        }
+    };
+    if credentials.device_id.is_some() {
+        bail!("this command needs a service connection string, not a device's");
+    }
+    HubClient::new(&hub.url, credentials)
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {

@@ -56,6 +56,8 @@ pub struct ApiVersion {
     tags(
         (name = "registry", description = "Device identities (IoT Hub's registry API)"),
         (name = "policies", description = "Shared access policies (an extension)"),
+        (name = "c2d", description = "Cloud-to-device messages: the service's queue calls and the device's receive and settlement"),
+        (name = "feedback", description = "Delivery feedback for cloud-to-device messages"),
         (name = "operations", description = "Health, readiness and metrics"),
     )
 )]
@@ -104,7 +106,7 @@ impl Modify for StandardResponses {
             .schema_type(Type::String)
             .enum_values(Some(normalize::API_VERSIONS.iter().copied()))
             .build();
-        let patch = |op: &mut Operation| {
+        let patch = |op: &mut Operation, per_device: bool| {
             if op.security.is_none() {
                 return;
             }
@@ -124,6 +126,9 @@ impl Modify for StandardResponses {
                 "503",
                 "The database is unavailable (ServiceUnavailable, 503001); see Retry-After",
             );
+            if per_device {
+                add("404", "No such device (DeviceNotFound, 404001)");
+            }
             if op.request_body.is_some() {
                 add("413", "The body is too large (MessageTooLarge, 413001)");
                 add("415", "The body is not JSON (UnsupportedMediaType)");
@@ -134,7 +139,8 @@ impl Modify for StandardResponses {
                 }
             }
         };
-        for item in openapi.paths.paths.values_mut() {
+        for (path, item) in openapi.paths.paths.iter_mut() {
+            let per_device = path.starts_with("/devices/{id}");
             for op in [
                 &mut item.get,
                 &mut item.put,
@@ -145,7 +151,7 @@ impl Modify for StandardResponses {
             .into_iter()
             .flatten()
             {
-                patch(op);
+                patch(op, per_device);
             }
         }
     }
@@ -155,6 +161,8 @@ impl Modify for StandardResponses {
 fn api() -> (Router<AppState>, utoipa::openapi::OpenApi) {
     let (router, mut doc) = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .merge(crate::registry::routes::router())
+        .merge(crate::c2d::routes::router())
+        .merge(crate::feedback::routes::router())
         .merge(crate::auth::routes::router())
         .merge(ops::router())
         .split_for_parts();

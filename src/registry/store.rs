@@ -12,7 +12,9 @@ use crate::http::wire::IfMatch;
 const COLUMNS: &str =
     "device_id, generation_id, etag_version, status, status_reason, status_updated_time,
     auth_type, primary_key, secondary_key, primary_thumbprint, secondary_thumbprint, iot_edge,
-    last_activity_time, 0::bigint AS c2d_message_count";
+    last_activity_time,
+    (SELECT count(*) FROM c2d_messages m
+      WHERE m.device_id = devices.device_id AND m.state IN ('enqueued', 'invisible')) AS c2d_message_count";
 
 /// The writable fields of a device, resolved from a client's input (and the device as it was, for updates).
 #[derive(Debug, Clone)]

@@ -1,0 +1,467 @@
+//! The C2D queue's SQL. Each function is one transaction; the outcome of a message and its feedback record are
+//! written by the same statement, so one never exists without the other.
+//!
+//! Claims lock the candidate row with `FOR UPDATE SKIP LOCKED` and every statement names its device, so two
+//! receivers of one device never hold the same message and devices never wait on each other.
+
+use chrono::{DateTime, Utc};
+use sqlx::{PgPool, Postgres, Transaction};
+use uuid::Uuid;
+
+use super::model::{Enqueued, Expiry, MessageRow, MessageStatus, NewMessage, PurgeResult};
+use super::C2dSettings;
+use crate::feedback::store::record_outcomes;
+use crate::http::error::{ApiError, ApiResult, ErrorCode};
+use crate::http::wire::format_time;
+use crate::notify::{self, channel};
+
+/// Every column of a message but the device id (the caller knows it).
+const ROW: &str = "seq, device_generation_id, message_id, correlation_id, user_id, ack, content_type,
+    content_encoding, app_properties, body, enqueued_at, expiry_explicit, expires_at, state, lock_token,
+    locked_until, delivery_count, outcome, outcome_at";
+
+/// States of a message that has not ended.
+const LIVE: &str = "state IN ('enqueued', 'invisible')";
+
+fn lock_lost() -> ApiError {
+    ApiError::new(
+        ErrorCode::DeviceMessageLockLost,
+        "The lock token is unknown, expired, or the message was already settled",
+    )
+}
+
+/// Locks the device's row (the per-device serialisation point) and reads what enqueue needs.
+async fn lock_device(
+    tx: &mut Transaction<'_, Postgres>,
+    device_id: &str,
+) -> ApiResult<(String, i64, i64, DateTime<Utc>)> {
+    sqlx::query_as(&format!(
+        "SELECT d.generation_id, d.c2d_next_seq,
+                (SELECT count(*) FROM c2d_messages m
+                  WHERE m.device_id = $1 AND m.{LIVE} AND m.expires_at > now()),
+                now()
+         FROM devices d WHERE d.device_id = $1 FOR UPDATE"
+    ))
+    .bind(device_id)
+    .fetch_optional(&mut **tx)
+    .await?
+    .ok_or_else(|| ApiError::device_not_found(device_id))
+}
+
+/// Enqueues `message` for `device_id`: checks the queue depth and expiry against the database's clock under the
+/// device's row lock, assigns the next sequence number and wakes the device's long polls on commit.
+pub async fn enqueue(
+    db: &PgPool,
+    settings: &C2dSettings,
+    device_id: &str,
+    message: &NewMessage,
+) -> ApiResult<Enqueued> {
+    let mut tx = db.begin().await?;
+    let (generation_id, seq, live, now) = lock_device(&mut tx, device_id).await?;
+    if live >= i64::from(settings.c2d_max_queue_depth) {
+        return Err(ApiError::new(
+            ErrorCode::DeviceMaximumQueueDepthExceeded,
+            format!(
+                "Device {device_id} already has {live} messages queued (the maximum is {})",
+                settings.c2d_max_queue_depth
+            ),
+        ));
+    }
+    let max_ttl = chrono::Duration::seconds(settings.c2d_max_ttl_secs.into());
+    let (explicit, expires_at) = match message.expiry {
+        Expiry::Default => (
+            None,
+            now + chrono::Duration::seconds(settings.c2d_default_ttl_secs.into()),
+        ),
+        Expiry::Ttl(secs) => (None, now + chrono::Duration::seconds(secs)),
+        Expiry::At(at) => (Some(at), at),
+    };
+    if expires_at <= now || expires_at > now + max_ttl {
+        return Err(ApiError::new(
+            ErrorCode::InvalidMessageExpiryTime,
+            format!(
+                "The expiry time must be after the enqueue time and at most {} seconds after it",
+                settings.c2d_max_ttl_secs
+            ),
+        ));
+    }
+    sqlx::query(
+        "WITH inserted AS (
+             INSERT INTO c2d_messages (device_id, seq, device_generation_id, message_id, correlation_id, user_id,
+                 ack, content_type, content_encoding, app_properties, body, enqueued_at, expiry_explicit,
+                 expires_at, state)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, 'enqueued')
+         )
+         UPDATE devices SET c2d_next_seq = $2 + 1 WHERE device_id = $1",
+    )
+    .bind(device_id)
+    .bind(seq)
+    .bind(&generation_id)
+    .bind(&message.message_id)
+    .bind(&message.correlation_id)
+    .bind(&message.user_id)
+    .bind(message.ack.as_str())
+    .bind(&message.content_type)
+    .bind(&message.content_encoding)
+    .bind(sqlx::types::Json(&message.app_properties))
+    .bind(&message.body)
+    .bind(now)
+    .bind(explicit)
+    .bind(expires_at)
+    .execute(&mut *tx)
+    .await?;
+    notify::notify(&mut tx, channel::C2D, device_id).await?;
+    tx.commit().await?;
+    Ok(Enqueued {
+        message_id: message.message_id.clone(),
+        sequence_number: seq,
+        enqueued_time_utc: format_time(now),
+        expiry_time_utc: format_time(expires_at),
+    })
+}
+
+/// What one receive found.
+pub enum Received {
+    Message(Box<MessageRow>),
+    /// Nothing deliverable; `retry_in` is how long until the earliest lock of this device runs out, if any.
+    Empty {
+        retry_in: Option<std::time::Duration>,
+    },
+}
+
+/// Receives the device's next deliverable message with a new lock `lock_token`, in one transaction.
+///
+/// Candidates are taken in sequence order. A candidate that expired, or whose lock ran out after its last allowed
+/// delivery, is dead-lettered (with its feedback) in this same transaction instead of delivered, and the next one
+/// is looked at.
+pub async fn receive(
+    db: &PgPool,
+    settings: &C2dSettings,
+    device_id: &str,
+    lock_token: Uuid,
+) -> ApiResult<Received> {
+    let sql = format!(
+        "WITH candidate AS (
+             SELECT seq FROM c2d_messages
+             WHERE device_id = $1 AND {LIVE}
+               AND (state = 'enqueued' OR locked_until <= now())
+             ORDER BY seq LIMIT 1
+             FOR UPDATE SKIP LOCKED
+         ), taken AS (
+             UPDATE c2d_messages m SET
+                 state = CASE WHEN m.expires_at <= now() OR m.delivery_count >= $3
+                              THEN 'dead_lettered' ELSE 'invisible' END,
+                 outcome = CASE WHEN m.expires_at <= now() THEN 'Expired'
+                                WHEN m.delivery_count >= $3 THEN 'DeliveryCountExceeded' END,
+                 outcome_at = CASE WHEN m.expires_at <= now() OR m.delivery_count >= $3 THEN now() END,
+                 lock_token = CASE WHEN m.expires_at <= now() OR m.delivery_count >= $3 THEN NULL ELSE $2::uuid END,
+                 locked_until = CASE WHEN m.expires_at <= now() OR m.delivery_count >= $3 THEN NULL
+                                     ELSE now() + $4::int * interval '1 second' END,
+                 delivery_count = CASE WHEN m.expires_at <= now() OR m.delivery_count >= $3
+                                       THEN m.delivery_count ELSE m.delivery_count + 1 END
+             FROM candidate c
+             WHERE m.device_id = $1 AND m.seq = c.seq
+             RETURNING m.*
+         ), feedback AS ({feedback})
+         SELECT {ROW}, (SELECT count(*) FROM feedback) AS feedback_written FROM taken",
+        feedback = record_outcomes("taken", "$5")
+    );
+    // Each claim is one statement, so one transaction of its own: a dead-lettered candidate and its feedback
+    // commit together, and a delivery needs no more round trips than the statement.
+    let mut feedback_written = 0i64;
+    let mut delivered = None;
+    // Bounded: each round ends one message for good, and a queue holds at most the configured depth (plus what
+    // expired meanwhile); the bound only guards against surprises.
+    for _ in 0..10_000 {
+        let row = sqlx::query_as::<_, MessageRowWithCount>(&sql)
+            .bind(device_id)
+            .bind(lock_token)
+            .bind(settings.c2d_max_delivery_count as i32)
+            .bind(settings.c2d_lock_secs as i32)
+            .bind(settings.feedback_ttl_secs as i32)
+            .fetch_optional(db)
+            .await?;
+        match row {
+            Some(r) if r.row.state == "dead_lettered" => feedback_written += r.feedback_written,
+            Some(r) => {
+                delivered = Some(r.row);
+                break;
+            }
+            None => break,
+        }
+    }
+    if feedback_written > 0 {
+        wake_feedback(db).await?;
+    }
+    if let Some(row) = delivered {
+        return Ok(Received::Message(Box::new(row)));
+    }
+    let retry_in: Option<f64> = sqlx::query_scalar(&format!(
+        "SELECT extract(epoch FROM min(locked_until) - now())::float8 FROM c2d_messages
+         WHERE device_id = $1 AND {LIVE} AND state = 'invisible'"
+    ))
+    .bind(device_id)
+    .fetch_one(db)
+    .await?;
+    Ok(Received::Empty {
+        retry_in: retry_in.map(|s| std::time::Duration::from_secs_f64(s.max(0.0))),
+    })
+}
+
+/// Tells feedback receivers that records committed (by statements that were their own transactions).
+async fn wake_feedback(db: &PgPool) -> ApiResult<()> {
+    let mut tx = db.begin().await?;
+    notify::notify(&mut tx, channel::FEEDBACK, "").await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+#[derive(sqlx::FromRow)]
+struct MessageRowWithCount {
+    #[sqlx(flatten)]
+    row: MessageRow,
+    feedback_written: i64,
+}
+
+/// Completes or rejects the message the device holds under `lock_token`; 412 when that lock is not current.
+pub async fn settle(
+    db: &PgPool,
+    settings: &C2dSettings,
+    device_id: &str,
+    lock_token: Option<Uuid>,
+    reject: bool,
+) -> ApiResult<()> {
+    let lock_token = lock_token.ok_or_else(lock_lost)?;
+    let (state, outcome) = if reject {
+        ("dead_lettered", "Rejected")
+    } else {
+        ("completed", "Success")
+    };
+    let sql = format!(
+        "WITH settled AS (
+             UPDATE c2d_messages SET state = $3, outcome = $4, outcome_at = now(),
+                 lock_token = NULL, locked_until = NULL
+             WHERE device_id = $1 AND {LIVE} AND state = 'invisible' AND lock_token = $2
+               AND locked_until > now()
+             RETURNING *
+         ), feedback AS ({feedback})
+         SELECT (SELECT count(*) FROM settled), (SELECT count(*) FROM feedback)",
+        feedback = record_outcomes("settled", "$5")
+    );
+    // One statement: the outcome and its feedback record commit together.
+    let (settled, written): (i64, i64) = sqlx::query_as(&sql)
+        .bind(device_id)
+        .bind(lock_token)
+        .bind(state)
+        .bind(outcome)
+        .bind(settings.feedback_ttl_secs as i32)
+        .fetch_one(db)
+        .await?;
+    if settled == 0 {
+        return Err(lock_lost());
+    }
+    if written > 0 {
+        wake_feedback(db).await?;
+    }
+    Ok(())
+}
+
+/// Abandons the message held under `lock_token`: it is receivable again, or dead-lettered when it has already been
+/// delivered the maximum number of times.
+pub async fn abandon(
+    db: &PgPool,
+    settings: &C2dSettings,
+    device_id: &str,
+    lock_token: Option<Uuid>,
+) -> ApiResult<()> {
+    let lock_token = lock_token.ok_or_else(lock_lost)?;
+    let sql = format!(
+        "WITH abandoned AS (
+             UPDATE c2d_messages SET
+                 state = CASE WHEN delivery_count >= $3 THEN 'dead_lettered' ELSE 'enqueued' END,
+                 outcome = CASE WHEN delivery_count >= $3 THEN 'DeliveryCountExceeded' END,
+                 outcome_at = CASE WHEN delivery_count >= $3 THEN now() END,
+                 lock_token = NULL, locked_until = NULL
+             WHERE device_id = $1 AND {LIVE} AND state = 'invisible' AND lock_token = $2
+               AND locked_until > now()
+             RETURNING *
+         ), feedback AS ({feedback})
+         SELECT state, (SELECT count(*) FROM feedback) FROM abandoned",
+        feedback = record_outcomes("abandoned", "$4")
+    );
+    let mut tx = db.begin().await?;
+    let row: Option<(String, i64)> = sqlx::query_as(&sql)
+        .bind(device_id)
+        .bind(lock_token)
+        .bind(settings.c2d_max_delivery_count as i32)
+        .bind(settings.feedback_ttl_secs as i32)
+        .fetch_optional(&mut *tx)
+        .await?;
+    match row {
+        None => return Err(lock_lost()),
+        // Back in the queue: a device's long poll may be waiting for it.
+        Some((state, _)) if state == "enqueued" => {
+            notify::notify(&mut tx, channel::C2D, device_id).await?
+        }
+        Some((_, written)) if written > 0 => notify::notify(&mut tx, channel::FEEDBACK, "").await?,
+        Some(_) => {}
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+/// Purges the device's queue: every live message ends with outcome `Purged` (feedback for `negative`/`full`).
+/// Messages already expired are left to the expiry sweep, which reports them as `Expired`.
+pub async fn purge(db: &PgPool, settings: &C2dSettings, device_id: &str) -> ApiResult<PurgeResult> {
+    let mut tx = db.begin().await?;
+    lock_device(&mut tx, device_id).await?;
+    let sql = format!(
+        "WITH purged AS (
+             UPDATE c2d_messages SET state = 'purged', outcome = 'Purged', outcome_at = now(),
+                 lock_token = NULL, locked_until = NULL
+             WHERE device_id = $1 AND {LIVE} AND expires_at > now()
+             RETURNING *
+         ), feedback AS ({feedback})
+         SELECT (SELECT count(*) FROM purged), (SELECT count(*) FROM feedback)",
+        feedback = record_outcomes("purged", "$2")
+    );
+    let (purged, written): (i64, i64) = sqlx::query_as(&sql)
+        .bind(device_id)
+        .bind(settings.feedback_ttl_secs as i32)
+        .fetch_one(&mut *tx)
+        .await?;
+    if written > 0 {
+        notify::notify(&mut tx, channel::FEEDBACK, "").await?;
+    }
+    tx.commit().await?;
+    Ok(PurgeResult {
+        total_messages_purged: purged,
+        device_id: device_id.to_string(),
+        module_id: None,
+    })
+}
+
+async fn device_exists(db: &PgPool, device_id: &str) -> ApiResult<DateTime<Utc>> {
+    sqlx::query_scalar("SELECT now() FROM devices WHERE device_id = $1")
+        .bind(device_id)
+        .fetch_optional(db)
+        .await?
+        .ok_or_else(|| ApiError::device_not_found(device_id))
+}
+
+/// One message's status, live or ended (ended ones are kept for the feedback TTL).
+pub async fn status(db: &PgPool, device_id: &str, seq: i64) -> ApiResult<MessageStatus> {
+    let found: Option<MessageRowAt> = sqlx::query_as(&format!(
+        "SELECT {ROW}, now() AS db_now FROM c2d_messages WHERE device_id = $1 AND seq = $2"
+    ))
+    .bind(device_id)
+    .bind(seq)
+    .fetch_optional(db)
+    .await?;
+    match found {
+        Some(r) => Ok(MessageStatus::from_row(device_id, r.row, r.db_now)),
+        None => {
+            device_exists(db, device_id).await?;
+            Err(ApiError::new(
+                ErrorCode::NotFound,
+                format!("Device {device_id} has no message with sequence number {seq} (or it ended too long ago)"),
+            ))
+        }
+    }
+}
+
+#[derive(sqlx::FromRow)]
+struct MessageRowAt {
+    #[sqlx(flatten)]
+    row: MessageRow,
+    db_now: DateTime<Utc>,
+}
+
+/// A page of the device's live messages in sequence order, after `after`.
+pub async fn list(
+    db: &PgPool,
+    device_id: &str,
+    after: i64,
+    limit: i64,
+) -> ApiResult<Vec<MessageStatus>> {
+    let now = device_exists(db, device_id).await?;
+    let rows: Vec<MessageRow> = sqlx::query_as(&format!(
+        "SELECT {ROW} FROM c2d_messages WHERE device_id = $1 AND {LIVE} AND seq > $2 ORDER BY seq LIMIT $3"
+    ))
+    .bind(device_id)
+    .bind(after)
+    .bind(limit)
+    .fetch_all(db)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| MessageStatus::from_row(device_id, r, now))
+        .collect())
+}
+
+/// Dead-letters, hub-wide, up to `batch` live messages whose time ran out: expired ones (`Expired`) and locked ones
+/// whose lock ran out after their last allowed delivery (`DeliveryCountExceeded`), with their feedback, in one
+/// transaction. Returns how many ended. Safe with several hubs sweeping at once: the outer `UPDATE` re-checks each
+/// row's state after waiting for its lock, so a row another hub (or a receive) ended meanwhile is skipped.
+pub async fn dead_letter_due(db: &PgPool, settings: &C2dSettings, batch: i64) -> ApiResult<i64> {
+    // SKIP LOCKED: a row a receive, a settlement or another hub's sweep holds is left for the next round, so the
+    // sweep never waits on (or deadlocks with) them.
+    let sql = format!(
+        "WITH expired AS (
+             SELECT device_id, seq FROM c2d_messages
+             WHERE {LIVE} AND expires_at <= now()
+             ORDER BY expires_at LIMIT $2
+             FOR UPDATE SKIP LOCKED
+         ), exhausted AS (
+             SELECT device_id, seq FROM c2d_messages
+             WHERE state = 'invisible' AND locked_until <= now() AND delivery_count >= $1
+             ORDER BY locked_until LIMIT $2
+             FOR UPDATE SKIP LOCKED
+         ), due AS (
+             SELECT device_id, seq FROM expired UNION SELECT device_id, seq FROM exhausted
+         ), ended AS (
+             UPDATE c2d_messages m SET
+                 state = 'dead_lettered',
+                 outcome = CASE WHEN m.expires_at <= now() THEN 'Expired' ELSE 'DeliveryCountExceeded' END,
+                 outcome_at = now(), lock_token = NULL, locked_until = NULL
+             FROM due
+             WHERE m.device_id = due.device_id AND m.seq = due.seq
+               AND m.state IN ('enqueued', 'invisible')
+               AND (m.expires_at <= now()
+                    OR (m.state = 'invisible' AND m.locked_until <= now() AND m.delivery_count >= $1))
+             RETURNING m.*
+         ), feedback AS ({feedback})
+         SELECT (SELECT count(*) FROM ended), (SELECT count(*) FROM feedback)",
+        feedback = record_outcomes("ended", "$3")
+    );
+    let mut tx = db.begin().await?;
+    let (ended, written): (i64, i64) = sqlx::query_as(&sql)
+        .bind(settings.c2d_max_delivery_count as i32)
+        .bind(batch)
+        .bind(settings.feedback_ttl_secs as i32)
+        .fetch_one(&mut *tx)
+        .await?;
+    if written > 0 {
+        notify::notify(&mut tx, channel::FEEDBACK, "").await?;
+    }
+    tx.commit().await?;
+    Ok(ended)
+}
+
+/// Deletes up to `batch` ended messages whose outcome is older than the feedback TTL. Returns how many.
+pub async fn delete_ended(db: &PgPool, settings: &C2dSettings, batch: i64) -> ApiResult<u64> {
+    let done = sqlx::query(
+        "DELETE FROM c2d_messages m USING (
+             SELECT device_id, seq FROM c2d_messages
+             WHERE state IN ('completed', 'dead_lettered', 'purged')
+               AND outcome_at <= now() - $1::int * interval '1 second'
+             ORDER BY outcome_at LIMIT $2
+         ) old
+         WHERE m.device_id = old.device_id AND m.seq = old.seq",
+    )
+    .bind(settings.feedback_ttl_secs as i32)
+    .bind(batch)
+    .execute(db)
+    .await?;
+    Ok(done.rows_affected())
+}

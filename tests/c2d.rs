@@ -1,0 +1,1160 @@
+//! Cloud-to-device messaging over HTTP against a real PostgreSQL: enqueue, receive, settle, locks, delivery
+//! counts, expiry, purge, queue depth, isolation between devices, long polls and the service's queue calls.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use reqwest::{Method, Response};
+use serde_json::Value;
+
+/// A hub with a service token and helpers for one test.
+struct C2d {
+    hub: TestHub,
+    service: String,
+}
+
+impl C2d {
+    async fn start() -> C2d {
+        Self::start_with(|_| {}).await
+    }
+
+    async fn start_with(adjust: impl FnOnce(&mut iothub::Config)) -> C2d {
+        let hub = TestHub::start_with(adjust).await;
+        let service = hub.policy_token("service").await;
+        C2d { hub, service }
+    }
+
+    /// Registers a device; returns its token.
+    async fn device(&self, id: &str) -> String {
+        let device = self.hub.create_device(id).await;
+        device_token(id, &primary_key(&device))
+    }
+
+    async fn send(&self, id: &str, headers: &[(&str, &str)], body: &str) -> Response {
+        let mut request = self
+            .hub
+            .request(
+                Method::POST,
+                &format!("{}/commands", device_path(id)),
+                &self.service,
+            )
+            .body(body.to_string());
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        request.send().await.unwrap()
+    }
+
+    /// Enqueues and asserts 201; returns the answer's JSON.
+    async fn enqueue(&self, id: &str, headers: &[(&str, &str)], body: &str) -> Value {
+        let response = self.send(id, headers, body).await;
+        assert_eq!(response.status(), 201, "enqueue for {id}");
+        response.json().await.unwrap()
+    }
+
+    async fn receive_query(&self, id: &str, token: &str, query: &str) -> Response {
+        self.hub
+            .request(
+                Method::GET,
+                &format!("{}/messages/deviceBound{query}", device_path(id)),
+                token,
+            )
+            .send()
+            .await
+            .unwrap()
+    }
+
+    async fn receive(&self, id: &str, token: &str) -> Response {
+        self.receive_query(id, token, "").await
+    }
+
+    /// Receives and asserts a message came; returns (lock token, headers, body).
+    async fn take(&self, id: &str, token: &str) -> (String, reqwest::header::HeaderMap, String) {
+        let response = self.receive(id, token).await;
+        assert_eq!(response.status(), 200, "a message for {id}");
+        let headers = response.headers().clone();
+        let etag = headers["etag"].to_str().unwrap().to_string();
+        assert!(
+            etag.starts_with('"') && etag.ends_with('"'),
+            "quoted ETag: {etag}"
+        );
+        let lock = etag.trim_matches('"').to_string();
+        (lock, headers, response.text().await.unwrap())
+    }
+
+    async fn settle(&self, id: &str, token: &str, lock: &str, action: &str) -> Response {
+        let base = format!("{}/messages/deviceBound/{lock}", device_path(id));
+        let (method, path) = match action {
+            "complete" => (Method::DELETE, base),
+            "reject" => (Method::DELETE, format!("{base}?reject")),
+            "reject=" => (Method::DELETE, format!("{base}?reject=")),
+            "reject=true" => (Method::DELETE, format!("{base}?reject=true")),
+            "abandon" => (Method::POST, format!("{base}/abandon")),
+            other => panic!("unknown action {other}"),
+        };
+        self.hub.request(method, &path, token).send().await.unwrap()
+    }
+
+    async fn status(&self, id: &str, seq: i64) -> Value {
+        let response = self
+            .hub
+            .request(
+                Method::GET,
+                &format!("{}/commands/{seq}", device_path(id)),
+                &self.service,
+            )
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200, "status of {id}/{seq}");
+        response.json().await.unwrap()
+    }
+
+    async fn queue(&self, id: &str, query: &str) -> Response {
+        self.hub
+            .request(
+                Method::GET,
+                &format!("{}/commands{query}", device_path(id)),
+                &self.service,
+            )
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// Waits (up to `limit`) until `check` holds for the message's status.
+    async fn wait_status(
+        &self,
+        id: &str,
+        seq: i64,
+        limit: Duration,
+        check: impl Fn(&Value) -> bool,
+    ) -> Value {
+        let start = Instant::now();
+        loop {
+            let status = self.status(id, seq).await;
+            if check(&status) {
+                return status;
+            }
+            assert!(start.elapsed() < limit, "status never matched: {status}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Every feedback record currently receivable (receives and completes batches until 204).
+    async fn drain_feedback(&self) -> Vec<Value> {
+        let mut all = Vec::new();
+        loop {
+            let response = self
+                .hub
+                .request(
+                    Method::GET,
+                    "/messages/serviceBound/feedback",
+                    &self.service,
+                )
+                .send()
+                .await
+                .unwrap();
+            if response.status() == 204 {
+                return all;
+            }
+            assert_eq!(response.status(), 200);
+            let lock = response.headers()["etag"]
+                .to_str()
+                .unwrap()
+                .trim_matches('"')
+                .to_string();
+            let batch: Vec<Value> = response.json().await.unwrap();
+            all.extend(batch);
+            let done = self
+                .hub
+                .request(
+                    Method::DELETE,
+                    &format!("/messages/serviceBound/feedback/{lock}"),
+                    &self.service,
+                )
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(done.status(), 204);
+        }
+    }
+}
+
+fn header<'h>(headers: &'h reqwest::header::HeaderMap, name: &str) -> &'h str {
+    headers
+        .get(name)
+        .unwrap_or_else(|| panic!("header {name}"))
+        .to_str()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_message_travels_with_every_property() {
+    let t = C2d::start().await;
+    let token = t.device("dev-1").await;
+
+    let response = t
+        .send(
+            "dev-1",
+            &[
+                ("iothub-messageid", "order-17"),
+                ("iothub-correlationid", "corr-1"),
+                ("iothub-userid", "backend"),
+                ("iothub-ack", "full"),
+                ("iothub-contenttype", "application/json"),
+                ("iothub-contentencoding", "utf-8"),
+                ("iothub-app-Temperature", "21.5"),
+                ("iothub-app-mode", "eco"),
+            ],
+            "{\"setpoint\":21}",
+        )
+        .await;
+    assert_eq!(response.status(), 201);
+    assert_eq!(
+        header(response.headers(), "location"),
+        "/devices/dev-1/commands/1"
+    );
+    let enqueued: Value = response.json().await.unwrap();
+    assert_eq!(enqueued["messageId"], "order-17");
+    assert_eq!(enqueued["sequenceNumber"], 1);
+    assert!(enqueued["enqueuedTimeUtc"].as_str().unwrap().ends_with('Z'));
+    // Default TTL: one hour after enqueue.
+    let enqueued_at =
+        chrono::DateTime::parse_from_rfc3339(enqueued["enqueuedTimeUtc"].as_str().unwrap())
+            .unwrap();
+    let expiry =
+        chrono::DateTime::parse_from_rfc3339(enqueued["expiryTimeUtc"].as_str().unwrap()).unwrap();
+    assert_eq!((expiry - enqueued_at).num_seconds(), 3600);
+
+    let (lock, headers, body) = t.take("dev-1", &token).await;
+    assert_eq!(body, "{\"setpoint\":21}");
+    assert!(uuid::Uuid::parse_str(&lock).is_ok());
+    assert_eq!(header(&headers, "iothub-messageid"), "order-17");
+    assert_eq!(header(&headers, "iothub-correlationid"), "corr-1");
+    assert_eq!(header(&headers, "iothub-userid"), "backend");
+    assert_eq!(header(&headers, "iothub-sequencenumber"), "1");
+    assert_eq!(
+        header(&headers, "iothub-to"),
+        "/devices/dev-1/messages/devicebound"
+    );
+    assert_eq!(header(&headers, "iothub-ack"), "full");
+    // No expiry from the sender: empty, although the default TTL applies.
+    assert_eq!(header(&headers, "iothub-expiry"), "");
+    assert_eq!(header(&headers, "iothub-deliverycount"), "0");
+    assert_eq!(
+        header(&headers, "iothub-enqueuedtime"),
+        enqueued["enqueuedTimeUtc"].as_str().unwrap()
+    );
+    assert_eq!(header(&headers, "contenttype"), "application/json");
+    assert_eq!(header(&headers, "contentencoding"), "utf-8");
+    assert_eq!(header(&headers, "iothub-app-temperature"), "21.5");
+    assert_eq!(header(&headers, "iothub-app-mode"), "eco");
+
+    let status = t.status("dev-1", 1).await;
+    assert_eq!(status["state"], "Invisible");
+    assert_eq!(status["deliveryCount"], 1);
+    assert!(status["lockedUntilUtc"].is_string());
+
+    assert_eq!(
+        t.settle("dev-1", &token, &lock, "complete").await.status(),
+        204
+    );
+    assert_eq!(t.receive("dev-1", &token).await.status(), 204);
+    let status = t.status("dev-1", 1).await;
+    assert_eq!(status["state"], "Completed");
+    assert_eq!(status["outcome"], "Success");
+    assert!(status["outcomeTimeUtc"].is_string());
+
+    // A generated message id, and an absolute expiry echoed back as sent.
+    let at = (chrono::Utc::now() + chrono::Duration::minutes(10))
+        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    let second = t.enqueue("dev-1", &[("iothub-expiry", &at)], "two").await;
+    assert!(uuid::Uuid::parse_str(second["messageId"].as_str().unwrap()).is_ok());
+    assert_eq!(second["sequenceNumber"], 2);
+    assert_eq!(second["expiryTimeUtc"], at.as_str());
+    let (_, headers, _) = t.take("dev-1", &token).await;
+    assert_eq!(header(&headers, "iothub-expiry"), at.as_str());
+    assert_eq!(header(&headers, "iothub-ack"), "none");
+    assert!(headers.get("contenttype").is_none());
+}
+
+#[tokio::test]
+async fn response_header_names_keep_their_exact_case() {
+    let t = C2d::start().await;
+    let token = t.device("dev-1").await;
+    t.enqueue(
+        "dev-1",
+        &[
+            ("iothub-contenttype", "text/plain"),
+            ("iothub-app-mode", "eco"),
+        ],
+        "x",
+    )
+    .await;
+    // A raw HTTP/1.1 exchange: the C SDK compares response header names case-sensitively.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = t.hub.base.trim_start_matches("http://").to_string();
+    let mut stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let request = format!(
+        "GET /devices/dev-1/messages/devicebound?api-version=2016-11-14 HTTP/1.1\r\nHost: x\r\nAuthorization: {token}\r\nConnection: close\r\n\r\n"
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).await.unwrap();
+    let text = String::from_utf8_lossy(&raw);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    for name in [
+        "\r\nETag: \"",
+        "\r\nContentType: text/plain",
+        "\r\niothub-app-mode: eco",
+        "\r\niothub-messageid: ",
+    ] {
+        assert!(text.contains(name), "{name:?} in {text}");
+    }
+}
+
+#[tokio::test]
+async fn enqueue_refuses_bad_input_with_iot_hub_errors() {
+    let t = C2d::start().await;
+    t.device("dev-1").await;
+
+    assert_error(t.send("nobody", &[], "x").await, 404, "DeviceNotFound").await;
+    assert_error(
+        t.send("dev-1", &[("iothub-ack", "sometimes")], "x").await,
+        400,
+        "ArgumentInvalid",
+    )
+    .await;
+    assert_error(
+        t.send("dev-1", &[("iothub-ttl", "soon")], "x").await,
+        400,
+        "ArgumentInvalid",
+    )
+    .await;
+    assert_error(
+        t.send("dev-1", &[("iothub-ttl", "0")], "x").await,
+        400,
+        "ArgumentInvalid",
+    )
+    .await;
+    assert_error(
+        t.send("dev-1", &[("iothub-ttl", "172801")], "x").await,
+        403,
+        "InvalidMessageExpiryTime",
+    )
+    .await;
+    assert_error(
+        t.send("dev-1", &[("iothub-expiry", "tomorrow")], "x").await,
+        400,
+        "ArgumentInvalid",
+    )
+    .await;
+    assert_error(
+        t.send("dev-1", &[("iothub-expiry", "2001-01-01T00:00:00Z")], "x")
+            .await,
+        403,
+        "InvalidMessageExpiryTime",
+    )
+    .await;
+    let far = (chrono::Utc::now() + chrono::Duration::hours(49)).to_rfc3339();
+    assert_error(
+        t.send("dev-1", &[("iothub-expiry", &far)], "x").await,
+        403,
+        "InvalidMessageExpiryTime",
+    )
+    .await;
+    assert_error(
+        t.send(
+            "dev-1",
+            &[("iothub-expiry", &far), ("iothub-ttl", "5")],
+            "x",
+        )
+        .await,
+        400,
+        "ArgumentInvalid",
+    )
+    .await;
+    assert_error(
+        t.send("dev-1", &[("iothub-app-", "x")], "x").await,
+        400,
+        "ArgumentInvalid",
+    )
+    .await;
+    let long_id = "m".repeat(129);
+    assert_error(
+        t.send("dev-1", &[("iothub-messageid", &long_id)], "x")
+            .await,
+        400,
+        "ArgumentInvalid",
+    )
+    .await;
+
+    // 64 KB, counted as body + system property values + application property names and values.
+    let body = "b".repeat(65536 - 10);
+    t.enqueue("dev-1", &[("iothub-messageid", "0123456789")], &body)
+        .await;
+    assert_error(
+        t.send("dev-1", &[("iothub-messageid", "0123456789x")], &body)
+            .await,
+        413,
+        "MessageTooLarge",
+    )
+    .await;
+    assert_error(
+        t.send(
+            "dev-1",
+            &[("iothub-messageid", "0123456789"), ("iothub-app-a", "")],
+            &body,
+        )
+        .await,
+        413,
+        "MessageTooLarge",
+    )
+    .await;
+    assert_error(
+        t.send("dev-1", &[], &"b".repeat(70_000)).await,
+        413,
+        "MessageTooLarge",
+    )
+    .await;
+
+    // Only ServiceConnect may enqueue: a device's own token or a registry policy is refused.
+    let device_token = t.device("dev-2").await;
+    let response = t
+        .hub
+        .request(Method::POST, "/devices/dev-2/commands", &device_token)
+        .body("x")
+        .send()
+        .await
+        .unwrap();
+    assert_error(response, 401, "IotHubUnauthorizedAccess").await;
+    let registry = t.hub.policy_token("registryReadWrite").await;
+    let response = t
+        .hub
+        .request(Method::POST, "/devices/dev-2/commands", &registry)
+        .body("x")
+        .send()
+        .await
+        .unwrap();
+    assert_error(response, 401, "IotHubUnauthorizedAccess").await;
+    // Nothing of the refused sends was queued.
+    let queue: Vec<Value> = t.queue("dev-1", "").await.json().await.unwrap();
+    assert_eq!(queue.len(), 1);
+}
+
+#[tokio::test]
+async fn the_queue_depth_is_enforced_on_live_messages() {
+    let t = C2d::start_with(|c| c.c2d.c2d_max_queue_depth = 3).await;
+    let token = t.device("dev-1").await;
+    for _ in 0..3 {
+        t.enqueue("dev-1", &[], "x").await;
+    }
+    assert_error(
+        t.send("dev-1", &[], "x").await,
+        403,
+        "DeviceMaximumQueueDepthExceeded",
+    )
+    .await;
+    // A locked message is still live; a completed one is not.
+    let (lock, _, _) = t.take("dev-1", &token).await;
+    assert_error(
+        t.send("dev-1", &[], "x").await,
+        403,
+        "DeviceMaximumQueueDepthExceeded",
+    )
+    .await;
+    assert_eq!(
+        t.settle("dev-1", &token, &lock, "complete").await.status(),
+        204
+    );
+    let fourth = t.enqueue("dev-1", &[], "x").await;
+    assert_eq!(fourth["sequenceNumber"], 4);
+    // Depth is per device.
+    t.device("dev-2").await;
+    t.enqueue("dev-2", &[], "x").await;
+}
+
+#[tokio::test]
+async fn messages_come_in_order_and_a_lock_hides_a_message() {
+    let t = C2d::start().await;
+    let token = t.device("dev-1").await;
+    assert_eq!(t.receive("dev-1", &token).await.status(), 204);
+    for body in ["one", "two", "three"] {
+        t.enqueue("dev-1", &[], body).await;
+    }
+    let (lock1, h1, b1) = t.take("dev-1", &token).await;
+    let (lock2, h2, b2) = t.take("dev-1", &token).await;
+    let (_lock3, h3, b3) = t.take("dev-1", &token).await;
+    assert_eq!(
+        (b1.as_str(), b2.as_str(), b3.as_str()),
+        ("one", "two", "three")
+    );
+    assert_eq!(header(&h1, "iothub-sequencenumber"), "1");
+    assert_eq!(header(&h2, "iothub-sequencenumber"), "2");
+    assert_eq!(header(&h3, "iothub-sequencenumber"), "3");
+    // All three are locked: nothing more to receive.
+    assert_eq!(t.receive("dev-1", &token).await.status(), 204);
+    // Abandoning the second makes it the next one delivered, with one earlier delivery.
+    assert_eq!(
+        t.settle("dev-1", &token, &lock2, "abandon").await.status(),
+        204
+    );
+    let (_, again, body) = t.take("dev-1", &token).await;
+    assert_eq!(body, "two");
+    assert_eq!(header(&again, "iothub-deliverycount"), "1");
+    assert_eq!(t.status("dev-1", 2).await["deliveryCount"], 2);
+    assert_eq!(
+        t.settle("dev-1", &token, &lock1, "complete").await.status(),
+        204
+    );
+}
+
+#[tokio::test]
+async fn settlement_needs_the_current_lock_token() {
+    let t = C2d::start().await;
+    let token = t.device("dev-1").await;
+    for _ in 0..5 {
+        t.enqueue("dev-1", &[("iothub-ack", "full")], "x").await;
+    }
+    let unknown = uuid::Uuid::new_v4().to_string();
+    for action in ["complete", "reject", "abandon"] {
+        assert_error(
+            t.settle("dev-1", &token, &unknown, action).await,
+            412,
+            "DeviceMessageLockLost",
+        )
+        .await;
+        assert_error(
+            t.settle("dev-1", &token, "not-a-guid", action).await,
+            412,
+            "DeviceMessageLockLost",
+        )
+        .await;
+    }
+
+    // Complete, then every settlement with that token is stale.
+    let (lock, _, _) = t.take("dev-1", &token).await;
+    assert_eq!(
+        t.settle("dev-1", &token, &lock, "complete").await.status(),
+        204
+    );
+    for action in ["complete", "reject", "abandon"] {
+        assert_error(
+            t.settle("dev-1", &token, &lock, action).await,
+            412,
+            "DeviceMessageLockLost",
+        )
+        .await;
+    }
+
+    // Reject in its three spellings dead-letters at once.
+    for (seq, action) in [(2, "reject"), (3, "reject="), (4, "reject=true")] {
+        let (lock, _, _) = t.take("dev-1", &token).await;
+        assert_eq!(
+            t.settle("dev-1", &token, &lock, action).await.status(),
+            204,
+            "{action}"
+        );
+        let status = t.status("dev-1", seq).await;
+        assert_eq!(status["state"], "DeadLettered");
+        assert_eq!(status["outcome"], "Rejected");
+        assert_error(
+            t.settle("dev-1", &token, &lock, "complete").await,
+            412,
+            "DeviceMessageLockLost",
+        )
+        .await;
+    }
+
+    // The token of an abandoned delivery is stale, and so is the one before a redelivery.
+    let (lock, _, _) = t.take("dev-1", &token).await;
+    assert_eq!(
+        t.settle("dev-1", &token, &lock, "abandon").await.status(),
+        204
+    );
+    assert_error(
+        t.settle("dev-1", &token, &lock, "complete").await,
+        412,
+        "DeviceMessageLockLost",
+    )
+    .await;
+    let (fresh, _, _) = t.take("dev-1", &token).await;
+    assert_ne!(fresh, lock);
+    // A quoted token (as some SDKs put the ETag back) is accepted; If-Match is never needed.
+    let quoted = format!("%22{fresh}%22");
+    assert_eq!(
+        t.settle("dev-1", &token, &quoted, "complete")
+            .await
+            .status(),
+        204
+    );
+
+    let feedback = t.drain_feedback().await;
+    let codes: Vec<&str> = feedback
+        .iter()
+        .map(|r| r["statusCode"].as_str().unwrap())
+        .collect();
+    assert_eq!(codes.iter().filter(|c| **c == "Success").count(), 2);
+    assert_eq!(codes.iter().filter(|c| **c == "Rejected").count(), 3);
+    assert_eq!(codes.len(), 5);
+}
+
+#[tokio::test]
+async fn a_device_cannot_receive_or_settle_another_devices_messages() {
+    let t = C2d::start().await;
+    let token_a = t.device("dev-a").await;
+    let token_b = t.device("dev-b").await;
+    t.enqueue("dev-b", &[], "for b").await;
+    // A's token on B's path is refused; A's own queue is empty.
+    assert_error(
+        t.receive("dev-b", &token_a).await,
+        401,
+        "IotHubUnauthorizedAccess",
+    )
+    .await;
+    assert_eq!(t.receive("dev-a", &token_a).await.status(), 204);
+    let (lock_b, _, _) = t.take("dev-b", &token_b).await;
+    // B's lock token on A's path: A holds no such message.
+    for action in ["complete", "reject", "abandon"] {
+        assert_error(
+            t.settle("dev-a", &token_a, &lock_b, action).await,
+            412,
+            "DeviceMessageLockLost",
+        )
+        .await;
+    }
+    assert_eq!(t.status("dev-b", 1).await["state"], "Invisible");
+    assert_eq!(
+        t.settle("dev-b", &token_b, &lock_b, "complete")
+            .await
+            .status(),
+        204
+    );
+}
+
+#[tokio::test]
+async fn sixteen_concurrent_receivers_never_hold_the_same_message() {
+    let t = C2d::start_with(|c| c.c2d.c2d_max_queue_depth = 100).await;
+    let token = t.device("dev-1").await;
+    const MESSAGES: usize = 60;
+    for i in 0..MESSAGES {
+        t.enqueue("dev-1", &[], &format!("m{i}")).await;
+    }
+    let t = std::sync::Arc::new(t);
+    let mut tasks = Vec::new();
+    for _ in 0..16 {
+        let t = t.clone();
+        let token = token.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut got = Vec::new();
+            loop {
+                let response = t.receive("dev-1", &token).await;
+                if response.status() == 204 {
+                    return got;
+                }
+                assert_eq!(response.status(), 200);
+                let lock = response.headers()["etag"]
+                    .to_str()
+                    .unwrap()
+                    .trim_matches('"')
+                    .to_string();
+                let seq: i64 = header(response.headers(), "iothub-sequencenumber")
+                    .parse()
+                    .unwrap();
+                got.push((seq, lock));
+            }
+        }));
+    }
+    let mut all = Vec::new();
+    for task in tasks {
+        all.extend(task.await.unwrap());
+    }
+    let mut seqs: Vec<i64> = all.iter().map(|(s, _)| *s).collect();
+    seqs.sort();
+    seqs.dedup();
+    assert_eq!(
+        seqs.len(),
+        all.len(),
+        "a message was handed to two receivers"
+    );
+    assert_eq!(all.len(), MESSAGES, "every message was received once");
+    for (_, lock) in &all {
+        assert_eq!(
+            t.settle("dev-1", &token, lock, "complete").await.status(),
+            204
+        );
+    }
+}
+
+#[tokio::test]
+async fn an_unsettled_message_comes_back_after_its_lock_and_counts_a_delivery() {
+    let t = C2d::start_with(|c| c.c2d.c2d_lock_secs = 5).await;
+    let token = t.device("dev-1").await;
+    t.enqueue("dev-1", &[], "x").await;
+    let (first, headers, _) = t.take("dev-1", &token).await;
+    assert_eq!(header(&headers, "iothub-deliverycount"), "0");
+    assert_eq!(t.receive("dev-1", &token).await.status(), 204);
+    // A long poll wakes when the lock runs out (the database says when), with no enqueue to wake it.
+    let start = Instant::now();
+    let response = t.receive_query("dev-1", &token, "?wait-ms=10000").await;
+    assert_eq!(response.status(), 200);
+    assert!(
+        start.elapsed() >= Duration::from_secs(3),
+        "not before the lock ran out"
+    );
+    assert_eq!(header(response.headers(), "iothub-deliverycount"), "1");
+    let second = response.headers()["etag"]
+        .to_str()
+        .unwrap()
+        .trim_matches('"')
+        .to_string();
+    assert_ne!(first, second);
+    assert_error(
+        t.settle("dev-1", &token, &first, "complete").await,
+        412,
+        "DeviceMessageLockLost",
+    )
+    .await;
+    assert_eq!(
+        t.settle("dev-1", &token, &second, "complete")
+            .await
+            .status(),
+        204
+    );
+    assert_eq!(t.status("dev-1", 1).await["deliveryCount"], 2);
+}
+
+#[tokio::test]
+async fn abandoning_the_last_allowed_delivery_dead_letters() {
+    let t = C2d::start_with(|c| c.c2d.c2d_max_delivery_count = 2).await;
+    let token = t.device("dev-1").await;
+    t.enqueue(
+        "dev-1",
+        &[("iothub-ack", "negative"), ("iothub-messageid", "m-1")],
+        "x",
+    )
+    .await;
+    let (lock, _, _) = t.take("dev-1", &token).await;
+    assert_eq!(
+        t.settle("dev-1", &token, &lock, "abandon").await.status(),
+        204
+    );
+    assert_eq!(t.status("dev-1", 1).await["state"], "Enqueued");
+    let (lock, headers, _) = t.take("dev-1", &token).await;
+    assert_eq!(header(&headers, "iothub-deliverycount"), "1");
+    assert_eq!(
+        t.settle("dev-1", &token, &lock, "abandon").await.status(),
+        204
+    );
+    let status = t.status("dev-1", 1).await;
+    assert_eq!(status["state"], "DeadLettered");
+    assert_eq!(status["outcome"], "DeliveryCountExceeded");
+    assert_eq!(status["deliveryCount"], 2);
+    assert_eq!(t.receive("dev-1", &token).await.status(), 204);
+    let feedback = t.drain_feedback().await;
+    assert_eq!(feedback.len(), 1);
+    assert_eq!(feedback[0]["statusCode"], "DeliveryCountExceeded");
+    assert_eq!(feedback[0]["originalMessageId"], "m-1");
+    assert_eq!(feedback[0]["deviceId"], "dev-1");
+}
+
+#[tokio::test]
+async fn a_lapsed_last_delivery_is_dead_lettered_even_if_the_device_never_polls_again() {
+    let t = C2d::start_with(|c| {
+        c.c2d.c2d_lock_secs = 5;
+        c.c2d.c2d_max_delivery_count = 1;
+        c.c2d.c2d_sweep_interval_ms = 200;
+    })
+    .await;
+    let token = t.device("dev-1").await;
+    t.enqueue(
+        "dev-1",
+        &[("iothub-ack", "full"), ("iothub-messageid", "lapsed")],
+        "x",
+    )
+    .await;
+    let (_lock, _, _) = t.take("dev-1", &token).await;
+    // Never settled, never polled again: the sweeper ends it after the lock ran out.
+    let status = t
+        .wait_status("dev-1", 1, Duration::from_secs(10), |s| {
+            s["state"] == "DeadLettered"
+        })
+        .await;
+    assert_eq!(status["outcome"], "DeliveryCountExceeded");
+    let feedback = t.drain_feedback().await;
+    assert_eq!(feedback.len(), 1);
+    assert_eq!(feedback[0]["statusCode"], "DeliveryCountExceeded");
+    assert_eq!(feedback[0]["originalMessageId"], "lapsed");
+}
+
+#[tokio::test]
+async fn a_lapsed_last_delivery_is_dead_lettered_at_the_next_receive() {
+    // The sweeper is slow here, so the receive has to do it, in its own transaction.
+    let t = C2d::start_with(|c| {
+        c.c2d.c2d_lock_secs = 5;
+        c.c2d.c2d_max_delivery_count = 1;
+        c.c2d.c2d_sweep_interval_ms = 60_000;
+    })
+    .await;
+    let token = t.device("dev-1").await;
+    t.enqueue("dev-1", &[("iothub-ack", "negative")], "first")
+        .await;
+    t.enqueue("dev-1", &[], "second").await;
+    let (_lock, _, body) = t.take("dev-1", &token).await;
+    assert_eq!(body, "first");
+    tokio::time::sleep(Duration::from_millis(5200)).await;
+    let (_, headers, body) = t.take("dev-1", &token).await;
+    assert_eq!(
+        body, "second",
+        "the exhausted message is not delivered again"
+    );
+    assert_eq!(header(&headers, "iothub-sequencenumber"), "2");
+    assert_eq!(
+        t.status("dev-1", 1).await["outcome"],
+        "DeliveryCountExceeded"
+    );
+    assert_eq!(t.drain_feedback().await.len(), 1);
+}
+
+#[tokio::test]
+async fn an_expired_message_is_never_delivered_and_is_reported() {
+    let t = C2d::start_with(|c| c.c2d.c2d_sweep_interval_ms = 60_000).await;
+    let token = t.device("dev-1").await;
+    t.enqueue(
+        "dev-1",
+        &[
+            ("iothub-ttl", "1"),
+            ("iothub-ack", "negative"),
+            ("iothub-messageid", "old"),
+        ],
+        "x",
+    )
+    .await;
+    t.enqueue("dev-1", &[("iothub-ack", "full")], "fresh").await;
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    let (_, _, body) = t.take("dev-1", &token).await;
+    assert_eq!(body, "fresh");
+    let status = t.status("dev-1", 1).await;
+    assert_eq!(status["state"], "DeadLettered");
+    assert_eq!(status["outcome"], "Expired");
+    let feedback = t.drain_feedback().await;
+    assert_eq!(feedback.len(), 1);
+    assert_eq!(feedback[0]["statusCode"], "Expired");
+    assert_eq!(feedback[0]["originalMessageId"], "old");
+}
+
+#[tokio::test]
+async fn the_sweeper_expires_messages_of_devices_that_never_poll() {
+    let t = C2d::start_with(|c| c.c2d.c2d_sweep_interval_ms = 200).await;
+    t.device("dev-1").await;
+    t.enqueue("dev-1", &[("iothub-ttl", "1"), ("iothub-ack", "full")], "x")
+        .await;
+    let status = t
+        .wait_status("dev-1", 1, Duration::from_secs(5), |s| {
+            s["state"] == "DeadLettered"
+        })
+        .await;
+    assert_eq!(status["outcome"], "Expired");
+    let feedback = t.drain_feedback().await;
+    assert_eq!(feedback.len(), 1);
+    assert_eq!(feedback[0]["statusCode"], "Expired");
+    assert_eq!(feedback[0]["description"], "Message expired");
+}
+
+#[tokio::test]
+async fn purge_ends_every_live_message() {
+    let t = C2d::start().await;
+    let token = t.device("dev-1").await;
+    t.device("dev-2").await;
+    for _ in 0..3 {
+        t.enqueue("dev-1", &[("iothub-ack", "negative")], "x").await;
+    }
+    t.enqueue("dev-2", &[], "kept").await;
+    let (lock, _, _) = t.take("dev-1", &token).await;
+    let response = t
+        .hub
+        .request(Method::DELETE, "/devices/dev-1/commands", &t.service)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(
+        body,
+        serde_json::json!({"totalMessagesPurged": 3, "deviceId": "dev-1", "moduleId": null})
+    );
+    assert_eq!(t.receive("dev-1", &token).await.status(), 204);
+    assert_error(
+        t.settle("dev-1", &token, &lock, "complete").await,
+        412,
+        "DeviceMessageLockLost",
+    )
+    .await;
+    assert_eq!(t.status("dev-1", 1).await["outcome"], "Purged");
+    let feedback = t.drain_feedback().await;
+    assert_eq!(feedback.len(), 3);
+    assert!(feedback.iter().all(|r| r["statusCode"] == "Purged"));
+    // Other devices keep theirs; purging an empty queue purges nothing; an unknown device is a 404.
+    let queue: Vec<Value> = t.queue("dev-2", "").await.json().await.unwrap();
+    assert_eq!(queue.len(), 1);
+    let again: Value = t
+        .hub
+        .request(Method::DELETE, "/devices/dev-1/commands", &t.service)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(again["totalMessagesPurged"], 0);
+    let response = t
+        .hub
+        .request(Method::DELETE, "/devices/nobody/commands", &t.service)
+        .send()
+        .await
+        .unwrap();
+    assert_error(response, 404, "DeviceNotFound").await;
+}
+
+#[tokio::test]
+async fn the_queue_lists_live_messages_in_pages_and_status_reports_outcomes() {
+    let t = C2d::start().await;
+    let token = t.device("dev-1").await;
+    for i in 1..=5 {
+        t.enqueue("dev-1", &[("iothub-messageid", &format!("m{i}"))], "x")
+            .await;
+    }
+    let (lock, _, _) = t.take("dev-1", &token).await;
+    assert_eq!(
+        t.settle("dev-1", &token, &lock, "complete").await.status(),
+        204
+    );
+    t.take("dev-1", &token).await;
+
+    let response = t.queue("dev-1", "?top=2").await;
+    assert_eq!(response.status(), 200);
+    let next = header(response.headers(), "x-ms-continuation").to_string();
+    let page: Vec<Value> = response.json().await.unwrap();
+    assert_eq!(page.len(), 2);
+    assert_eq!(page[0]["sequenceNumber"], 2);
+    assert_eq!(page[0]["state"], "Invisible");
+    assert_eq!(page[0]["deliveryCount"], 1);
+    assert_eq!(page[1]["sequenceNumber"], 3);
+    assert_eq!(page[1]["state"], "Enqueued");
+    assert_eq!(page[1]["deliveryCount"], 0);
+    let response = t
+        .queue("dev-1", &format!("?top=2&continuationToken={next}"))
+        .await;
+    assert!(response.headers().get("x-ms-continuation").is_none());
+    let page: Vec<Value> = response.json().await.unwrap();
+    let seqs: Vec<i64> = page
+        .iter()
+        .map(|m| m["sequenceNumber"].as_i64().unwrap())
+        .collect();
+    assert_eq!(seqs, vec![4, 5]);
+
+    // The completed message is out of the queue but its status stays readable.
+    assert_eq!(t.status("dev-1", 1).await["outcome"], "Success");
+    assert_eq!(t.status("dev-1", 1).await["messageId"], "m1");
+    let response = t
+        .hub
+        .request(Method::GET, "/devices/dev-1/commands/99", &t.service)
+        .send()
+        .await
+        .unwrap();
+    assert_error(response, 404, "NotFound").await;
+    let response = t
+        .hub
+        .request(Method::GET, "/devices/dev-1/commands/abc", &t.service)
+        .send()
+        .await
+        .unwrap();
+    assert_error(response, 400, "ArgumentInvalid").await;
+    let response = t
+        .hub
+        .request(Method::GET, "/devices/nobody/commands/1", &t.service)
+        .send()
+        .await
+        .unwrap();
+    assert_error(response, 404, "DeviceNotFound").await;
+    assert_error(t.queue("nobody", "").await, 404, "DeviceNotFound").await;
+    assert_error(t.queue("dev-1", "?top=0").await, 400, "ArgumentInvalid").await;
+    assert_error(
+        t.queue("dev-1", "?continuationToken=%25%25").await,
+        400,
+        "ArgumentInvalid",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn ended_messages_are_deleted_after_the_feedback_ttl() {
+    let t = C2d::start_with(|c| {
+        c.c2d.c2d_sweep_interval_ms = 200;
+        c.c2d.feedback_ttl_secs = 2;
+    })
+    .await;
+    let token = t.device("dev-1").await;
+    t.enqueue("dev-1", &[("iothub-ack", "full")], "x").await;
+    let (lock, _, _) = t.take("dev-1", &token).await;
+    assert_eq!(
+        t.settle("dev-1", &token, &lock, "complete").await.status(),
+        204
+    );
+    assert_eq!(t.status("dev-1", 1).await["outcome"], "Success");
+    tokio::time::sleep(Duration::from_millis(3000)).await;
+    let response = t
+        .hub
+        .request(Method::GET, "/devices/dev-1/commands/1", &t.service)
+        .send()
+        .await
+        .unwrap();
+    assert_error(response, 404, "NotFound").await;
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM c2d_messages")
+        .fetch_one(&t.hub.db)
+        .await
+        .unwrap();
+    assert_eq!(rows, 0);
+    // Its feedback record expired too: never handed out.
+    assert!(t.drain_feedback().await.is_empty());
+}
+
+#[tokio::test]
+async fn a_long_poll_answers_the_moment_a_message_is_enqueued() {
+    let t = std::sync::Arc::new(C2d::start().await);
+    let token = t.device("dev-1").await;
+    t.device("dev-2").await;
+    let poller = {
+        let t = t.clone();
+        let token = token.clone();
+        tokio::spawn(async move {
+            let response = t.receive_query("dev-1", &token, "?wait-ms=20000").await;
+            (
+                Instant::now(),
+                response.status(),
+                response.text().await.unwrap(),
+            )
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // A message for another device does not answer it.
+    t.enqueue("dev-2", &[], "not yours").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!poller.is_finished(), "woken by another device's message");
+    let sent = Instant::now();
+    t.enqueue("dev-1", &[], "now").await;
+    let (answered, status, body) = poller.await.unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(body, "now");
+    assert!(answered >= sent, "answered before the enqueue");
+    let latency = answered - sent;
+    assert!(
+        latency < Duration::from_secs(1),
+        "long poll took {latency:?}"
+    );
+
+    // An empty wait ends with 204 after about the time asked for.
+    let start = Instant::now();
+    assert_eq!(
+        t.receive_query("dev-1", &token, "?wait-ms=300")
+            .await
+            .status(),
+        204
+    );
+    assert!(start.elapsed() >= Duration::from_millis(300));
+    assert_error(
+        t.receive_query("dev-1", &token, "?wait-ms=30001").await,
+        400,
+        "ArgumentInvalid",
+    )
+    .await;
+    assert_error(
+        t.receive_query("dev-1", &token, "?wait-ms=-1").await,
+        400,
+        "ArgumentInvalid",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn long_polls_end_when_the_hub_shuts_down() {
+    let t = C2d::start().await;
+    let token = t.device("dev-1").await;
+    let url = format!(
+        "{}/devices/dev-1/messages/deviceBound?api-version=2021-04-12&wait-ms=25000",
+        t.hub.base
+    );
+    let http = t.hub.http.clone();
+    let poller = tokio::spawn(async move {
+        let response = http
+            .get(url)
+            .header("Authorization", token)
+            .send()
+            .await
+            .unwrap();
+        response.status()
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let start = Instant::now();
+    t.hub.shutdown().await;
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "shutdown waited for the long poll"
+    );
+    assert_eq!(poller.await.unwrap(), 204);
+}
+
+#[tokio::test]
+async fn the_registry_counts_live_messages_and_deleting_a_device_deletes_its_queue() {
+    let t = C2d::start().await;
+    let token = t.device("dev-1").await;
+    for _ in 0..3 {
+        t.enqueue("dev-1", &[("iothub-ack", "full")], "x").await;
+    }
+    let (lock, _, _) = t.take("dev-1", &token).await;
+    assert_eq!(
+        t.settle("dev-1", &token, &lock, "complete").await.status(),
+        204
+    );
+    let owner = t.hub.owner().await;
+    let device: Value = t
+        .hub
+        .request(Method::GET, "/devices/dev-1", &owner)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(device["cloudToDeviceMessageCount"], 2);
+
+    let response = t
+        .hub
+        .request(Method::DELETE, "/devices/dev-1", &owner)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 204);
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM c2d_messages")
+        .fetch_one(&t.hub.db)
+        .await
+        .unwrap();
+    assert_eq!(rows, 0);
+    // A new device with the same id starts a new queue at sequence number 1.
+    t.device("dev-1").await;
+    let first = t.enqueue("dev-1", &[("iothub-ack", "full")], "x").await;
+    assert_eq!(first["sequenceNumber"], 1);
+    let device: Value = t
+        .hub
+        .request(Method::GET, "/devices/dev-1", &owner)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(device["cloudToDeviceMessageCount"], 1);
+}
