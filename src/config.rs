@@ -57,6 +57,10 @@ pub struct Config {
     /// Log as JSON lines instead of text.
     #[arg(long, env = "IOTHUB_LOG_JSON", default_value_t = false)]
     pub log_json: bool,
+
+    /// Device-to-cloud streams.
+    #[command(flatten)]
+    pub d2c: crate::d2c::D2cConfig,
 }
 
 impl Config {
@@ -129,6 +133,7 @@ impl std::fmt::Debug for Config {
             .field("db_pool_size", &self.db_pool_size)
             .field("max_concurrent_requests", &self.max_concurrent_requests)
             .field("request_timeout_secs", &self.request_timeout_secs)
+            .field("d2c", &self.d2c)
             .finish()
     }
 }

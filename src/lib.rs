@@ -6,6 +6,7 @@
 pub mod auth;
 pub mod client;
 pub mod config;
+pub mod d2c;
 pub mod http;
 pub mod notify;
 pub mod postgres;
@@ -35,6 +36,8 @@ pub struct AppInner {
     pub shutdown: watch::Receiver<bool>,
     /// Wake-ups for long polls when a transaction commits something they wait for.
     pub notifier: notify::Notifier,
+    /// Device-to-cloud streams: partition writers and stream settings.
+    pub d2c: d2c::D2c,
 }
 
 impl Deref for AppState {
@@ -109,11 +112,13 @@ pub async fn launch(
     http::metrics::handle();
     let (stop_tx, stop_rx) = watch::channel(false);
     let notifier = notify::Notifier::start(db.clone(), stop_rx.clone()).await?;
+    let d2c = d2c::D2c::start(&db, &config.d2c, stop_rx.clone()).await?;
     let state = AppState(Arc::new(AppInner {
         db,
         config: config.clone(),
         shutdown: stop_rx.clone(),
         notifier,
+        d2c,
     }));
     let app = http::app(state.clone());
     let mut tasks = JoinSet::new();

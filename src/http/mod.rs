@@ -56,6 +56,7 @@ pub struct ApiVersion {
         (name = "registry", description = "Device identities (IoT Hub's registry API)"),
         (name = "policies", description = "Shared access policies (an extension)"),
         (name = "operations", description = "Health, readiness and metrics"),
+        (name = "telemetry", description = "Device-to-cloud telemetry: device sends (IoT Hub's) and the event stream read API (an extension)"),
     )
 )]
 struct ApiDoc;
@@ -80,6 +81,7 @@ fn api() -> (Router<AppState>, utoipa::openapi::OpenApi) {
     OpenApiRouter::with_openapi(ApiDoc::openapi())
         .merge(crate::registry::routes::router())
         .merge(crate::auth::routes::router())
+        .merge(crate::d2c::routes::router())
         .merge(ops::router())
         .split_for_parts()
 }
