@@ -10,11 +10,12 @@ CREATE TABLE d2c_settings (
 
 -- One counter row per partition. Sequence numbers are taken from it inside the inserting transaction, and its row
 -- lock, held until commit, makes commits on one partition happen in sequence order (readers never skip).
--- last_enqueued_at keeps enqueued times non-decreasing along the sequence even across hub processes.
+-- last_enqueued_at (NULL until the first event) keeps enqueued times non-decreasing along the sequence, even
+-- across hub processes.
 CREATE TABLE d2c_partitions (
     partition_id     integer PRIMARY KEY,
     next_seq         bigint NOT NULL DEFAULT 0,
-    last_enqueued_at timestamptz NOT NULL DEFAULT '-infinity'
+    last_enqueued_at timestamptz
 );
 
 -- Consumer groups (small, hub-wide).

@@ -174,16 +174,12 @@ pub async fn partitions(db: &PgPool) -> Result<Vec<PartitionInfo>, sqlx::Error> 
     rows.iter()
         .map(|row| {
             let next: i64 = row.try_get("next_seq")?;
-            let last_enqueued: DateTime<Utc> = row
-                .try_get::<Option<DateTime<Utc>>, _>("last_enqueued_at")
-                .ok()
-                .flatten()
-                .unwrap_or(DateTime::<Utc>::MIN_UTC);
+            let last_enqueued: Option<DateTime<Utc>> = row.try_get("last_enqueued_at")?;
             Ok(PartitionInfo {
                 partition_id: row.try_get("partition_id")?,
                 first_seq: row.try_get("first_seq")?,
                 last_seq: (next > 0).then_some(next - 1),
-                last_enqueued_at: (next > 0).then_some(last_enqueued),
+                last_enqueued_at: last_enqueued,
             })
         })
         .collect()

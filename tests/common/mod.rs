@@ -74,6 +74,25 @@ impl TestDb {
     pub async fn pool(&self) -> PgPool {
         iothub::postgres::connect(self.options.clone(), 8).await.unwrap()
     }
+
+    /// A URL for this database, for spawning the real binary with `DATABASE_URL`.
+    pub fn url(&self) -> String {
+        if let Ok(url) = std::env::var("DATABASE_URL") {
+            let mut url = reqwest::Url::parse(&url).expect("DATABASE_URL");
+            url.set_path(&format!("/{}", self.name));
+            return url.to_string();
+        }
+        let host = match self.options.get_socket() {
+            Some(dir) => dir.display().to_string(),
+            None => self.options.get_host().to_string(),
+        };
+        format!(
+            "postgres://{}@/{}?host={host}&port={}",
+            self.options.get_username(),
+            self.name,
+            self.options.get_port()
+        )
+    }
 }
 
 impl Drop for TestDb {
