@@ -82,15 +82,16 @@ impl TestDb {
             url.set_path(&format!("/{}", self.name));
             return url.to_string();
         }
+        // A Unix socket folder goes in the host part, percent-encoded (`%2Fpath%2Fto%2Fdir`).
         let host = match self.options.get_socket() {
-            Some(dir) => dir.display().to_string(),
+            Some(dir) => dir.display().to_string().replace('/', "%2F"),
             None => self.options.get_host().to_string(),
         };
         format!(
-            "postgres://{}@/{}?host={host}&port={}",
+            "postgres://{}@{host}:{}/{}",
             self.options.get_username(),
-            self.name,
-            self.options.get_port()
+            self.options.get_port(),
+            self.name
         )
     }
 }
