@@ -41,6 +41,20 @@ enum Command {
     },
     /// Print the OpenAPI document.
     Openapi,
+    /// Print device-to-cloud events as they arrive, like `az iot hub monitor-events`.
+    Monitor {
+        #[command(flatten)]
+        hub: HubArgs,
+        #[command(flatten)]
+        args: iothub::d2c::cli::MonitorArgs,
+    },
+    /// Send telemetry as a device (a device connection string, or --device with its key read from the database).
+    Send {
+        #[command(flatten)]
+        hub: HubArgs,
+        #[command(flatten)]
+        args: iothub::d2c::cli::SendArgs,
+    },
 }
 
 #[derive(Args, Clone)]
@@ -208,6 +222,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             release(cluster).await
         }
         Command::Device { hub, command } => device_command(hub, command).await,
+        Command::Monitor { hub, args } => {
+            let credentials = service_credentials(&hub).await?;
+            iothub::d2c::cli::monitor(&hub.url, credentials, args).await
+        }
+        Command::Send { hub, args } => {
+            let credentials = device_credentials(&hub, &args).await?;
+            iothub::d2c::cli::send(&hub.url, credentials, args).await
+        }
         Command::Openapi => {
             println!("{}", iothub::http::openapi().to_pretty_json()?);
             Ok(())
@@ -298,4 +320,46 @@ async fn shutdown_signal() {
         _ = tokio::signal::ctrl_c() => {},
         _ = term.recv() => {},
     }
+}
+
+/// A service connection string: `--connection-string`, or the iothubowner policy read from the database.
+async fn service_credentials(hub: &HubArgs) -> anyhow::Result<ConnectionString> {
+    if let Some(text) = &hub.connection_string {
+        return ConnectionString::parse(text);
+    }
+    let (pool, cluster) = open_database(hub.db.database_url.as_ref(), &hub.db.data_dir, 1).await?;
+    let policy = policies::get(&pool, "iothubowner")
+        .await?
+        .context("no iothubowner policy: pass --connection-string")?;
+    pool.close().await;
+    release(cluster).await?;
+    ConnectionString::parse(&policy.connection_string(&hub.db.hostname))
+}
+
+/// A device's credentials: `--device-connection-string`, or `--device` with its key read from the database.
+async fn device_credentials(
+    hub: &HubArgs,
+    args: &iothub::d2c::cli::SendArgs,
+) -> anyhow::Result<ConnectionString> {
+    if let Some(text) = &args.device_connection_string {
+        return ConnectionString::parse(text);
+    }
+    let id = args
+        .device
+        .as_deref()
+        .context("pass --device-connection-string or --device")?;
+    let (pool, cluster) = open_database(hub.db.database_url.as_ref(), &hub.db.data_dir, 1).await?;
+    let device = registry::store::get(&pool, id)
+        .await?
+        .with_context(|| format!("no device {id}"))?;
+    pool.close().await;
+    release(cluster).await?;
+    Ok(ConnectionString {
+        host_name: hub.db.hostname.clone(),
+        key_name: None,
+        device_id: Some(id.to_string()),
+        key: device
+            .primary_key
+            .with_context(|| format!("device {id} has no symmetric key"))?,
+    })
 }

@@ -775,3 +775,65 @@ async fn retention_drops_whole_time_partitions() {
     .await;
     assert_eq!(page["events"][0]["sequenceNumber"], 5);
 }
+
+#[tokio::test]
+async fn cli_sends_as_a_device_and_monitor_prints_events() {
+    let hub = TestHub::start().await;
+    let device = hub.create_device("cli-dev").await;
+    let key = primary_key(&device);
+    let device_cs = format!("HostName={HOST};DeviceId=cli-dev;SharedAccessKey={key}");
+    let service_key = hub.policy_key("service").await;
+    let service_cs =
+        format!("HostName={HOST};SharedAccessKeyName=service;SharedAccessKey={service_key}");
+    let bin = env!("CARGO_BIN_EXE_iothub");
+
+    let sent = tokio::process::Command::new(bin)
+        .args([
+            "send",
+            "--url",
+            &hub.base,
+            "--device-connection-string",
+            &device_cs,
+        ])
+        .args(["-p", "alert=high", "--count", "2", r#"{"t":1}"#])
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        sent.status.success(),
+        "{}",
+        String::from_utf8_lossy(&sent.stderr)
+    );
+
+    let monitor = tokio::process::Command::new(bin)
+        .args([
+            "monitor",
+            "--url",
+            &hub.base,
+            "--connection-string",
+            &service_cs,
+        ])
+        .args(["--from-checkpoint", "--properties", "--count", "2"])
+        .output();
+    let output = tokio::time::timeout(Duration::from_secs(20), monitor)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let text = String::from_utf8(output.stdout).unwrap();
+    let printed: Vec<Value> = serde_json::Deserializer::from_str(&text)
+        .into_iter::<Value>()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(printed.len(), 2);
+    assert_eq!(printed[0]["event"]["origin"], "cli-dev");
+    assert_eq!(printed[0]["event"]["payload"], json!({"t": 1}));
+    assert_eq!(
+        printed[0]["event"]["properties"]["application"],
+        json!({"alert": "high"})
+    );
+}

@@ -6,6 +6,7 @@
 //! `204` once that transaction has committed → readers (`GET /messages/events/...`) are woken through the
 //! notifier's D2C channel.
 
+pub mod cli;
 pub mod ingest;
 pub mod model;
 pub mod partition;
