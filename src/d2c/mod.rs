@@ -17,6 +17,7 @@ pub mod stream;
 use std::time::Duration;
 
 use clap::Args;
+use sqlx::postgres::PgPoolOptions;
 use sqlx::PgPool;
 use tokio::sync::watch;
 
@@ -89,7 +90,16 @@ impl D2c {
         }
         store::maintain(db, config.d2c_retention_days).await?;
         spawn_maintenance(db.clone(), config.clone(), shutdown.clone());
-        let ingest = ingest::Ingest::start(db.clone(), partitions, config, shutdown);
+        // The writers get connections of their own: a send's transaction never queues behind the requests'
+        // authentication queries in the shared pool, and no connection test precedes each transaction.
+        let writers = PgPoolOptions::new()
+            .max_connections(partitions.min(32))
+            .min_connections(0)
+            .test_before_acquire(false)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect_with(db.connect_options().as_ref().clone())
+            .await?;
+        let ingest = ingest::Ingest::start(writers, partitions, config, shutdown);
         Ok(D2c {
             partitions,
             retention_days: config.d2c_retention_days,
