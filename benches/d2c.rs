@@ -2,10 +2,12 @@
 //!
 //! Launches a hub (library `iothub::launch`) on `DATABASE_URL`, or on a private PostgreSQL cluster under
 //! `target/bench-postgres`, and measures on the same database:
-//! 1. single-message sends over HTTP from many simulated devices (keep-alive connections), messages/s;
+//! 1. single-message sends over HTTP from many simulated devices (keep-alive connections), messages/s, and how
+//!    many messages each ingestion transaction carried;
 //! 2. batched sends (`application/vnd.microsoft.iothub.json`), messages/s;
 //! 3. send → readable latency (p50/p99) during the single-message run, seen by long-polling readers;
-//! 4. baselines straight into one table: one INSERT per message (autocommit), and multi-row INSERTs.
+//! 4. the HTTP + authentication ceiling: the same sends refused (a malformed batch) before anything is written;
+//! 5. baselines straight into one table: one INSERT per message (autocommit), and multi-row INSERTs.
 //!
 //! Environment: `D2C_BENCH_SECS` (per phase, default 5), `D2C_BENCH_DEVICES` (concurrent devices, default 64),
 //! `D2C_BENCH_BATCH` (messages per batch, default 50), `D2C_BENCH_DB_CONNECTIONS` (baseline connections, default
@@ -132,7 +134,9 @@ async fn http_phase(
                 // The body carries its send time (µs since the epoch of the run) for the latency readers.
                 let stamp = epoch.elapsed().as_micros();
                 let request = http.post(&url).header("Authorization", &token);
-                let request = if batch <= 1 {
+                let request = if batch == 0 {
+                    request.header("Content-Type", "application/vnd.microsoft.iothub.json").body("[")
+                } else if batch == 1 {
                     request.header("iothub-app-sent", stamp.to_string()).body(payload(i))
                 } else {
                     let items: Vec<Value> = (0..batch as u64)
@@ -143,7 +147,7 @@ async fn http_phase(
                         .body(serde_json::to_string(&items).unwrap())
                 };
                 match request.send().await {
-                    Ok(r) if r.status() == 204 => {
+                    Ok(r) if r.status() == 204 || (batch == 0 && r.status() == 400) => {
                         sent.fetch_add(batch.max(1) as u64, Ordering::Relaxed);
                     }
                     _ => {
@@ -357,7 +361,16 @@ async fn main() -> anyhow::Result<()> {
     let mut lat = std::mem::take(&mut *latencies.lock().unwrap());
     lat.sort_by(|a, b| a.partial_cmp(b).unwrap());
 
+    // Messages per ingestion transaction in the single-message run: one enqueued time per transaction and partition.
+    let (events, transactions): (i64, i64) = sqlx::query_as(
+        "SELECT count(*), count(DISTINCT (partition_id, enqueued_at)) FROM d2c_events",
+    )
+    .fetch_one(&pool)
+    .await?;
+
     let batched = http_phase(&http, &base, &devices, secs, batch, epoch).await;
+    // The same requests refused after authentication, before any write: what HTTP + SAS + the device lookup cost.
+    let ceiling = http_phase(&http, &base, &devices, secs, 0, epoch).await;
 
     sqlx::query("CREATE TABLE IF NOT EXISTS bench_raw (id bigserial PRIMARY KEY, device_id text NOT NULL, properties jsonb NOT NULL, body bytea NOT NULL, at timestamptz NOT NULL DEFAULT now())")
         .execute(&pool)
@@ -385,6 +398,16 @@ async fn main() -> anyhow::Result<()> {
         "{:<52} {:>12}",
         format!("baseline: multi-row INSERT, 1000 rows ({connections} conns)"),
         format!("{multi:.0} rows/s")
+    );
+    println!(
+        "{:<52} {:>12}",
+        "HTTP sends refused after auth (no write)",
+        format!("{ceiling:.0} req/s")
+    );
+    println!(
+        "{:<52} {:>12}",
+        "messages per ingestion transaction (single run)",
+        format!("{:.1}", events as f64 / transactions.max(1) as f64)
     );
     println!(
         "{:<52} {:>12}",
