@@ -68,6 +68,10 @@ pub struct Config {
     /// Log as JSON lines instead of text.
     #[arg(long, env = "IOTHUB_LOG_JSON", default_value_t = false)]
     pub log_json: bool,
+
+    /// Device-to-cloud streams.
+    #[command(flatten)]
+    pub d2c: crate::d2c::D2cConfig,
 }
 
 impl Config {
@@ -147,6 +151,7 @@ impl std::fmt::Debug for Config {
             .field("auth_cache_ms", &self.auth_cache_ms)
             .field("throttle", &self.throttle)
             .field("c2d", &self.c2d)
+            .field("d2c", &self.d2c)
             .finish()
     }
 }

@@ -7,6 +7,7 @@ pub mod auth;
 pub mod c2d;
 pub mod client;
 pub mod config;
+pub mod d2c;
 pub mod feedback;
 pub mod http;
 pub mod notify;
@@ -42,6 +43,8 @@ pub struct AppInner {
     pub credentials: auth::Credentials,
     /// Token buckets per operation class (empty unless configured).
     pub throttle: throttle::Throttle,
+    /// Device-to-cloud streams: partition writers and stream settings.
+    pub d2c: d2c::D2c,
 }
 
 impl Deref for AppState {
@@ -119,6 +122,7 @@ pub async fn launch(
     let throttle = throttle::Throttle::new(&config.throttle)?;
     let db_for_auth = db.clone();
     let notifier = notify::Notifier::start(db.clone(), stop_rx.clone()).await?;
+    let d2c = d2c::D2c::start(&db, &config.d2c, stop_rx.clone()).await?;
     let state = AppState(Arc::new(AppInner {
         db,
         config: config.clone(),
@@ -126,6 +130,7 @@ pub async fn launch(
         notifier,
         throttle,
         credentials: auth::Credentials::new(db_for_auth, config.auth_cache()),
+        d2c,
     }));
     {
         let state = state.clone();

@@ -59,6 +59,20 @@ enum Command {
     },
     /// Print the OpenAPI document.
     Openapi,
+    /// Print device-to-cloud events as they arrive, like `az iot hub monitor-events`.
+    Monitor {
+        #[command(flatten)]
+        hub: HubArgs,
+        #[command(flatten)]
+        args: iothub::d2c::cli::MonitorArgs,
+    },
+    /// Send telemetry as a device (a device connection string, or --device with its key read from the database).
+    Send {
+        #[command(flatten)]
+        hub: HubArgs,
+        #[command(flatten)]
+        args: iothub::d2c::cli::SendArgs,
+    },
 }
 
 #[derive(Args, Clone)]
@@ -257,6 +271,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Feedback { hub, command } => {
             iothub::c2d::cli::feedback(&service_client(&hub).await?, command).await
         }
+        Command::Monitor { hub, args } => {
+            let credentials = service_credentials(&hub).await?;
+            iothub::d2c::cli::monitor(&hub.url, credentials, args).await
+        }
+        Command::Send { hub, args } => {
+            let credentials = device_credentials(&hub, &args).await?;
+            iothub::d2c::cli::send(&hub.url, credentials, args).await
+        }
         Command::Openapi => {
             println!("{}", iothub::http::openapi().to_pretty_json()?);
             Ok(())
@@ -273,23 +295,7 @@ async fn release(cluster: Option<ManagedCluster>) -> anyhow::Result<()> {
 }
 
 async fn device_command(hub: HubArgs, command: DeviceCommand) -> anyhow::Result<()> {
-    let credentials = match &hub.connection_string {
-        Some(text) => ConnectionString::parse(text)?,
-        None => {
-            let (pool, cluster) =
-                open_database(hub.db.database_url.as_ref(), &hub.db.data_dir, 1).await?;
-            let policy = policies::get(&pool, "iothubowner")
-                .await?
-                .context("no iothubowner policy: pass --connection-string")?;
-            pool.close().await;
-            release(cluster).await?;
-            ConnectionString::parse(&policy.connection_string(&hub.db.hostname))?
-        }
-    };
-    if credentials.device_id.is_some() {
-        bail!("device management needs a service connection string, not a device's");
-    }
-    let client = HubClient::new(&hub.url, credentials)?;
+    let client = service_client(&hub).await?;
     let hostname = client.credentials.host_name.clone();
     match command {
         DeviceCommand::Create { id, disabled } => {
@@ -327,23 +333,7 @@ async fn device_command(hub: HubArgs, command: DeviceCommand) -> anyhow::Result<
 
 /// A client of the hub's REST API with the service credentials `hub` names (default: the iothubowner policy).
 async fn service_client(hub: &HubArgs) -> anyhow::Result<HubClient> {
-    let credentials = match &hub.connection_string {
-        Some(text) => ConnectionString::parse(text)?,
-        None => {
-            let (pool, cluster) =
-                open_database(hub.db.database_url.as_ref(), &hub.db.data_dir, 1).await?;
-            let policy = policies::get(&pool, "iothubowner")
-                .await?
-                .context("no iothubowner policy: pass --connection-string")?;
-            pool.close().await;
-            release(cluster).await?;
-            ConnectionString::parse(&policy.connection_string(&hub.db.hostname))?
-        }
-    };
-    if credentials.device_id.is_some() {
-        bail!("this command needs a service connection string, not a device's");
-    }
-    HubClient::new(&hub.url, credentials)
+    HubClient::new(&hub.url, service_credentials(hub).await?)
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {
@@ -373,4 +363,50 @@ async fn shutdown_signal() {
         _ = tokio::signal::ctrl_c() => {},
         _ = term.recv() => {},
     }
+}
+
+/// A service connection string: `--connection-string`, or the iothubowner policy read from the database.
+async fn service_credentials(hub: &HubArgs) -> anyhow::Result<ConnectionString> {
+    if let Some(text) = &hub.connection_string {
+        let credentials = ConnectionString::parse(text)?;
+        if credentials.device_id.is_some() {
+            bail!("this command needs a service connection string, not a device's");
+        }
+        return Ok(credentials);
+    }
+    let (pool, cluster) = open_database(hub.db.database_url.as_ref(), &hub.db.data_dir, 1).await?;
+    let policy = policies::get(&pool, "iothubowner")
+        .await?
+        .context("no iothubowner policy: pass --connection-string")?;
+    pool.close().await;
+    release(cluster).await?;
+    ConnectionString::parse(&policy.connection_string(&hub.db.hostname))
+}
+
+/// A device's credentials: `--device-connection-string`, or `--device` with its key read from the database.
+async fn device_credentials(
+    hub: &HubArgs,
+    args: &iothub::d2c::cli::SendArgs,
+) -> anyhow::Result<ConnectionString> {
+    if let Some(text) = &args.device_connection_string {
+        return ConnectionString::parse(text);
+    }
+    let id = args
+        .device
+        .as_deref()
+        .context("pass --device-connection-string or --device")?;
+    let (pool, cluster) = open_database(hub.db.database_url.as_ref(), &hub.db.data_dir, 1).await?;
+    let device = registry::store::get(&pool, id)
+        .await?
+        .with_context(|| format!("no device {id}"))?;
+    pool.close().await;
+    release(cluster).await?;
+    Ok(ConnectionString {
+        host_name: hub.db.hostname.clone(),
+        key_name: None,
+        device_id: Some(id.to_string()),
+        key: device
+            .primary_key
+            .with_context(|| format!("device {id} has no symmetric key"))?,
+    })
 }

@@ -18,6 +18,7 @@ pub enum ErrorCode {
     IotHubFormatError,
     IotHubUnauthorizedAccess,
     DeviceMaximumQueueDepthExceeded,
+    IotHubQuotaExceeded,
     InvalidMessageExpiryTime,
     DeviceNotFound,
     PolicyNotFound,
@@ -43,7 +44,9 @@ impl ErrorCode {
                 StatusCode::BAD_REQUEST
             }
             IotHubUnauthorizedAccess => StatusCode::UNAUTHORIZED,
-            DeviceMaximumQueueDepthExceeded | InvalidMessageExpiryTime => StatusCode::FORBIDDEN,
+            DeviceMaximumQueueDepthExceeded | IotHubQuotaExceeded | InvalidMessageExpiryTime => {
+                StatusCode::FORBIDDEN
+            }
             DeviceNotFound | PolicyNotFound | NotFound => StatusCode::NOT_FOUND,
             MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             DeviceAlreadyExists | PolicyAlreadyExists => StatusCode::CONFLICT,
@@ -67,6 +70,7 @@ impl ErrorCode {
             IotHubFormatError => 400006,
             IotHubUnauthorizedAccess => 401002,
             DeviceMaximumQueueDepthExceeded => 403004,
+            IotHubQuotaExceeded => 403002,
             InvalidMessageExpiryTime => 403009,
             DeviceNotFound => 404001,
             PolicyNotFound => 404000,
@@ -94,6 +98,7 @@ impl ErrorCode {
             IotHubFormatError => "IotHubFormatError",
             IotHubUnauthorizedAccess => "IotHubUnauthorizedAccess",
             DeviceMaximumQueueDepthExceeded => "DeviceMaximumQueueDepthExceeded",
+            IotHubQuotaExceeded => "IotHubQuotaExceeded",
             InvalidMessageExpiryTime => "InvalidMessageExpiryTime",
             DeviceNotFound => "DeviceNotFound",
             PolicyNotFound => "PolicyNotFound",

@@ -59,6 +59,7 @@ pub struct ApiVersion {
         (name = "c2d", description = "Cloud-to-device messages: the service's queue calls and the device's receive and settlement"),
         (name = "feedback", description = "Delivery feedback for cloud-to-device messages"),
         (name = "operations", description = "Health, readiness and metrics"),
+        (name = "telemetry", description = "Device-to-cloud telemetry: device sends (IoT Hub's) and the event stream read API (an extension)"),
     )
 )]
 struct ApiDoc;
@@ -164,6 +165,7 @@ fn api() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .merge(crate::c2d::routes::router())
         .merge(crate::feedback::routes::router())
         .merge(crate::auth::routes::router())
+        .merge(crate::d2c::routes::router())
         .merge(ops::router())
         .split_for_parts();
     // After the merge: the document's paths exist only now.

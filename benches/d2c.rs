@@ -1,0 +1,446 @@
+//! D2C ingestion benchmark: `cargo bench --bench d2c`.
+//!
+//! Launches a hub (library `iothub::launch`) on `DATABASE_URL`, or on a private PostgreSQL cluster under
+//! `target/bench-postgres`, and measures on the same database:
+//! 1. single-message sends over HTTP from many simulated devices (keep-alive connections), messages/s, and how
+//!    many messages each ingestion transaction carried;
+//! 2. batched sends (`application/vnd.microsoft.iothub.json`), messages/s;
+//! 3. send → readable latency (p50/p99) during the single-message run, seen by long-polling readers;
+//! 4. the HTTP + authentication ceiling: the same sends refused (a malformed batch) before anything is written;
+//! 5. baselines straight into one table: one INSERT per message (autocommit), and multi-row INSERTs.
+//!
+//! Environment: `D2C_BENCH_SECS` (per phase, default 5), `D2C_BENCH_DEVICES` (concurrent devices, default 64),
+//! `D2C_BENCH_BATCH` (messages per batch, default 50), `D2C_BENCH_DB_CONNECTIONS` (baseline connections, default
+//! 16, the hub's pool size).
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use base64::engine::general_purpose::STANDARD as BASE64;
+use base64::Engine;
+use serde_json::{json, Value};
+use sqlx::PgPool;
+
+const HOST: &str = "bench.example.net";
+const API: &str = "api-version=2021-04-12";
+
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+fn payload(i: u64) -> String {
+    format!(
+        r#"{{"temperature":21.5,"humidity":40.2,"reading":{i},"pad":"0123456789abcdef0123456789abcdef"}}"#
+    )
+}
+
+async fn database() -> anyhow::Result<(PgPool, Option<iothub::postgres::ManagedCluster>)> {
+    if let Ok(url) = std::env::var("DATABASE_URL") {
+        let pool = iothub::postgres::connect(iothub::postgres::parse_url(&url)?, 40).await?;
+        return Ok((pool, None));
+    }
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench-postgres");
+    let cluster = iothub::postgres::ManagedCluster::start(&root).await?;
+    // A fresh database per run.
+    let admin = iothub::postgres::connect(cluster.options("postgres"), 1).await?;
+    sqlx::query("DROP DATABASE IF EXISTS iothub_bench WITH (FORCE)")
+        .execute(&admin)
+        .await?;
+    sqlx::query("CREATE DATABASE iothub_bench")
+        .execute(&admin)
+        .await?;
+    admin.close().await;
+    let pool = iothub::postgres::connect(cluster.options("iothub_bench"), 40).await?;
+    Ok((pool, Some(cluster)))
+}
+
+struct Devices {
+    ids: Vec<(String, String)>,
+}
+
+async fn create_devices(
+    http: &reqwest::Client,
+    base: &str,
+    pool: &PgPool,
+    n: usize,
+) -> anyhow::Result<Devices> {
+    let key = iothub::auth::policies::get(pool, "iothubowner")
+        .await?
+        .unwrap()
+        .primary_key;
+    let owner = iothub::auth::sas::sign(
+        HOST,
+        &key,
+        Some("iothubowner"),
+        chrono::Utc::now().timestamp() + 7200,
+    )?;
+    let mut ids = Vec::new();
+    for i in 0..n {
+        let id = format!("bench-{i}");
+        let device: Value = http
+            .put(format!("{base}/devices/{id}?{API}"))
+            .header("Authorization", &owner)
+            .json(&json!({"deviceId": id}))
+            .send()
+            .await?
+            .json()
+            .await?;
+        let key = device["authentication"]["symmetricKey"]["primaryKey"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let token = iothub::auth::sas::sign(
+            &format!("{HOST}/devices/{id}"),
+            &key,
+            None,
+            chrono::Utc::now().timestamp() + 7200,
+        )?;
+        ids.push((id, token));
+    }
+    Ok(Devices { ids })
+}
+
+/// Sends for `secs` from every device at once; returns messages acknowledged per second.
+async fn http_phase(
+    http: &reqwest::Client,
+    base: &str,
+    devices: &Devices,
+    secs: u64,
+    batch: usize,
+    epoch: Instant,
+) -> f64 {
+    let stop = Arc::new(AtomicBool::new(false));
+    let sent = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for (id, token) in &devices.ids {
+        let (http, base, id, token) = (http.clone(), base.to_string(), id.clone(), token.clone());
+        let (stop, sent, failed) = (stop.clone(), sent.clone(), failed.clone());
+        tasks.push(tokio::spawn(async move {
+            let url = format!("{base}/devices/{id}/messages/events?{API}");
+            let mut i = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                // The body carries its send time (µs since the epoch of the run) for the latency readers.
+                let stamp = epoch.elapsed().as_micros();
+                let request = http.post(&url).header("Authorization", &token);
+                let request = if batch == 0 {
+                    request.header("Content-Type", "application/vnd.microsoft.iothub.json").body("[")
+                } else if batch == 1 {
+                    request.header("iothub-app-sent", stamp.to_string()).body(payload(i))
+                } else {
+                    let items: Vec<Value> = (0..batch as u64)
+                        .map(|k| json!({"body": BASE64.encode(payload(i + k)), "properties": {"iothub-app-sent": stamp.to_string()}}))
+                        .collect();
+                    request
+                        .header("Content-Type", "application/vnd.microsoft.iothub.json")
+                        .body(serde_json::to_string(&items).unwrap())
+                };
+                match request.send().await {
+                    Ok(r) if r.status() == 204 || (batch == 0 && r.status() == 400) => {
+                        sent.fetch_add(batch.max(1) as u64, Ordering::Relaxed);
+                    }
+                    _ => {
+                        failed.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                i += batch.max(1) as u64;
+            }
+        }));
+    }
+    let started = Instant::now();
+    tokio::time::sleep(Duration::from_secs(secs)).await;
+    stop.store(true, Ordering::Relaxed);
+    let before_drain = sent.load(Ordering::Relaxed);
+    let elapsed = started.elapsed().as_secs_f64();
+    for t in tasks {
+        let _ = t.await;
+    }
+    let f = failed.load(Ordering::Relaxed);
+    if f > 0 {
+        println!("  ({f} sends failed)");
+    }
+    before_drain as f64 / elapsed
+}
+
+/// Long-polls every partition and records, for each single message read, the time from send to readable.
+fn spawn_readers(
+    http: &reqwest::Client,
+    base: &str,
+    token: &str,
+    partitions: u32,
+    epoch: Instant,
+    latencies: Arc<Mutex<Vec<f64>>>,
+    stop: Arc<AtomicBool>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    (0..partitions)
+        .map(|p| {
+            let (http, base, token) = (http.clone(), base.to_string(), token.to_string());
+            let (latencies, stop) = (latencies.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut from: Option<i64> = None;
+                while !stop.load(Ordering::Relaxed) {
+                    let position = match from {
+                        Some(n) => format!("from-sequence-number={n}"),
+                        None => "from=end".to_string(),
+                    };
+                    let url = format!("{base}/messages/events/partitions/{p}?{API}&{position}&max-count=1000&wait-ms=1000");
+                    let Ok(response) = http.get(url).header("Authorization", &token).send().await else {
+                        continue;
+                    };
+                    let Ok(page) = response.json::<Value>().await else {
+                        continue;
+                    };
+                    let now = epoch.elapsed().as_micros() as f64;
+                    let mut batch = Vec::new();
+                    for e in page["events"].as_array().into_iter().flatten() {
+                        if let Some(sent) = e["properties"]["sent"].as_str().and_then(|s| s.parse::<f64>().ok()) {
+                            batch.push((now - sent) / 1000.0);
+                        }
+                    }
+                    latencies.lock().unwrap().extend(batch);
+                    from = page["nextSequenceNumber"].as_i64();
+                }
+            })
+        })
+        .collect()
+}
+
+/// One autocommit INSERT per message from `connections` connections; rows per second.
+async fn baseline_single(pool: &PgPool, secs: u64, connections: usize) -> anyhow::Result<f64> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let rows = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for c in 0..connections {
+        let (pool, stop, rows) = (pool.clone(), stop.clone(), rows.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut i = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                sqlx::query("INSERT INTO bench_raw (device_id, properties, body) VALUES ($1, $2::jsonb, $3)")
+                    .bind(format!("bench-{c}"))
+                    .bind(r#"{"sent":"0"}"#)
+                    .bind(payload(i).into_bytes())
+                    .execute(&pool)
+                    .await
+                    .unwrap();
+                rows.fetch_add(1, Ordering::Relaxed);
+                i += 1;
+            }
+        }));
+    }
+    let started = Instant::now();
+    tokio::time::sleep(Duration::from_secs(secs)).await;
+    stop.store(true, Ordering::Relaxed);
+    let n = rows.load(Ordering::Relaxed);
+    let elapsed = started.elapsed().as_secs_f64();
+    for t in tasks {
+        t.await?;
+    }
+    Ok(n as f64 / elapsed)
+}
+
+/// Multi-row INSERTs of `per_statement` rows from `connections` connections; rows per second.
+async fn baseline_multi(
+    pool: &PgPool,
+    secs: u64,
+    connections: usize,
+    per_statement: usize,
+) -> anyhow::Result<f64> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let rows = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for c in 0..connections {
+        let (pool, stop, rows) = (pool.clone(), stop.clone(), rows.clone());
+        tasks.push(tokio::spawn(async move {
+            let devices: Vec<String> = (0..per_statement).map(|_| format!("bench-{c}")).collect();
+            let props: Vec<String> = (0..per_statement).map(|_| r#"{"sent":"0"}"#.to_string()).collect();
+            let bodies: Vec<Vec<u8>> = (0..per_statement as u64).map(|i| payload(i).into_bytes()).collect();
+            while !stop.load(Ordering::Relaxed) {
+                sqlx::query(
+                    "INSERT INTO bench_raw (device_id, properties, body)
+                     SELECT d, p::jsonb, b FROM unnest($1::text[], $2::text[], $3::bytea[]) AS u(d, p, b)",
+                )
+                .bind(&devices)
+                .bind(&props)
+                .bind(&bodies)
+                .execute(&pool)
+                .await
+                .unwrap();
+                rows.fetch_add(per_statement as u64, Ordering::Relaxed);
+            }
+        }));
+    }
+    let started = Instant::now();
+    tokio::time::sleep(Duration::from_secs(secs)).await;
+    stop.store(true, Ordering::Relaxed);
+    let n = rows.load(Ordering::Relaxed);
+    let elapsed = started.elapsed().as_secs_f64();
+    for t in tasks {
+        t.await?;
+    }
+    Ok(n as f64 / elapsed)
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let secs: u64 = env_or("D2C_BENCH_SECS", 5);
+    let device_count: usize = env_or("D2C_BENCH_DEVICES", 64);
+    let batch: usize = env_or("D2C_BENCH_BATCH", 50);
+    let connections: usize = env_or("D2C_BENCH_DB_CONNECTIONS", 16);
+
+    let (pool, cluster) = database().await?;
+    let mut config = iothub::Config::with_database("postgres://unused");
+    config.hostname = HOST.to_string();
+    config.listen = "127.0.0.1:0".parse()?;
+    let listeners = iothub::Listeners {
+        http: tokio::net::TcpListener::bind(config.listen).await?,
+        tls: None,
+        metrics: None,
+    };
+    let hub_pool =
+        iothub::postgres::connect(pool.connect_options().as_ref().clone(), config.db_pool_size)
+            .await?;
+    let (stop_hub, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = iothub::launch(config, hub_pool.clone(), listeners, async move {
+        let _ = stopped.await;
+    })
+    .await?;
+    let base = format!("http://{}", running.http_addr);
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(device_count * 2)
+        .build()?;
+    let devices = create_devices(&http, &base, &pool, device_count).await?;
+    let service_key = iothub::auth::policies::get(&pool, "service")
+        .await?
+        .unwrap()
+        .primary_key;
+    let service = iothub::auth::sas::sign(
+        HOST,
+        &service_key,
+        Some("service"),
+        chrono::Utc::now().timestamp() + 7200,
+    )?;
+    let partitions: u32 = sqlx::query_scalar::<_, i32>("SELECT partition_count FROM d2c_settings")
+        .fetch_one(&pool)
+        .await? as u32;
+
+    println!("d2c benchmark: {device_count} devices, {secs} s per phase, batches of {batch}, {partitions} partitions");
+    let epoch = Instant::now();
+
+    // Warm-up (connections, plans).
+    http_phase(&http, &base, &devices, 1, 1, epoch).await;
+
+    let latencies = Arc::new(Mutex::new(Vec::new()));
+    let stop_readers = Arc::new(AtomicBool::new(false));
+    let readers = spawn_readers(
+        &http,
+        &base,
+        &service,
+        partitions,
+        epoch,
+        latencies.clone(),
+        stop_readers.clone(),
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let single = http_phase(&http, &base, &devices, secs, 1, epoch).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    stop_readers.store(true, Ordering::Relaxed);
+    for r in readers {
+        let _ = r.await;
+    }
+    let mut lat = std::mem::take(&mut *latencies.lock().unwrap());
+    lat.sort_by(|a, b| a.partial_cmp(b).unwrap());
+
+    // Messages per ingestion transaction in the single-message run: one enqueued time per transaction and partition.
+    let (events, transactions): (i64, i64) = sqlx::query_as(
+        "SELECT count(*), count(DISTINCT (partition_id, enqueued_at)) FROM d2c_events",
+    )
+    .fetch_one(&pool)
+    .await?;
+
+    let batched = http_phase(&http, &base, &devices, secs, batch, epoch).await;
+    // The same requests refused after authentication, before any write: what HTTP + SAS + the device lookup cost.
+    let ceiling = http_phase(&http, &base, &devices, secs, 0, epoch).await;
+
+    sqlx::query("CREATE TABLE IF NOT EXISTS bench_raw (id bigserial PRIMARY KEY, device_id text NOT NULL, properties jsonb NOT NULL, body bytea NOT NULL, at timestamptz NOT NULL DEFAULT now())")
+        .execute(&pool)
+        .await?;
+    let per_insert = baseline_single(&pool, secs, connections).await?;
+    let multi = baseline_multi(&pool, secs, connections, 1000).await?;
+
+    println!();
+    println!(
+        "{:<52} {:>12}",
+        "HTTP single-message sends",
+        format!("{single:.0} msg/s")
+    );
+    println!(
+        "{:<52} {:>12}",
+        format!("HTTP batched sends ({batch}/batch)"),
+        format!("{batched:.0} msg/s")
+    );
+    println!(
+        "{:<52} {:>12}",
+        format!("baseline: one INSERT per message ({connections} conns)"),
+        format!("{per_insert:.0} rows/s")
+    );
+    println!(
+        "{:<52} {:>12}",
+        format!("baseline: multi-row INSERT, 1000 rows ({connections} conns)"),
+        format!("{multi:.0} rows/s")
+    );
+    println!(
+        "{:<52} {:>12}",
+        "HTTP sends refused after auth (no write)",
+        format!("{ceiling:.0} req/s")
+    );
+    println!(
+        "{:<52} {:>12}",
+        "messages per ingestion transaction (single run)",
+        format!("{:.1}", events as f64 / transactions.max(1) as f64)
+    );
+    println!(
+        "{:<52} {:>12}",
+        format!("send -> readable latency ({} samples)", lat.len()),
+        format!(
+            "p50 {:.1} ms, p99 {:.1} ms",
+            percentile(&lat, 0.5),
+            percentile(&lat, 0.99)
+        )
+    );
+    println!();
+    println!("ratios (target):");
+    println!(
+        "  HTTP single / one-INSERT-per-message  = {:.2}  (> 1)",
+        single / per_insert
+    );
+    println!(
+        "  HTTP batched / multi-row INSERT       = {:.2}  (>= 0.5)",
+        batched / multi
+    );
+    println!(
+        "  p99 send -> readable                  = {:.1} ms (< 50 ms)",
+        percentile(&lat, 0.99)
+    );
+
+    let _ = stop_hub.send(());
+    running.wait().await?;
+    hub_pool.close().await;
+    pool.close().await;
+    if let Some(cluster) = cluster {
+        if cluster.started_here() {
+            cluster.stop().await?;
+        }
+    }
+    Ok(())
+}

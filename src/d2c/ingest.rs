@@ -1,0 +1,171 @@
+//! Group commit: one writer task per partition drains every send waiting for it into one transaction (one
+//! INSERT, one fsync) and then answers each sender. A sender gets its answer only after the transaction that holds
+//! its message has committed, so `204` means durable.
+//!
+//! Memory stays bounded: each partition's queue is a bounded channel. When the database falls behind and a queue
+//! is full, sends wait for room, and give up with 503 after the enqueue timeout instead of piling up.
+
+use std::time::Duration;
+
+use sqlx::PgPool;
+use tokio::sync::{mpsc, oneshot, watch};
+
+use super::model::NewEvent;
+use super::{store, D2cConfig};
+use crate::http::error::{sqlstate, ApiError, ApiResult};
+
+/// Messages a transaction takes at most in bytes, so one transaction stays reasonably small.
+const BATCH_BYTES_MAX: usize = 8 * 1024 * 1024;
+
+struct Job {
+    events: Vec<NewEvent>,
+    done: oneshot::Sender<ApiResult<i64>>,
+}
+
+/// The handles to the partition writers.
+pub struct Ingest {
+    queues: Vec<mpsc::Sender<Job>>,
+    enqueue_timeout: Duration,
+}
+
+impl Ingest {
+    pub fn start(
+        db: PgPool,
+        partitions: u32,
+        config: &D2cConfig,
+        shutdown: watch::Receiver<bool>,
+    ) -> Ingest {
+        let queues = (0..partitions)
+            .map(|partition| {
+                let (tx, rx) = mpsc::channel(config.d2c_queue_depth as usize);
+                tokio::spawn(writer(
+                    db.clone(),
+                    partition,
+                    rx,
+                    config.d2c_batch_max as usize,
+                    config.d2c_retention_days,
+                    shutdown.clone(),
+                ));
+                tx
+            })
+            .collect();
+        Ingest {
+            queues,
+            enqueue_timeout: Duration::from_millis(config.d2c_enqueue_timeout_ms),
+        }
+    }
+
+    /// Appends `events` (one device's, so one partition's) atomically; returns the first sequence number once
+    /// the transaction that holds them has committed.
+    pub async fn submit(&self, partition: u32, events: Vec<NewEvent>) -> ApiResult<i64> {
+        let queue = self
+            .queues
+            .get(partition as usize)
+            .ok_or_else(|| ApiError::internal("no writer for the partition"))?;
+        let (done, answer) = oneshot::channel();
+        match queue
+            .send_timeout(Job { events, done }, self.enqueue_timeout)
+            .await
+        {
+            Ok(()) => {}
+            Err(mpsc::error::SendTimeoutError::Timeout(_)) => {
+                return Err(ApiError::unavailable(
+                    "Telemetry ingestion is behind; retry later",
+                ))
+            }
+            Err(mpsc::error::SendTimeoutError::Closed(_)) => {
+                return Err(ApiError::unavailable("The hub is shutting down"))
+            }
+        }
+        answer
+            .await
+            .unwrap_or_else(|_| Err(ApiError::unavailable("The hub is shutting down")))
+    }
+}
+
+async fn writer(
+    db: PgPool,
+    partition: u32,
+    mut rx: mpsc::Receiver<Job>,
+    batch_max: usize,
+    retention_days: u32,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut stopping = false;
+    loop {
+        let first = if stopping {
+            // Closed: finish what is already queued, then stop.
+            match rx.recv().await {
+                Some(job) => job,
+                None => break,
+            }
+        } else {
+            tokio::select! {
+                job = rx.recv() => match job {
+                    Some(job) => job,
+                    None => break,
+                },
+                _ = shutdown.wait_for(|s| *s) => {
+                    stopping = true;
+                    rx.close();
+                    continue;
+                }
+            }
+        };
+        // Everything that queued up while the previous transaction ran goes into this one.
+        let mut count = first.events.len();
+        let mut bytes: usize = first.events.iter().map(|e| e.body.len()).sum();
+        let mut jobs = vec![first];
+        while count < batch_max && bytes < BATCH_BYTES_MAX {
+            match rx.try_recv() {
+                Ok(job) => {
+                    count += job.events.len();
+                    bytes += job.events.iter().map(|e| e.body.len()).sum::<usize>();
+                    jobs.push(job);
+                }
+                Err(_) => break,
+            }
+        }
+        let events: Vec<&NewEvent> = jobs.iter().flat_map(|j| j.events.iter()).collect();
+        let result = commit(&db, partition, &events, retention_days).await;
+        metrics::counter!("iothub_d2c_transactions_total").increment(1);
+        match result {
+            Ok(first_seq) => {
+                metrics::counter!("iothub_d2c_messages_total").increment(count as u64);
+                let mut seq = first_seq;
+                for job in jobs {
+                    let n = job.events.len() as i64;
+                    let _ = job.done.send(Ok(seq));
+                    seq += n;
+                }
+            }
+            Err(error) => {
+                let error = ApiError::from(error);
+                for job in jobs {
+                    let _ = job.done.send(Err(ApiError {
+                        code: error.code,
+                        message: error.message.clone(),
+                        retry_after: error.retry_after,
+                    }));
+                }
+            }
+        }
+    }
+}
+
+/// One transaction; when the time partition for now is missing (maintenance behind), creates it and retries once.
+async fn commit(
+    db: &PgPool,
+    partition: u32,
+    events: &[&NewEvent],
+    retention_days: u32,
+) -> Result<i64, sqlx::Error> {
+    match store::append(db, partition, events).await {
+        Err(e) if sqlstate(&e).as_deref() == Some(store::NO_PARTITION_FOR_ROW) => {
+            tracing::warn!("no time partition for the current hour; creating it");
+            store::maintain(db, retention_days).await?;
+            store::append(db, partition, events).await
+        }
+        other => other,
+    }
+}

@@ -1,0 +1,135 @@
+//! Device-to-cloud telemetry: ingestion with group commit, partitioned durable streams in PostgreSQL, reads,
+//! consumer groups with server-side checkpoints, a live Server-Sent Events stream, and retention.
+//!
+//! The way a message travels: `POST /devices/{id}/messages/events` → [`model`] parses and stamps it → [`ingest`]
+//! hands it to its partition's writer, which commits many senders' messages in one transaction → the sender gets
+//! `204` once that transaction has committed → readers (`GET /messages/events/...`) are woken through the
+//! notifier's D2C channel.
+
+pub mod cli;
+pub mod ingest;
+pub mod model;
+pub mod partition;
+pub mod routes;
+pub mod store;
+pub mod stream;
+
+use std::time::Duration;
+
+use clap::Args;
+use sqlx::postgres::PgPoolOptions;
+use sqlx::PgPool;
+use tokio::sync::watch;
+
+pub use partition::partition_for;
+
+/// The stream settings (`IOTHUB_*`).
+#[derive(Args, Clone, Debug)]
+pub struct D2cConfig {
+    /// Partitions of the event stream (1–128). Fixed when the database is created: a database that already has
+    /// streams keeps its count, and a different value here only logs a warning.
+    #[arg(long, env = "IOTHUB_PARTITIONS", default_value_t = 4,
+        value_parser = clap::value_parser!(u32).range(1..=128))]
+    pub partitions: u32,
+
+    /// Days events stay readable (1–7). Retention drops whole hourly time partitions, so events stay up to an
+    /// hour longer.
+    #[arg(long, env = "IOTHUB_D2C_RETENTION_DAYS", default_value_t = 1,
+        value_parser = clap::value_parser!(u32).range(1..=7))]
+    pub d2c_retention_days: u32,
+
+    /// Consumer groups at most, `$Default` included.
+    #[arg(long, env = "IOTHUB_MAX_CONSUMER_GROUPS", default_value_t = 20,
+        value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub max_consumer_groups: u32,
+
+    /// Messages one ingestion transaction commits at most (group commit).
+    #[arg(long, env = "IOTHUB_D2C_BATCH_MAX", default_value_t = 1000,
+        value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub d2c_batch_max: u32,
+
+    /// Sends waiting per partition for their transaction; when full, further sends wait (back-pressure).
+    #[arg(long, env = "IOTHUB_D2C_QUEUE_DEPTH", default_value_t = 256,
+        value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub d2c_queue_depth: u32,
+
+    /// How long a send waits for room in a full queue before it is refused with 503, in milliseconds.
+    #[arg(long, env = "IOTHUB_D2C_ENQUEUE_TIMEOUT_MS", default_value_t = 5000)]
+    pub d2c_enqueue_timeout_ms: u64,
+
+    /// Seconds between runs of the maintenance task (time partitions created ahead, expired ones dropped).
+    #[arg(long, env = "IOTHUB_D2C_MAINTENANCE_SECS", default_value_t = 60,
+        value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub d2c_maintenance_secs: u64,
+}
+
+/// The running stream machinery of one hub process.
+pub struct D2c {
+    /// The partition count in force (the database's).
+    pub partitions: u32,
+    pub retention_days: u32,
+    pub max_consumer_groups: u32,
+    pub ingest: ingest::Ingest,
+}
+
+impl D2c {
+    /// Reads (or, on a new database, fixes) the partition count, prepares time partitions, and starts the
+    /// partition writers and the maintenance task; everything stops when `shutdown` turns true.
+    pub async fn start(
+        db: &PgPool,
+        config: &D2cConfig,
+        shutdown: watch::Receiver<bool>,
+    ) -> anyhow::Result<D2c> {
+        let partitions = store::init_partitions(db, config.partitions).await?;
+        if partitions != config.partitions {
+            tracing::warn!(
+                configured = config.partitions,
+                in_database = partitions,
+                "IOTHUB_PARTITIONS differs from the partition count fixed in the database; using the database's"
+            );
+        }
+        store::maintain(db, config.d2c_retention_days).await?;
+        spawn_maintenance(db.clone(), config.clone(), shutdown.clone());
+        // The writers get connections of their own: a send's transaction never queues behind the requests'
+        // authentication queries in the shared pool, and no connection test precedes each transaction.
+        let writers = PgPoolOptions::new()
+            .max_connections(partitions.min(32))
+            .min_connections(0)
+            .test_before_acquire(false)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect_with(db.connect_options().as_ref().clone())
+            .await?;
+        let ingest = ingest::Ingest::start(writers, partitions, config, shutdown);
+        Ok(D2c {
+            partitions,
+            retention_days: config.d2c_retention_days,
+            max_consumer_groups: config.max_consumer_groups,
+            ingest,
+        })
+    }
+
+    pub fn partition_of(&self, device_id: &str) -> u32 {
+        partition_for(device_id, self.partitions)
+    }
+}
+
+fn spawn_maintenance(db: PgPool, config: D2cConfig, mut shutdown: watch::Receiver<bool>) {
+    tokio::spawn(async move {
+        let period = Duration::from_secs(config.d2c_maintenance_secs);
+        loop {
+            tokio::select! {
+                _ = shutdown.wait_for(|s| *s) => break,
+                _ = tokio::time::sleep(period) => {}
+            }
+            match store::maintain(&db, config.d2c_retention_days).await {
+                Ok(dropped) if !dropped.is_empty() => {
+                    tracing::info!(?dropped, "dropped expired event partitions")
+                }
+                Ok(_) => {}
+                Err(error) => {
+                    tracing::warn!(%error, "event stream maintenance failed; retrying later")
+                }
+            }
+        }
+    });
+}
