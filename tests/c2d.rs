@@ -1158,3 +1158,66 @@ async fn the_registry_counts_live_messages_and_deleting_a_device_deletes_its_que
         .unwrap();
     assert_eq!(device["cloudToDeviceMessageCount"], 1);
 }
+
+#[tokio::test]
+async fn two_hub_processes_on_one_database_behave_as_one_hub() {
+    let t = std::sync::Arc::new(C2d::start().await);
+    let token = t.device("dev-1").await;
+    // A second hub on the same database, with its own listener and its own LISTEN connection.
+    let listeners = iothub::Listeners {
+        http: tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        tls: None,
+        metrics: None,
+    };
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let other = iothub::launch(
+        t.hub.config.clone(),
+        t.hub.db.clone(),
+        listeners,
+        async move {
+            let _ = stopped.await;
+        },
+    )
+    .await
+    .unwrap();
+    let other_base = format!("http://{}", other.http_addr);
+    let receive_on_other = {
+        let http = t.hub.http.clone();
+        let url = format!(
+            "{other_base}/devices/dev-1/messages/deviceBound?api-version=2021-04-12&wait-ms=20000"
+        );
+        let token = token.clone();
+        move || {
+            let (http, url, token) = (http.clone(), url.clone(), token.clone());
+            async move {
+                http.get(url)
+                    .header("Authorization", token)
+                    .send()
+                    .await
+                    .unwrap()
+            }
+        }
+    };
+    // A long poll on the second hub wakes on an enqueue through the first.
+    let poller = tokio::spawn(receive_on_other());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let sent = Instant::now();
+    t.enqueue("dev-1", &[], "one").await;
+    let response = poller.await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(sent.elapsed() < Duration::from_secs(1));
+    let lock = response.headers()["etag"]
+        .to_str()
+        .unwrap()
+        .trim_matches('"')
+        .to_string();
+    // The lock taken through the second hub hides the message from the first, and settles through the first.
+    assert_eq!(t.receive("dev-1", &token).await.status(), 204);
+    assert_eq!(
+        t.settle("dev-1", &token, &lock, "complete").await.status(),
+        204
+    );
+    assert_eq!(t.status("dev-1", 1).await["state"], "Completed");
+    let _ = stop.send(());
+    other.wait().await.unwrap();
+}
