@@ -114,8 +114,15 @@ impl HubClient {
         headers: &[(String, String)],
         body: Vec<u8>,
     ) -> anyhow::Result<reqwest::Response> {
-        let separator = if path_and_query.contains('?') { '&' } else { '?' };
-        let url = format!("{}{path_and_query}{separator}api-version={API_VERSION}", self.base);
+        let separator = if path_and_query.contains('?') {
+            '&'
+        } else {
+            '?'
+        };
+        let url = format!(
+            "{}{path_and_query}{separator}api-version={API_VERSION}",
+            self.base
+        );
         let mut request = self
             .http
             .request(method, &url)

@@ -76,10 +76,17 @@ impl TestDb {
         if let Ok(url) = std::env::var("DATABASE_URL") {
             let (base, query) = url.split_once('?').unwrap_or((&url, ""));
             let server = base.rsplit_once('/').map_or(base, |(server, _)| server);
-            let query = if query.is_empty() { String::new() } else { format!("?{query}") };
+            let query = if query.is_empty() {
+                String::new()
+            } else {
+                format!("?{query}")
+            };
             return format!("{server}/{}{query}", self.name);
         }
-        let socket = self.options.get_socket().expect("the private cluster listens on a socket");
+        let socket = self
+            .options
+            .get_socket()
+            .expect("the private cluster listens on a socket");
         format!(
             "postgres://{}@localhost/{}?host={}&port={}",
             self.options.get_username(),
