@@ -1221,3 +1221,63 @@ async fn two_hub_processes_on_one_database_behave_as_one_hub() {
     let _ = stop.send(());
     other.wait().await.unwrap();
 }
+
+#[tokio::test]
+async fn the_cli_sends_lists_reports_purges_and_watches_feedback() {
+    let t = C2d::start().await;
+    t.device("dev-1").await;
+    let key = t.hub.policy_key("service").await;
+    let connection = format!("HostName={HOST};SharedAccessKeyName=service;SharedAccessKey={key}");
+    let base = t.hub.base.clone();
+    let cli = |args: &'static [&'static str]| {
+        let (base, connection) = (base.clone(), connection.clone());
+        async move {
+            let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_iothub"))
+                .args(args)
+                .args(["--url", &base, "--connection-string", &connection])
+                .output()
+                .await
+                .unwrap();
+            assert!(
+                output.status.success(),
+                "{args:?}: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+            String::from_utf8(output.stdout).unwrap()
+        }
+    };
+    let sent: Value = serde_json::from_str(
+        &cli(&[
+            "c2d",
+            "send",
+            "dev-1",
+            "--body",
+            "hello",
+            "--ack",
+            "full",
+            "--ttl",
+            "600",
+            "--message-id",
+            "cli-1",
+            "--property",
+            "mode=eco",
+        ])
+        .await,
+    )
+    .unwrap();
+    assert_eq!(sent["sequenceNumber"], 1);
+    assert_eq!(sent["messageId"], "cli-1");
+    let listed: Value = serde_json::from_str(&cli(&["c2d", "list", "dev-1"]).await).unwrap();
+    assert_eq!(listed[0]["messageId"], "cli-1");
+    assert_eq!(listed[0]["state"], "Enqueued");
+    let purged: Value = serde_json::from_str(&cli(&["c2d", "purge", "dev-1"]).await).unwrap();
+    assert_eq!(purged["totalMessagesPurged"], 1);
+    let status: Value = serde_json::from_str(&cli(&["c2d", "status", "dev-1", "1"]).await).unwrap();
+    assert_eq!(status["outcome"], "Purged");
+    let watched = cli(&["feedback", "watch", "--count", "1", "--wait-ms", "5000"]).await;
+    let record: Value = serde_json::from_str(watched.lines().next().unwrap()).unwrap();
+    assert_eq!(record["originalMessageId"], "cli-1");
+    assert_eq!(record["statusCode"], "Purged");
+    // The batch was completed: nothing left to receive.
+    assert!(t.drain_feedback().await.is_empty());
+}
