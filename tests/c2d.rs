@@ -1158,3 +1158,126 @@ async fn the_registry_counts_live_messages_and_deleting_a_device_deletes_its_que
         .unwrap();
     assert_eq!(device["cloudToDeviceMessageCount"], 1);
 }
+
+#[tokio::test]
+async fn two_hub_processes_on_one_database_behave_as_one_hub() {
+    let t = std::sync::Arc::new(C2d::start().await);
+    let token = t.device("dev-1").await;
+    // A second hub on the same database, with its own listener and its own LISTEN connection.
+    let listeners = iothub::Listeners {
+        http: tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        tls: None,
+        metrics: None,
+    };
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let other = iothub::launch(
+        t.hub.config.clone(),
+        t.hub.db.clone(),
+        listeners,
+        async move {
+            let _ = stopped.await;
+        },
+    )
+    .await
+    .unwrap();
+    let other_base = format!("http://{}", other.http_addr);
+    let receive_on_other = {
+        let http = t.hub.http.clone();
+        let url = format!(
+            "{other_base}/devices/dev-1/messages/deviceBound?api-version=2021-04-12&wait-ms=20000"
+        );
+        let token = token.clone();
+        move || {
+            let (http, url, token) = (http.clone(), url.clone(), token.clone());
+            async move {
+                http.get(url)
+                    .header("Authorization", token)
+                    .send()
+                    .await
+                    .unwrap()
+            }
+        }
+    };
+    // A long poll on the second hub wakes on an enqueue through the first.
+    let poller = tokio::spawn(receive_on_other());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let sent = Instant::now();
+    t.enqueue("dev-1", &[], "one").await;
+    let response = poller.await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(sent.elapsed() < Duration::from_secs(1));
+    let lock = response.headers()["etag"]
+        .to_str()
+        .unwrap()
+        .trim_matches('"')
+        .to_string();
+    // The lock taken through the second hub hides the message from the first, and settles through the first.
+    assert_eq!(t.receive("dev-1", &token).await.status(), 204);
+    assert_eq!(
+        t.settle("dev-1", &token, &lock, "complete").await.status(),
+        204
+    );
+    assert_eq!(t.status("dev-1", 1).await["state"], "Completed");
+    let _ = stop.send(());
+    other.wait().await.unwrap();
+}
+
+#[tokio::test]
+async fn the_cli_sends_lists_reports_purges_and_watches_feedback() {
+    let t = C2d::start().await;
+    t.device("dev-1").await;
+    let key = t.hub.policy_key("service").await;
+    let connection = format!("HostName={HOST};SharedAccessKeyName=service;SharedAccessKey={key}");
+    let base = t.hub.base.clone();
+    let cli = |args: &'static [&'static str]| {
+        let (base, connection) = (base.clone(), connection.clone());
+        async move {
+            let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_iothub"))
+                .args(args)
+                .args(["--url", &base, "--connection-string", &connection])
+                .output()
+                .await
+                .unwrap();
+            assert!(
+                output.status.success(),
+                "{args:?}: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+            String::from_utf8(output.stdout).unwrap()
+        }
+    };
+    let sent: Value = serde_json::from_str(
+        &cli(&[
+            "c2d",
+            "send",
+            "dev-1",
+            "--body",
+            "hello",
+            "--ack",
+            "full",
+            "--ttl",
+            "600",
+            "--message-id",
+            "cli-1",
+            "--property",
+            "mode=eco",
+        ])
+        .await,
+    )
+    .unwrap();
+    assert_eq!(sent["sequenceNumber"], 1);
+    assert_eq!(sent["messageId"], "cli-1");
+    let listed: Value = serde_json::from_str(&cli(&["c2d", "list", "dev-1"]).await).unwrap();
+    assert_eq!(listed[0]["messageId"], "cli-1");
+    assert_eq!(listed[0]["state"], "Enqueued");
+    let purged: Value = serde_json::from_str(&cli(&["c2d", "purge", "dev-1"]).await).unwrap();
+    assert_eq!(purged["totalMessagesPurged"], 1);
+    let status: Value = serde_json::from_str(&cli(&["c2d", "status", "dev-1", "1"]).await).unwrap();
+    assert_eq!(status["outcome"], "Purged");
+    let watched = cli(&["feedback", "watch", "--count", "1", "--wait-ms", "5000"]).await;
+    let record: Value = serde_json::from_str(watched.lines().next().unwrap()).unwrap();
+    assert_eq!(record["originalMessageId"], "cli-1");
+    assert_eq!(record["statusCode"], "Purged");
+    // The batch was completed: nothing left to receive.
+    assert!(t.drain_feedback().await.is_empty());
+}

@@ -444,8 +444,14 @@ async fn receive(
     let mut subscription = deadline.map(|_| state.notifier.subscribe(channel::C2D, &device_id));
     let mut shutdown = state.shutdown.clone();
     loop {
-        let received =
-            store::receive(&state.db, &state.config.c2d, &device_id, Uuid::new_v4()).await?;
+        let received = store::receive(
+            &state.db,
+            &state.config.c2d,
+            &device_id,
+            Uuid::new_v4(),
+            deadline.is_some(),
+        )
+        .await?;
         let retry_in = match received {
             Received::Message(row) => return Ok(delivery(&device_id, *row)),
             Received::Empty { retry_in } => retry_in,

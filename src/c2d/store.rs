@@ -129,7 +129,8 @@ pub enum Received {
     },
 }
 
-/// Receives the device's next deliverable message with a new lock `lock_token`, in one transaction.
+/// Receives the device's next deliverable message with a new lock `lock_token`. When there is none and the caller
+/// `will_wait`, says how long until the earliest lock of the device runs out.
 ///
 /// Candidates are taken in sequence order. A candidate that expired, or whose lock ran out after its last allowed
 /// delivery, is dead-lettered (with its feedback) in this same transaction instead of delivered, and the next one
@@ -139,6 +140,7 @@ pub async fn receive(
     settings: &C2dSettings,
     device_id: &str,
     lock_token: Uuid,
+    will_wait: bool,
 ) -> ApiResult<Received> {
     let sql = format!(
         "WITH candidate AS (
@@ -195,6 +197,9 @@ pub async fn receive(
     }
     if let Some(row) = delivered {
         return Ok(Received::Message(Box::new(row)));
+    }
+    if !will_wait {
+        return Ok(Received::Empty { retry_in: None });
     }
     let retry_in: Option<f64> = sqlx::query_scalar(&format!(
         "SELECT extract(epoch FROM min(locked_until) - now())::float8 FROM c2d_messages
