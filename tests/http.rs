@@ -228,3 +228,84 @@ async fn slow_or_oversized_request_heads_are_cut_off() {
         .unwrap();
     assert_eq!(response.status(), 200);
 }
+
+/// Sends a raw request with a body and returns the raw response.
+async fn raw_with_body(hub: &TestHub, head: &str, body: &str) -> String {
+    raw(
+        hub,
+        &format!(
+            "{head}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        ),
+    )
+    .await
+}
+
+#[tokio::test]
+async fn application_property_names_keep_the_senders_case() {
+    let hub = TestHub::start().await;
+    let device = hub.create_device("case-dev").await;
+    let owner = hub.owner().await;
+    let device_token = device_token("case-dev", &primary_key(&device));
+
+    // Cloud to device: enqueued with mixed-case names, received with the same names on the wire.
+    let response = raw_with_body(
+        &hub,
+        &format!(
+            "POST /devices/case-dev/commands?api-version=2021-04-12 HTTP/1.1\r\nHost: x\r\nAuthorization: {owner}\r\n\
+             iothub-app-Mode: eco\r\nIOTHUB-APP-RoomName: kitchen\r\n"
+        ),
+        "hello",
+    )
+    .await;
+    assert!(response.starts_with("HTTP/1.1 201"), "{response}");
+    let received = raw(
+        &hub,
+        &format!(
+            "GET /devices/case-dev/messages/deviceBound?api-version=2021-04-12 HTTP/1.1\r\nHost: x\r\n\
+             Authorization: {device_token}\r\nConnection: close\r\n\r\n"
+        ),
+    )
+    .await;
+    assert!(received.starts_with("HTTP/1.1 200"), "{received}");
+    assert!(
+        received.contains("\r\niothub-app-Mode: eco\r\n"),
+        "{received}"
+    );
+    assert!(
+        received.contains("\r\niothub-app-RoomName: kitchen\r\n"),
+        "{received}"
+    );
+
+    // Device to cloud: the stream keeps the names as the device sent them.
+    let response = raw_with_body(
+        &hub,
+        &format!(
+            "POST /devices/case-dev/messages/events?api-version=2021-04-12 HTTP/1.1\r\nHost: x\r\n\
+             Authorization: {device_token}\r\niothub-app-TemperatureAlert: true\r\n"
+        ),
+        "{}",
+    )
+    .await;
+    assert!(response.starts_with("HTTP/1.1 204"), "{response}");
+    let mut found = false;
+    for p in 0..4 {
+        let page: serde_json::Value = hub
+            .request(
+                Method::GET,
+                &format!("/messages/events/partitions/{p}?from=start"),
+                &owner,
+            )
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        for event in page["events"].as_array().unwrap() {
+            assert_eq!(event["properties"], json!({"TemperatureAlert": "true"}));
+            found = true;
+        }
+    }
+    assert!(found, "the event was stored");
+}

@@ -19,6 +19,7 @@ use super::model::*;
 use super::store::{self, Received};
 use crate::auth::sas::encode_component;
 use crate::http::casing::ExactNames;
+use crate::http::casing::RequestNames;
 use crate::http::error::{ApiError, ApiResult, ErrorBody, ErrorCode};
 use crate::http::extract::rights::ServiceConnect;
 use crate::http::extract::{Device, Json, Path, Query, Service};
@@ -113,7 +114,12 @@ fn id_header(headers: &HeaderMap, name: &str) -> ApiResult<Option<String>> {
 }
 
 /// Reads a message to enqueue from the request's `iothub-*` headers and body.
-pub fn parse_message(headers: &HeaderMap, body: Bytes, max_ttl_secs: u32) -> ApiResult<NewMessage> {
+pub fn parse_message(
+    headers: &HeaderMap,
+    names: &RequestNames,
+    body: Bytes,
+    max_ttl_secs: u32,
+) -> ApiResult<NewMessage> {
     let message_id =
         id_header(headers, "iothub-messageid")?.unwrap_or_else(|| Uuid::new_v4().to_string());
     let correlation_id = id_header(headers, "iothub-correlationid")?;
@@ -159,10 +165,16 @@ pub fn parse_message(headers: &HeaderMap, body: Bytes, max_ttl_secs: u32) -> Api
     let content_type = header_text(headers, "iothub-contenttype")?.map(String::from);
     let content_encoding = header_text(headers, "iothub-contentencoding")?.map(String::from);
     let mut app_properties: Vec<(String, String)> = Vec::new();
+    let mut seen: Vec<&str> = Vec::new();
     for (name, value) in headers {
-        let Some(property) = name.as_str().strip_prefix(APP_PREFIX) else {
+        if !name.as_str().starts_with(APP_PREFIX) {
             continue;
-        };
+        }
+        // The client's spelling: property names are case-sensitive.
+        let occurrence = seen.iter().filter(|n| **n == name.as_str()).count();
+        seen.push(name.as_str());
+        let original = names.original(name.as_str(), occurrence);
+        let property = &original[APP_PREFIX.len()..];
         // Header names are HTTP tokens by construction; an empty name is the only way to get one wrong.
         if property.is_empty() {
             return Err(ApiError::invalid(
@@ -252,10 +264,11 @@ async fn enqueue(
     State(state): State<AppState>,
     Path(DevicePath { id }): Path<DevicePath>,
     headers: HeaderMap,
+    names: RequestNames,
     body: Bytes,
 ) -> ApiResult<Response> {
     let id = checked_id(&id)?;
-    let message = parse_message(&headers, body, state.config.c2d.c2d_max_ttl_secs)?;
+    let message = parse_message(&headers, &names, body, state.config.c2d.c2d_max_ttl_secs)?;
     let enqueued = store::enqueue(&state.db, &state.config.c2d, id, &message).await?;
     let location = format!(
         "/devices/{}/commands/{}",

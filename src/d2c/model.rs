@@ -7,6 +7,8 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine;
 use chrono::{DateTime, Utc};
 use http::HeaderMap;
+
+use crate::http::casing::RequestNames;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
@@ -169,11 +171,16 @@ pub fn is_batch(headers: &HeaderMap) -> bool {
 pub fn parse_single(
     caller: &DeviceCaller,
     headers: &HeaderMap,
+    names: &RequestNames,
     body: Vec<u8>,
 ) -> ApiResult<NewEvent> {
     let mut sent = Sent::default();
+    let mut seen: Vec<&str> = Vec::new();
     for (name, value) in headers {
-        let name = name.as_str();
+        // The client's spelling: application property names are case-sensitive.
+        let occurrence = seen.iter().filter(|n| **n == name.as_str()).count();
+        seen.push(name.as_str());
+        let name = names.original(name.as_str(), occurrence);
         let lower_is_ours = name.starts_with("iothub-") || name == "dt-subject";
         if !lower_is_ours {
             continue;
@@ -353,7 +360,13 @@ mod tests {
             "/devices/dev-1/messages/events".parse().unwrap(),
         );
         headers.insert("dt-subject", "thermostat1".parse().unwrap());
-        let event = parse_single(&caller(), &headers, b"{}".to_vec()).unwrap();
+        let event = parse_single(
+            &caller(),
+            &headers,
+            &RequestNames::default(),
+            b"{}".to_vec(),
+        )
+        .unwrap();
         assert_eq!(event.system_properties["iothub-messageid"], "m1");
         assert_eq!(
             event.system_properties["iothub-contenttype"],

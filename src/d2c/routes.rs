@@ -16,6 +16,7 @@ use utoipa_axum::routes;
 
 use super::model::{self, Event, MAX_MESSAGE_SIZE};
 use super::store;
+use crate::http::casing::RequestNames;
 use crate::http::error::{ApiError, ApiResult, ErrorBody, ErrorCode};
 use crate::http::extract::rights::ServiceConnect;
 use crate::http::extract::{Device, Json, Path, Query, Service};
@@ -71,6 +72,7 @@ async fn send_events(
     Device(caller): Device,
     State(state): State<AppState>,
     headers: HeaderMap,
+    names: RequestNames,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<StatusCode> {
     let body = body?;
@@ -80,7 +82,12 @@ async fn send_events(
         if body.len() > MAX_MESSAGE_SIZE {
             return Err(ApiError::too_large(MAX_MESSAGE_SIZE));
         }
-        vec![model::parse_single(&caller, &headers, body.to_vec())?]
+        vec![model::parse_single(
+            &caller,
+            &headers,
+            &names,
+            body.to_vec(),
+        )?]
     };
     let partition = state.d2c.partition_of(&caller.device_id);
     state.d2c.ingest.submit(partition, events).await?;

@@ -116,3 +116,117 @@ mod tests {
         assert!(!map.unwrap().is_empty());
     }
 }
+
+/// The names of a request's `iothub-app-*` headers as the client spelled them (application property names are
+/// case-sensitive, and hyper hands handlers lower-case names). Always present in a request's extensions: empty when
+/// the request has no such headers.
+#[derive(Debug, Clone, Default)]
+pub struct RequestNames(HashMap<String, Vec<String>>);
+
+impl RequestNames {
+    /// The client's spelling of the `occurrence`-th header named `lower` (lower case), or `lower` itself.
+    pub fn original<'a>(&'a self, lower: &'a str, occurrence: usize) -> &'a str {
+        self.0
+            .get(lower)
+            .and_then(|spellings| spellings.get(occurrence))
+            .map(String::as_str)
+            .unwrap_or(lower)
+    }
+}
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for RequestNames {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(
+        parts: &mut http::request::Parts,
+        _state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        Ok(parts
+            .extensions
+            .get::<RequestNames>()
+            .cloned()
+            .unwrap_or_default())
+    }
+}
+
+const APP_PREFIX: &str = "iothub-app-";
+
+/// Middleware: records the client's spelling of `iothub-app-*` request header names.
+///
+/// The server keeps hyper's (crate-private) record of the request's header case (`preserve_header_case`). The only
+/// public way to read it is to let hyper write a response that carries it: so a response with the same header
+/// names (and index values, never the real ones) is written in memory, and the spellings are read off its bytes.
+pub async fn recover_request_case(mut request: Request, next: Next) -> Response {
+    let mut counts: Vec<(http::HeaderName, usize)> = Vec::new();
+    for name in request.headers().keys() {
+        if name.as_str().starts_with(APP_PREFIX) {
+            counts.push((name.clone(), request.headers().get_all(name).iter().count()));
+        }
+    }
+    let names = if counts.is_empty() {
+        RequestNames::default()
+    } else {
+        spellings(request.extensions(), &counts)
+            .await
+            .unwrap_or_default()
+    };
+    request.extensions_mut().insert(names);
+    next.run(request).await
+}
+
+async fn spellings(
+    extensions: &Extensions,
+    counts: &[(http::HeaderName, usize)],
+) -> Option<RequestNames> {
+    let mut echo = hyper::Response::new(Empty::<Bytes>::new());
+    for (name, count) in counts {
+        for i in 0..*count {
+            echo.headers_mut()
+                .append(name.clone(), http::HeaderValue::from(i));
+        }
+    }
+    *echo.extensions_mut() = extensions.clone();
+    let echo = Arc::new(Mutex::new(Some(echo)));
+    let (mut client, server) = tokio::io::duplex(64 * 1024);
+    let service = hyper::service::service_fn(move |_req: hyper::Request<hyper::body::Incoming>| {
+        let response = echo.lock().unwrap().take();
+        async move {
+            Ok::<_, std::convert::Infallible>(
+                response.unwrap_or_else(|| hyper::Response::new(Empty::<Bytes>::new())),
+            )
+        }
+    });
+    let connection =
+        hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(server), service);
+    let exchange = async move {
+        use tokio::io::AsyncReadExt;
+        client
+            .write_all(b"GET / HTTP/1.1\r\nhost: case\r\nconnection: close\r\n\r\n")
+            .await
+            .ok()?;
+        let mut raw = Vec::new();
+        client.read_to_end(&mut raw).await.ok()?;
+        Some(raw)
+    };
+    let (raw, _) = tokio::join!(exchange, connection);
+    let raw = String::from_utf8(raw?).ok()?;
+    let mut names: HashMap<String, Vec<String>> = HashMap::new();
+    for line in raw.split("\r\n\r\n").next()?.split("\r\n").skip(1) {
+        let Some((name, index)) = line.split_once(": ") else {
+            continue;
+        };
+        let lower = name.to_ascii_lowercase();
+        if !lower.starts_with(APP_PREFIX) {
+            continue;
+        }
+        let Ok(index) = index.trim().parse::<usize>() else {
+            continue;
+        };
+        let spellings = names.entry(lower).or_default();
+        if spellings.len() <= index {
+            spellings.resize(index + 1, String::new());
+        }
+        spellings[index] = name.to_string();
+    }
+    Some(RequestNames(names))
+}

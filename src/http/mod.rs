@@ -191,6 +191,7 @@ pub fn app(state: AppState) -> Router {
         .layer(middleware::from_fn(move |r, n| with_timeout(timeout, r, n)))
         .layer(middleware::from_fn(metrics::track))
         .layer(middleware::from_fn(casing::exact_header_case))
+        .layer(middleware::from_fn(casing::recover_request_case))
         .layer(tower::limit::GlobalConcurrencyLimitLayer::new(concurrency))
         .layer(CatchPanicLayer::custom(|_| {
             ApiError::internal("Internal error").into_response()

@@ -24,7 +24,9 @@ pub fn http1_builder() -> hyper::server::conn::http1::Builder {
     builder
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT)
-        .max_buf_size(64 * 1024);
+        .max_buf_size(64 * 1024)
+        // Application property names in `iothub-app-*` headers are case-sensitive (see `casing`).
+        .preserve_header_case(true);
     builder
 }
 
