@@ -152,6 +152,7 @@ pub async fn launch(
     tasks.spawn(http::serve::serve(
         listeners.http,
         app.clone(),
+        None,
         stop_rx.clone(),
     ));
 
@@ -162,26 +163,14 @@ pub async fn launch(
             .as_ref()
             .zip(config.tls_key.as_ref())
             .context("a TLS listener needs IOTHUB_TLS_CERT and IOTHUB_TLS_KEY")?;
-        let rustls = axum_server::tls_rustls::RustlsConfig::from_config(http::tls::server_config(
-            cert, key,
-        )?);
+        let tls = http::tls::server_config(cert, key)?;
         tls_addr = Some(listener.local_addr()?);
-        let handle = axum_server::Handle::new();
-        let server =
-            axum_server::from_tcp_rustls(listener.into_std()?, rustls).handle(handle.clone());
-        let mut stop = stop_rx.clone();
-        tasks.spawn(async move {
-            let _ = stop.wait_for(|s| *s).await;
-            handle.graceful_shutdown(Some(http::serve::DRAIN_TIMEOUT));
-            Ok(())
-        });
-        let app = app.clone();
-        tasks.spawn(async move {
-            server
-                .serve(app.into_make_service())
-                .await
-                .context("HTTPS listener failed")
-        });
+        tasks.spawn(http::serve::serve(
+            listener,
+            app.clone(),
+            Some(tls),
+            stop_rx.clone(),
+        ));
     }
 
     let mut metrics_addr = None;

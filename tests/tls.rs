@@ -119,3 +119,92 @@ fn a_missing_or_bad_certificate_is_a_clear_error() {
     assert!(!format!("{junk:#}").is_empty());
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// One raw HTTP/1.1 exchange over TLS, returning the response exactly as written.
+async fn raw_tls(addr: std::net::SocketAddr, ca_pem: &str, request: &str) -> String {
+    use rustls::pki_types::pem::PemObject;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(rustls::pki_types::CertificateDer::from_pem_slice(ca_pem.as_bytes()).unwrap())
+        .unwrap();
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut stream = connector.connect(name, tcp).await.unwrap();
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    let _ = stream.read_to_end(&mut out).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test]
+async fn header_case_is_kept_both_ways_over_tls() {
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("tls-case-{}", uuid::Uuid::new_v4()));
+    let pki = make_pki(&dir);
+    let hub = TestHub::start_with(|c| {
+        c.tls_listen = Some("127.0.0.1:0".parse().unwrap());
+        c.tls_cert = Some(pki.cert_path.clone());
+        c.tls_key = Some(pki.key_path.clone());
+    })
+    .await;
+    let device = hub.create_device("tls-case").await;
+    let token = device_token("tls-case", &primary_key(&device));
+    let addr = hub.running().tls_addr.unwrap();
+    let body = "{}";
+    let sent = raw_tls(
+        addr,
+        &pki.ca_pem,
+        &format!(
+            "POST /devices/tls-case/messages/events?api-version=2021-04-12 HTTP/1.1\r\nHost: localhost\r\n\
+             Authorization: {token}\r\niothub-app-MixedCase: 1\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        ),
+    )
+    .await;
+    assert!(sent.starts_with("HTTP/1.1 204"), "{sent}");
+    let owner = hub.owner().await;
+    let mut properties = Vec::new();
+    for p in 0..4 {
+        let page: serde_json::Value = hub
+            .request(
+                Method::GET,
+                &format!("/messages/events/partitions/{p}?from=start"),
+                &owner,
+            )
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        properties.extend(
+            page["events"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|e| e["properties"].clone()),
+        );
+    }
+    assert_eq!(properties, vec![serde_json::json!({"MixedCase": "1"})]);
+
+    let read = raw_tls(
+        addr,
+        &pki.ca_pem,
+        &format!(
+            "GET /devices/tls-case?api-version=2021-04-12 HTTP/1.1\r\nHost: localhost\r\nAuthorization: {owner}\r\n\
+             Connection: close\r\n\r\n"
+        ),
+    )
+    .await;
+    assert!(read.contains("\r\nETag: \""), "{read}");
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -1,9 +1,10 @@
-//! Serving the application on a plain TCP listener, with the limits a public endpoint needs.
+//! Serving the application over HTTP/1.1, plain or TLS, with the limits a public endpoint needs.
 //!
 //! `axum::serve` has no header read timeout, so a client that sends its headers a byte at a time (slowloris) could
 //! hold a connection for ever; here hyper's HTTP/1 connection gets one, and graceful shutdown drains in-flight
 //! requests.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
@@ -30,11 +31,14 @@ pub fn http1_builder() -> hyper::server::conn::http1::Builder {
     builder
 }
 
+/// Serves plain HTTP/1.1, or HTTPS when `tls` is given (the handshake has [`HEADER_READ_TIMEOUT`] too).
 pub async fn serve(
     listener: TcpListener,
     app: Router,
+    tls: Option<Arc<rustls::ServerConfig>>,
     mut stop: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
+    let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
     let graceful = GracefulShutdown::new();
     loop {
         let accepted = tokio::select! {
@@ -52,11 +56,29 @@ pub async fn serve(
         };
         let _ = stream.set_nodelay(true);
         let service = TowerToHyperService::new(app.clone());
-        let connection = http1_builder().serve_connection(TokioIo::new(stream), service);
-        let connection = graceful.watch(connection);
-        tokio::spawn(async move {
-            let _ = connection.await;
-        });
+        match &acceptor {
+            None => {
+                let connection = http1_builder().serve_connection(TokioIo::new(stream), service);
+                let connection = graceful.watch(connection);
+                tokio::spawn(async move {
+                    let _ = connection.await;
+                });
+            }
+            Some(acceptor) => {
+                let acceptor = acceptor.clone();
+                let watcher = graceful.watcher();
+                tokio::spawn(async move {
+                    let handshake =
+                        tokio::time::timeout(HEADER_READ_TIMEOUT, acceptor.accept(stream));
+                    let Ok(Ok(stream)) = handshake.await else {
+                        return;
+                    };
+                    let connection =
+                        http1_builder().serve_connection(TokioIo::new(stream), service);
+                    let _ = watcher.watch(connection).await;
+                });
+            }
+        }
     }
     drop(listener);
     if tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown())
