@@ -1,0 +1,341 @@
+//! Faults: PostgreSQL restarted (fast shutdown) under load. The hub reports not-ready and answers 503 instead of
+//! hanging while the database is down, recovers by itself, and every message it acknowledged is there afterwards.
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use iothub::auth::{policies, sas};
+use iothub::postgres::{self, ManagedCluster};
+use iothub::{Config, Listeners};
+use serde_json::{json, Value};
+
+const HOST: &str = "faults.example.net";
+const API: &str = "api-version=2021-04-12";
+
+async fn status(http: &reqwest::Client, url: &str) -> u16 {
+    match http.get(url).timeout(Duration::from_secs(5)).send().await {
+        Ok(r) => r.status().as_u16(),
+        Err(_) => 0,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_postgres_restart_under_load_loses_no_acknowledged_message() {
+    // A cluster of its own, so restarting it disturbs no other test.
+    let root =
+        std::env::temp_dir().join(format!("iothub-faults-{}", uuid::Uuid::new_v4().simple()));
+    let cluster = ManagedCluster::start(&root).await.unwrap();
+    let pool = postgres::connect(cluster.hub_options(), 8).await.unwrap();
+    let mut config = Config::with_database("postgres://unused");
+    config.hostname = HOST.into();
+    let listeners = Listeners {
+        http: tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        tls: None,
+        metrics: None,
+    };
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let hub = iothub::launch(config, pool.clone(), listeners, async move {
+        let _ = stopped.await;
+    })
+    .await
+    .unwrap();
+    let base = format!("http://{}", hub.http_addr);
+    let http = reqwest::Client::new();
+    let owner_key = policies::get(&pool, "iothubowner")
+        .await
+        .unwrap()
+        .unwrap()
+        .primary_key;
+    let owner = sas::sign(
+        HOST,
+        &owner_key,
+        Some("iothubowner"),
+        chrono::Utc::now().timestamp() + 3600,
+    )
+    .unwrap();
+    let device: Value = http
+        .put(format!("{base}/devices/f1?{API}"))
+        .header("Authorization", &owner)
+        .json(&json!({"deviceId": "f1"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let device_key = device["authentication"]["symmetricKey"]["primaryKey"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let device_token = sas::sign(
+        &format!("{HOST}/devices/f1"),
+        &device_key,
+        None,
+        chrono::Utc::now().timestamp() + 3600,
+    )
+    .unwrap();
+
+    // The ledger: what the hub acknowledged.
+    let d2c_acked: Arc<Mutex<Vec<u32>>> = Arc::default();
+    let c2d_acked: Arc<Mutex<Vec<i64>>> = Arc::default();
+    const D2C: u32 = 400;
+    const C2D: u32 = 60;
+
+    // A device sending telemetry in order, retrying a message until it is acknowledged.
+    let sender = {
+        let (http, base, token, acked) = (
+            http.clone(),
+            base.clone(),
+            device_token.clone(),
+            d2c_acked.clone(),
+        );
+        tokio::spawn(async move {
+            for n in 0..D2C {
+                loop {
+                    let sent = http
+                        .post(format!("{base}/devices/f1/messages/events?{API}"))
+                        .header("Authorization", &token)
+                        .header("iothub-messageid", format!("m{n}"))
+                        .timeout(Duration::from_secs(10))
+                        .body(format!("{n}"))
+                        .send()
+                        .await;
+                    if sent.is_ok_and(|r| r.status() == 204) {
+                        acked.lock().unwrap().push(n);
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+    };
+    // A back-end enqueueing commands, retrying until each is acknowledged (201).
+    let enqueuer = {
+        let (http, base, token, acked) =
+            (http.clone(), base.clone(), owner.clone(), c2d_acked.clone());
+        tokio::spawn(async move {
+            for n in 0..C2D {
+                loop {
+                    let sent = http
+                        .post(format!("{base}/devices/f1/commands?{API}"))
+                        .header("Authorization", &token)
+                        .header("iothub-messageid", format!("c{n}"))
+                        .header("iothub-ack", "full")
+                        .timeout(Duration::from_secs(10))
+                        .body(format!("{n}"))
+                        .send()
+                        .await;
+                    if let Ok(r) = sent {
+                        if r.status() == 201 {
+                            let body: Value = r.json().await.unwrap();
+                            acked
+                                .lock()
+                                .unwrap()
+                                .push(body["sequenceNumber"].as_i64().unwrap());
+                            break;
+                        }
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                tokio::time::sleep(Duration::from_millis(40)).await;
+            }
+        })
+    };
+    // The device receiving and completing commands.
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let receiver = {
+        let (http, base, token, done) = (
+            http.clone(),
+            base.clone(),
+            device_token.clone(),
+            done.clone(),
+        );
+        tokio::spawn(async move {
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                let got = http
+                    .get(format!(
+                        "{base}/devices/f1/messages/deviceBound?{API}&wait-ms=1000"
+                    ))
+                    .header("Authorization", &token)
+                    .timeout(Duration::from_secs(10))
+                    .send()
+                    .await;
+                let Ok(got) = got else {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                };
+                if got.status() != 200 {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+                let lock = got.headers()["etag"]
+                    .to_str()
+                    .unwrap()
+                    .trim_matches('"')
+                    .to_string();
+                let _ = http
+                    .delete(format!(
+                        "{base}/devices/f1/messages/deviceBound/{lock}?{API}"
+                    ))
+                    .header("Authorization", &token)
+                    .timeout(Duration::from_secs(10))
+                    .send()
+                    .await;
+            }
+        })
+    };
+
+    // Let traffic flow, then stop PostgreSQL (fast shutdown) in the middle of it.
+    while d2c_acked.lock().unwrap().len() < 100 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    cluster.stop().await.unwrap();
+    let down_since = Instant::now();
+    let ready = format!("{base}/health/ready");
+    let mut saw_not_ready = false;
+    while down_since.elapsed() < Duration::from_secs(10) {
+        let asked = Instant::now();
+        let status = status(&http, &ready).await;
+        assert!(
+            asked.elapsed() < Duration::from_secs(4),
+            "readiness must answer, not hang"
+        );
+        if status == 503 {
+            saw_not_ready = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        saw_not_ready,
+        "the hub reports not-ready while its database is down"
+    );
+    let asked = Instant::now();
+    let response = http
+        .get(format!("{base}/devices/f1?{API}"))
+        .header("Authorization", &owner)
+        .timeout(Duration::from_secs(20))
+        .send()
+        .await
+        .unwrap();
+    assert!(response.status().is_server_error(), "{}", response.status());
+    assert_eq!(response.status(), 503);
+    assert!(
+        asked.elapsed() < Duration::from_secs(10),
+        "a request answers 503 instead of hanging"
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let cluster = ManagedCluster::start(&root).await.unwrap();
+    let back = Instant::now();
+    while status(&http, &ready).await != 200 {
+        assert!(
+            back.elapsed() < Duration::from_secs(30),
+            "the hub recovers by itself"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    tokio::time::timeout(Duration::from_secs(120), sender)
+        .await
+        .unwrap()
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(120), enqueuer)
+        .await
+        .unwrap()
+        .unwrap();
+    // Every acknowledged command gets completed eventually.
+    let acked: Vec<i64> = c2d_acked.lock().unwrap().clone();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let mut open: BTreeSet<i64> = acked.iter().copied().collect();
+    while !open.is_empty() && Instant::now() < deadline {
+        let mut still = BTreeSet::new();
+        for seq in &open {
+            let status: Value = http
+                .get(format!("{base}/devices/f1/commands/{seq}?{API}"))
+                .header("Authorization", &owner)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            if status["state"] != "Completed" {
+                still.insert(*seq);
+            }
+        }
+        open = still;
+        if !open.is_empty() {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = tokio::time::timeout(Duration::from_secs(15), receiver).await;
+    assert!(
+        open.is_empty(),
+        "acknowledged commands never completed: {open:?}"
+    );
+    assert_eq!(acked.len(), C2D as usize);
+
+    // Every acknowledged telemetry message is in the stream, in the device's order (duplicates only from retries).
+    let mut stored: Vec<u32> = Vec::new();
+    for p in 0..4 {
+        let mut from = 0;
+        loop {
+            let page: Value = http
+                .get(format!("{base}/messages/events/partitions/{p}?{API}&from-sequence-number={from}&max-count=1000"))
+                .header("Authorization", &owner)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            let events = page["events"].as_array().unwrap();
+            if events.is_empty() {
+                break;
+            }
+            for event in events {
+                let text = String::from_utf8(
+                    base64::Engine::decode(
+                        &base64::engine::general_purpose::STANDARD,
+                        event["body"].as_str().unwrap(),
+                    )
+                    .unwrap(),
+                )
+                .unwrap();
+                stored.push(text.parse().unwrap());
+            }
+            from = page["nextSequenceNumber"].as_i64().unwrap();
+        }
+    }
+    let acked: Vec<u32> = d2c_acked.lock().unwrap().clone();
+    assert_eq!(acked.len(), D2C as usize);
+    let stored_set: BTreeSet<u32> = stored.iter().copied().collect();
+    for n in &acked {
+        assert!(stored_set.contains(n), "acknowledged message {n} was lost");
+    }
+    let mut highest = None;
+    for n in &stored {
+        // A retried message may appear twice, next to itself (the sender is sequential); nothing goes backwards.
+        if let Some(h) = highest {
+            assert!(*n >= h, "message {n} after {h}: order broken");
+        }
+        highest = Some(highest.map_or(*n, |h: u32| h.max(*n)));
+    }
+    eprintln!(
+        "faults: {} telemetry acknowledged, {} stored ({} duplicates from retries); {} commands acknowledged and completed",
+        acked.len(),
+        stored.len(),
+        stored.len() - stored_set.len(),
+        c2d_acked.lock().unwrap().len()
+    );
+
+    let _ = stop.send(());
+    let _ = tokio::time::timeout(Duration::from_secs(40), hub.wait()).await;
+    pool.close().await;
+    cluster.stop().await.unwrap();
+    let _ = std::fs::remove_dir_all(root);
+}
