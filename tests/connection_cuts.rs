@@ -35,10 +35,7 @@ async fn cutting_proxy(
                 });
                 let mut passed = 0usize;
                 let mut buf = [0u8; 4096];
-                loop {
-                    let Ok(n) = server_read.read(&mut buf).await else {
-                        break;
-                    };
+                while let Ok(n) = server_read.read(&mut buf).await {
                     if n == 0 {
                         break;
                     }
