@@ -10,8 +10,93 @@ use iothub::postgres::{self, ManagedCluster};
 use iothub::{Config, Listeners};
 use serde_json::{json, Value};
 
+mod common;
+
 const HOST: &str = "faults.example.net";
 const API: &str = "api-version=2021-04-12";
+
+/// Every telemetry body in the stream (bodies are the senders' counters), partition by partition.
+async fn stored_counters(http: &reqwest::Client, base: &str, token: &str) -> Vec<u32> {
+    let mut stored = Vec::new();
+    for p in 0..4 {
+        let mut from = 0;
+        loop {
+            let page: Value = http
+                .get(format!("{base}/messages/events/partitions/{p}?{API}&from-sequence-number={from}&max-count=1000"))
+                .header("Authorization", token)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            let events = page["events"].as_array().unwrap();
+            if events.is_empty() {
+                break;
+            }
+            for event in events {
+                let body = base64::Engine::decode(
+                    &base64::engine::general_purpose::STANDARD,
+                    event["body"].as_str().unwrap(),
+                )
+                .unwrap();
+                stored.push(String::from_utf8(body).unwrap().parse().unwrap());
+            }
+            from = page["nextSequenceNumber"].as_i64().unwrap();
+        }
+    }
+    stored
+}
+
+/// Every acknowledged counter is stored, and a sequential sender's order holds (a retry may repeat one in place).
+fn account(acked: &[u32], stored: &[u32]) -> usize {
+    let stored_set: BTreeSet<u32> = stored.iter().copied().collect();
+    for n in acked {
+        assert!(stored_set.contains(n), "acknowledged message {n} was lost");
+    }
+    let mut highest: Option<u32> = None;
+    for n in stored {
+        if let Some(h) = highest {
+            assert!(*n >= h, "message {n} after {h}: order broken");
+        }
+        highest = Some(highest.map_or(*n, |h| h.max(*n)));
+    }
+    stored.len() - stored_set.len()
+}
+
+/// Waits until the command with each sequence number has completed; returns those that did not in time.
+async fn wait_completed(
+    http: &reqwest::Client,
+    base: &str,
+    token: &str,
+    device: &str,
+    seqs: &[i64],
+) -> BTreeSet<i64> {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let mut open: BTreeSet<i64> = seqs.iter().copied().collect();
+    while !open.is_empty() && Instant::now() < deadline {
+        let mut still = BTreeSet::new();
+        for seq in &open {
+            let status: Value = http
+                .get(format!("{base}/devices/{device}/commands/{seq}?{API}"))
+                .header("Authorization", token)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            if status["state"] != "Completed" {
+                still.insert(*seq);
+            }
+        }
+        open = still;
+        if !open.is_empty() {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+    open
+}
 
 async fn status(http: &reqwest::Client, url: &str) -> u16 {
     match http.get(url).timeout(Duration::from_secs(5)).send().await {
@@ -248,29 +333,7 @@ async fn a_postgres_restart_under_load_loses_no_acknowledged_message() {
         .unwrap();
     // Every acknowledged command gets completed eventually.
     let acked: Vec<i64> = c2d_acked.lock().unwrap().clone();
-    let deadline = Instant::now() + Duration::from_secs(90);
-    let mut open: BTreeSet<i64> = acked.iter().copied().collect();
-    while !open.is_empty() && Instant::now() < deadline {
-        let mut still = BTreeSet::new();
-        for seq in &open {
-            let status: Value = http
-                .get(format!("{base}/devices/f1/commands/{seq}?{API}"))
-                .header("Authorization", &owner)
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            if status["state"] != "Completed" {
-                still.insert(*seq);
-            }
-        }
-        open = still;
-        if !open.is_empty() {
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        }
-    }
+    let open = wait_completed(&http, &base, &owner, "f1", &acked).await;
     done.store(true, std::sync::atomic::Ordering::Relaxed);
     let _ = tokio::time::timeout(Duration::from_secs(15), receiver).await;
     assert!(
@@ -280,56 +343,14 @@ async fn a_postgres_restart_under_load_loses_no_acknowledged_message() {
     assert_eq!(acked.len(), C2D as usize);
 
     // Every acknowledged telemetry message is in the stream, in the device's order (duplicates only from retries).
-    let mut stored: Vec<u32> = Vec::new();
-    for p in 0..4 {
-        let mut from = 0;
-        loop {
-            let page: Value = http
-                .get(format!("{base}/messages/events/partitions/{p}?{API}&from-sequence-number={from}&max-count=1000"))
-                .header("Authorization", &owner)
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            let events = page["events"].as_array().unwrap();
-            if events.is_empty() {
-                break;
-            }
-            for event in events {
-                let text = String::from_utf8(
-                    base64::Engine::decode(
-                        &base64::engine::general_purpose::STANDARD,
-                        event["body"].as_str().unwrap(),
-                    )
-                    .unwrap(),
-                )
-                .unwrap();
-                stored.push(text.parse().unwrap());
-            }
-            from = page["nextSequenceNumber"].as_i64().unwrap();
-        }
-    }
+    let stored = stored_counters(&http, &base, &owner).await;
     let acked: Vec<u32> = d2c_acked.lock().unwrap().clone();
     assert_eq!(acked.len(), D2C as usize);
-    let stored_set: BTreeSet<u32> = stored.iter().copied().collect();
-    for n in &acked {
-        assert!(stored_set.contains(n), "acknowledged message {n} was lost");
-    }
-    let mut highest = None;
-    for n in &stored {
-        // A retried message may appear twice, next to itself (the sender is sequential); nothing goes backwards.
-        if let Some(h) = highest {
-            assert!(*n >= h, "message {n} after {h}: order broken");
-        }
-        highest = Some(highest.map_or(*n, |h: u32| h.max(*n)));
-    }
+    let duplicates = account(&acked, &stored);
     eprintln!(
-        "faults: {} telemetry acknowledged, {} stored ({} duplicates from retries); {} commands acknowledged and completed",
+        "faults: {} telemetry acknowledged, {} stored ({duplicates} duplicates from retries); {} commands acknowledged and completed",
         acked.len(),
         stored.len(),
-        stored.len() - stored_set.len(),
         c2d_acked.lock().unwrap().len()
     );
 
@@ -338,4 +359,190 @@ async fn a_postgres_restart_under_load_loses_no_acknowledged_message() {
     pool.close().await;
     cluster.stop().await.unwrap();
     let _ = std::fs::remove_dir_all(root);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_of_two_hub_processes_killed_under_load_loses_nothing() {
+    let db = common::TestDb::create().await;
+    let url = db.url();
+    let dir =
+        std::env::temp_dir().join(format!("iothub-two-hubs-{}", uuid::Uuid::new_v4().simple()));
+    let doomed = common::HubProcess::start(&url, &dir).await;
+    let survivor = common::HubProcess::start(&url, &dir).await;
+    let bases = [doomed.base.clone(), survivor.base.clone()];
+    let pool = db.pool().await;
+    let owner_key = policies::get(&pool, "iothubowner")
+        .await
+        .unwrap()
+        .unwrap()
+        .primary_key;
+    let owner = sas::sign(
+        common::HOST,
+        &owner_key,
+        Some("iothubowner"),
+        chrono::Utc::now().timestamp() + 3600,
+    )
+    .unwrap();
+    let http = reqwest::Client::new();
+    let device: Value = http
+        .put(format!("{}/devices/two?{API}", bases[0]))
+        .header("Authorization", &owner)
+        .json(&json!({"deviceId": "two"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let key = device["authentication"]["symmetricKey"]["primaryKey"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let token = common::device_token("two", &key);
+
+    const D2C: u32 = 300;
+    const C2D: u32 = 40;
+    let d2c_acked: Arc<Mutex<Vec<u32>>> = Arc::default();
+    let c2d_acked: Arc<Mutex<Vec<i64>>> = Arc::default();
+    // Clients alternate between the two hubs and fail over to the other one when a request fails.
+    let sender = {
+        let (http, bases, token, acked) = (
+            http.clone(),
+            bases.clone(),
+            token.clone(),
+            d2c_acked.clone(),
+        );
+        tokio::spawn(async move {
+            for n in 0..D2C {
+                let mut attempt = n as usize;
+                loop {
+                    let sent = http
+                        .post(format!(
+                            "{}/devices/two/messages/events?{API}",
+                            bases[attempt % 2]
+                        ))
+                        .header("Authorization", &token)
+                        .timeout(Duration::from_secs(10))
+                        .body(format!("{n}"))
+                        .send()
+                        .await;
+                    if sent.is_ok_and(|r| r.status() == 204) {
+                        acked.lock().unwrap().push(n);
+                        break;
+                    }
+                    attempt += 1;
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        })
+    };
+    let enqueuer = {
+        let (http, bases, token, acked) = (
+            http.clone(),
+            bases.clone(),
+            owner.clone(),
+            c2d_acked.clone(),
+        );
+        tokio::spawn(async move {
+            for n in 0..C2D {
+                let mut attempt = n as usize;
+                loop {
+                    let sent = http
+                        .post(format!("{}/devices/two/commands?{API}", bases[attempt % 2]))
+                        .header("Authorization", &token)
+                        .header("iothub-ack", "full")
+                        .timeout(Duration::from_secs(10))
+                        .body(format!("{n}"))
+                        .send()
+                        .await;
+                    if let Ok(r) = sent {
+                        if r.status() == 201 {
+                            let body: Value = r.json().await.unwrap();
+                            acked
+                                .lock()
+                                .unwrap()
+                                .push(body["sequenceNumber"].as_i64().unwrap());
+                            break;
+                        }
+                    }
+                    attempt += 1;
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                tokio::time::sleep(Duration::from_millis(30)).await;
+            }
+        })
+    };
+    // The device receives from either hub (messages locked through the killed one come back after their lock).
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let receiver = {
+        let (http, bases, token, done) = (http.clone(), bases.clone(), token.clone(), done.clone());
+        tokio::spawn(async move {
+            let mut attempt = 0usize;
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                attempt += 1;
+                let base = &bases[attempt % 2];
+                let got = http
+                    .get(format!(
+                        "{base}/devices/two/messages/deviceBound?{API}&wait-ms=500"
+                    ))
+                    .header("Authorization", &token)
+                    .timeout(Duration::from_secs(5))
+                    .send()
+                    .await;
+                let Ok(got) = got else { continue };
+                if got.status() != 200 {
+                    continue;
+                }
+                let lock = got.headers()["etag"]
+                    .to_str()
+                    .unwrap()
+                    .trim_matches('"')
+                    .to_string();
+                let _ = http
+                    .delete(format!(
+                        "{base}/devices/two/messages/deviceBound/{lock}?{API}"
+                    ))
+                    .header("Authorization", &token)
+                    .timeout(Duration::from_secs(5))
+                    .send()
+                    .await;
+            }
+        })
+    };
+
+    while d2c_acked.lock().unwrap().len() < 100 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    doomed.kill().await;
+
+    tokio::time::timeout(Duration::from_secs(120), sender)
+        .await
+        .unwrap()
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(120), enqueuer)
+        .await
+        .unwrap()
+        .unwrap();
+    let acked: Vec<i64> = c2d_acked.lock().unwrap().clone();
+    let open = wait_completed(&http, &bases[1], &owner, "two", &acked).await;
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = tokio::time::timeout(Duration::from_secs(15), receiver).await;
+    assert!(
+        open.is_empty(),
+        "acknowledged commands never completed: {open:?}"
+    );
+
+    let stored = stored_counters(&http, &bases[1], &owner).await;
+    let acked_d2c: Vec<u32> = d2c_acked.lock().unwrap().clone();
+    assert_eq!(acked_d2c.len(), D2C as usize);
+    let duplicates = account(&acked_d2c, &stored);
+    eprintln!(
+        "two hubs, one killed: {} telemetry acknowledged, {} stored ({duplicates} duplicates from retries); {} commands acknowledged and completed",
+        acked_d2c.len(),
+        stored.len(),
+        acked.len()
+    );
+    survivor.kill().await;
+    pool.close().await;
+    let _ = std::fs::remove_dir_all(dir);
 }

@@ -311,3 +311,55 @@ pub async fn assert_error(response: reqwest::Response, status: u16, code: &str) 
     );
     assert!(body["ExceptionMessage"].is_string());
 }
+
+/// A hub in its own process; killed with SIGKILL when dropped.
+pub struct HubProcess {
+    child: tokio::process::Child,
+    pub base: String,
+}
+
+impl HubProcess {
+    /// The real `iothub serve` on `url`, with short C2D locks and sweeps (tests wait for them).
+    pub async fn start(url: &str, data_dir: &std::path::Path) -> HubProcess {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_iothub"))
+            .arg("serve")
+            .env("DATABASE_URL", url)
+            .env("IOTHUB_LISTEN", format!("127.0.0.1:{port}"))
+            .env("IOTHUB_HOSTNAME", HOST)
+            .env("IOTHUB_DATA_DIR", data_dir)
+            .env("IOTHUB_C2D_LOCK_SECS", "5")
+            .env("IOTHUB_C2D_SWEEP_INTERVAL_MS", "200")
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start the hub binary");
+        let base = format!("http://127.0.0.1:{port}");
+        let http = reqwest::Client::new();
+        let start = std::time::Instant::now();
+        loop {
+            if let Ok(r) = http.get(format!("{base}/health/ready")).send().await {
+                if r.status().is_success() {
+                    break;
+                }
+            }
+            assert!(
+                start.elapsed() < std::time::Duration::from_secs(30),
+                "the hub did not start"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        HubProcess { child, base }
+    }
+
+    /// SIGKILL, and wait for the process to be gone.
+    pub async fn kill(mut self) {
+        self.child.start_kill().unwrap();
+        self.child.wait().await.unwrap();
+    }
+}
