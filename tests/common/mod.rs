@@ -243,6 +243,37 @@ impl TestHub {
             .header("Authorization", token)
     }
 
+    /// The first page (up to 100) of every partition's events, from the start, in partition order.
+    pub async fn events(&self) -> Vec<Value> {
+        let owner = self.owner().await;
+        let info: Value = self
+            .request(Method::GET, "/messages/events", &owner)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let mut events = Vec::new();
+        for partition in info["partitions"].as_array().unwrap() {
+            let p = partition["partitionId"].as_str().unwrap();
+            let page: Value = self
+                .request(
+                    Method::GET,
+                    &format!("/messages/events/partitions/{p}?from=start"),
+                    &owner,
+                )
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            events.extend(page["events"].as_array().unwrap().iter().cloned());
+        }
+        events
+    }
+
     /// Creates a device with generated keys; returns its JSON.
     pub async fn create_device(&self, id: &str) -> Value {
         let token = self.owner().await;
