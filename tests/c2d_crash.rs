@@ -165,16 +165,23 @@ async fn a_killed_hub_loses_no_message() {
         })
     };
 
-    tokio::time::sleep(Duration::from_millis(400)).await;
-    let completed_before = ledger.lock().unwrap().completed.len();
-    assert!(
-        completed_before > 0,
-        "receivers were working when the hub was killed"
-    );
-    first.kill().await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let second = HubProcess::start(&url, &data_dir).await;
-    *base.lock().unwrap() = second.base.clone();
+    // Killed and started again three times while devices receive.
+    let mut hub = first;
+    for round in 0..3 {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        if round == 0 {
+            let completed_before = ledger.lock().unwrap().completed.len();
+            assert!(
+                completed_before > 0,
+                "receivers were working when the hub was killed"
+            );
+        }
+        hub.kill().await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        hub = HubProcess::start(&url, &data_dir).await;
+        *base.lock().unwrap() = hub.base.clone();
+    }
+    let second = hub;
 
     // Everything ends: completed by the receivers, including what was locked at the kill (after its lock).
     let start = Instant::now();
