@@ -2,6 +2,7 @@
 //! hanging while the database is down, recovers by itself, and every message it acknowledged is there afterwards.
 
 use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -105,6 +106,226 @@ async fn status(http: &reqwest::Client, url: &str) -> u16 {
     }
 }
 
+/// A device and a back-end driving traffic through one or more hubs (a failed request is retried on the next
+/// hub), and the ledger of what the hubs acknowledged.
+struct Traffic {
+    d2c_acked: Arc<Mutex<Vec<u32>>>,
+    c2d_acked: Arc<Mutex<Vec<i64>>>,
+    done: Arc<AtomicBool>,
+    sender: tokio::task::JoinHandle<()>,
+    enqueuer: tokio::task::JoinHandle<()>,
+    receiver: tokio::task::JoinHandle<()>,
+}
+
+struct Ends {
+    http: reqwest::Client,
+    bases: Vec<String>,
+    device: String,
+    device_token: String,
+    owner: String,
+}
+
+impl Traffic {
+    /// `d2c` telemetry messages (bodies are counters, sent in order) and `c2d` commands (ack full), which the device
+    /// receives and completes.
+    fn start(ends: &Ends, d2c: u32, c2d: u32) -> Traffic {
+        let d2c_acked: Arc<Mutex<Vec<u32>>> = Arc::default();
+        let c2d_acked: Arc<Mutex<Vec<i64>>> = Arc::default();
+        let done = Arc::new(AtomicBool::new(false));
+        let sender = {
+            let (http, bases, device, token, acked) = (
+                ends.http.clone(),
+                ends.bases.clone(),
+                ends.device.clone(),
+                ends.device_token.clone(),
+                d2c_acked.clone(),
+            );
+            tokio::spawn(async move {
+                for n in 0..d2c {
+                    let mut attempt = n as usize;
+                    loop {
+                        let base = &bases[attempt % bases.len()];
+                        let sent = http
+                            .post(format!("{base}/devices/{device}/messages/events?{API}"))
+                            .header("Authorization", &token)
+                            .timeout(Duration::from_secs(10))
+                            .body(format!("{n}"))
+                            .send()
+                            .await;
+                        if sent.is_ok_and(|r| r.status() == 204) {
+                            acked.lock().unwrap().push(n);
+                            break;
+                        }
+                        attempt += 1;
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            })
+        };
+        let enqueuer = {
+            let (http, bases, device, token, acked) = (
+                ends.http.clone(),
+                ends.bases.clone(),
+                ends.device.clone(),
+                ends.owner.clone(),
+                c2d_acked.clone(),
+            );
+            tokio::spawn(async move {
+                for n in 0..c2d {
+                    let mut attempt = n as usize;
+                    loop {
+                        let base = &bases[attempt % bases.len()];
+                        let sent = http
+                            .post(format!("{base}/devices/{device}/commands?{API}"))
+                            .header("Authorization", &token)
+                            .header("iothub-ack", "full")
+                            .timeout(Duration::from_secs(10))
+                            .body(format!("{n}"))
+                            .send()
+                            .await;
+                        if let Ok(r) = sent {
+                            if r.status() == 201 {
+                                let body: Value = r.json().await.unwrap();
+                                acked
+                                    .lock()
+                                    .unwrap()
+                                    .push(body["sequenceNumber"].as_i64().unwrap());
+                                break;
+                            }
+                        }
+                        attempt += 1;
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                    tokio::time::sleep(Duration::from_millis(40)).await;
+                }
+            })
+        };
+        let receiver = {
+            let (http, bases, device, token, done) = (
+                ends.http.clone(),
+                ends.bases.clone(),
+                ends.device.clone(),
+                ends.device_token.clone(),
+                done.clone(),
+            );
+            tokio::spawn(async move {
+                let mut attempt = 0usize;
+                while !done.load(Ordering::Relaxed) {
+                    attempt += 1;
+                    let base = &bases[attempt % bases.len()];
+                    let got = http
+                        .get(format!(
+                            "{base}/devices/{device}/messages/deviceBound?{API}&wait-ms=500"
+                        ))
+                        .header("Authorization", &token)
+                        .timeout(Duration::from_secs(10))
+                        .send()
+                        .await;
+                    let Ok(got) = got.map_err(|_| ()).and_then(|r| {
+                        if r.status() == 200 {
+                            Ok(r)
+                        } else {
+                            Err(())
+                        }
+                    }) else {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    };
+                    let lock = got.headers()["etag"]
+                        .to_str()
+                        .unwrap()
+                        .trim_matches('"')
+                        .to_string();
+                    let _ = http
+                        .delete(format!(
+                            "{base}/devices/{device}/messages/deviceBound/{lock}?{API}"
+                        ))
+                        .header("Authorization", &token)
+                        .timeout(Duration::from_secs(10))
+                        .send()
+                        .await;
+                }
+            })
+        };
+        Traffic {
+            d2c_acked,
+            c2d_acked,
+            done,
+            sender,
+            enqueuer,
+            receiver,
+        }
+    }
+
+    fn telemetry_acknowledged(&self) -> usize {
+        self.d2c_acked.lock().unwrap().len()
+    }
+
+    /// Waits for the senders, then for every acknowledged command to complete, and accounts for every message
+    /// through `reader` (a live hub). Returns a line of figures.
+    async fn account(self, ends: &Ends, reader: &str, d2c: u32, c2d: u32) -> String {
+        tokio::time::timeout(Duration::from_secs(120), self.sender)
+            .await
+            .unwrap()
+            .unwrap();
+        tokio::time::timeout(Duration::from_secs(120), self.enqueuer)
+            .await
+            .unwrap()
+            .unwrap();
+        let commands: Vec<i64> = self.c2d_acked.lock().unwrap().clone();
+        let open = wait_completed(&ends.http, reader, &ends.owner, &ends.device, &commands).await;
+        self.done.store(true, Ordering::Relaxed);
+        let _ = tokio::time::timeout(Duration::from_secs(15), self.receiver).await;
+        assert!(
+            open.is_empty(),
+            "acknowledged commands never completed: {open:?}"
+        );
+        assert_eq!(commands.len(), c2d as usize);
+
+        let stored = stored_counters(&ends.http, reader, &ends.owner).await;
+        let acked: Vec<u32> = self.d2c_acked.lock().unwrap().clone();
+        assert_eq!(acked.len(), d2c as usize);
+        let duplicates = account(&acked, &stored);
+        format!(
+            "{} telemetry acknowledged, {} stored ({duplicates} duplicates from retries), 0 lost; \
+             {} commands acknowledged and completed",
+            acked.len(),
+            stored.len(),
+            commands.len()
+        )
+    }
+}
+
+async fn device_credentials(
+    ends_http: &reqwest::Client,
+    base: &str,
+    owner: &str,
+    host: &str,
+    id: &str,
+) -> String {
+    let device: Value = ends_http
+        .put(format!("{base}/devices/{id}?{API}"))
+        .header("Authorization", owner)
+        .json(&json!({"deviceId": id}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let key = device["authentication"]["symmetricKey"]["primaryKey"]
+        .as_str()
+        .unwrap();
+    sas::sign(
+        &format!("{host}/devices/{id}"),
+        key,
+        None,
+        chrono::Utc::now().timestamp() + 3600,
+    )
+    .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_postgres_restart_under_load_loses_no_acknowledged_message() {
     // A cluster of its own, so restarting it disturbs no other test.
@@ -139,144 +360,21 @@ async fn a_postgres_restart_under_load_loses_no_acknowledged_message() {
         chrono::Utc::now().timestamp() + 3600,
     )
     .unwrap();
-    let device: Value = http
-        .put(format!("{base}/devices/f1?{API}"))
-        .header("Authorization", &owner)
-        .json(&json!({"deviceId": "f1"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let device_key = device["authentication"]["symmetricKey"]["primaryKey"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let device_token = sas::sign(
-        &format!("{HOST}/devices/f1"),
-        &device_key,
-        None,
-        chrono::Utc::now().timestamp() + 3600,
-    )
-    .unwrap();
-
-    // The ledger: what the hub acknowledged.
-    let d2c_acked: Arc<Mutex<Vec<u32>>> = Arc::default();
-    let c2d_acked: Arc<Mutex<Vec<i64>>> = Arc::default();
-    const D2C: u32 = 400;
-    const C2D: u32 = 60;
-
-    // A device sending telemetry in order, retrying a message until it is acknowledged.
-    let sender = {
-        let (http, base, token, acked) = (
-            http.clone(),
-            base.clone(),
-            device_token.clone(),
-            d2c_acked.clone(),
-        );
-        tokio::spawn(async move {
-            for n in 0..D2C {
-                loop {
-                    let sent = http
-                        .post(format!("{base}/devices/f1/messages/events?{API}"))
-                        .header("Authorization", &token)
-                        .header("iothub-messageid", format!("m{n}"))
-                        .timeout(Duration::from_secs(10))
-                        .body(format!("{n}"))
-                        .send()
-                        .await;
-                    if sent.is_ok_and(|r| r.status() == 204) {
-                        acked.lock().unwrap().push(n);
-                        break;
-                    }
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        })
+    let device_token = device_credentials(&http, &base, &owner, HOST, "f1").await;
+    let ends = Ends {
+        http: http.clone(),
+        bases: vec![base.clone()],
+        device: "f1".into(),
+        device_token,
+        owner: owner.clone(),
     };
-    // A back-end enqueueing commands, retrying until each is acknowledged (201).
-    let enqueuer = {
-        let (http, base, token, acked) =
-            (http.clone(), base.clone(), owner.clone(), c2d_acked.clone());
-        tokio::spawn(async move {
-            for n in 0..C2D {
-                loop {
-                    let sent = http
-                        .post(format!("{base}/devices/f1/commands?{API}"))
-                        .header("Authorization", &token)
-                        .header("iothub-messageid", format!("c{n}"))
-                        .header("iothub-ack", "full")
-                        .timeout(Duration::from_secs(10))
-                        .body(format!("{n}"))
-                        .send()
-                        .await;
-                    if let Ok(r) = sent {
-                        if r.status() == 201 {
-                            let body: Value = r.json().await.unwrap();
-                            acked
-                                .lock()
-                                .unwrap()
-                                .push(body["sequenceNumber"].as_i64().unwrap());
-                            break;
-                        }
-                    }
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-                tokio::time::sleep(Duration::from_millis(40)).await;
-            }
-        })
-    };
-    // The device receiving and completing commands.
-    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let receiver = {
-        let (http, base, token, done) = (
-            http.clone(),
-            base.clone(),
-            device_token.clone(),
-            done.clone(),
-        );
-        tokio::spawn(async move {
-            while !done.load(std::sync::atomic::Ordering::Relaxed) {
-                let got = http
-                    .get(format!(
-                        "{base}/devices/f1/messages/deviceBound?{API}&wait-ms=1000"
-                    ))
-                    .header("Authorization", &token)
-                    .timeout(Duration::from_secs(10))
-                    .send()
-                    .await;
-                let Ok(got) = got else {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                };
-                if got.status() != 200 {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-                let lock = got.headers()["etag"]
-                    .to_str()
-                    .unwrap()
-                    .trim_matches('"')
-                    .to_string();
-                let _ = http
-                    .delete(format!(
-                        "{base}/devices/f1/messages/deviceBound/{lock}?{API}"
-                    ))
-                    .header("Authorization", &token)
-                    .timeout(Duration::from_secs(10))
-                    .send()
-                    .await;
-            }
-        })
-    };
+    let traffic = Traffic::start(&ends, 400, 60);
 
-    // Let traffic flow, then stop PostgreSQL (fast shutdown) in the middle of it — twice.
+    // Stop PostgreSQL (fast shutdown) in the middle of the traffic — twice.
     let ready = format!("{base}/health/ready");
     let mut cluster = cluster;
     for acks_before in [100, 250] {
-        while d2c_acked.lock().unwrap().len() < acks_before {
+        while traffic.telemetry_acknowledged() < acks_before {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         cluster.stop().await.unwrap();
@@ -324,37 +422,8 @@ async fn a_postgres_restart_under_load_loses_no_acknowledged_message() {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
-
-    tokio::time::timeout(Duration::from_secs(120), sender)
-        .await
-        .unwrap()
-        .unwrap();
-    tokio::time::timeout(Duration::from_secs(120), enqueuer)
-        .await
-        .unwrap()
-        .unwrap();
-    // Every acknowledged command gets completed eventually.
-    let acked: Vec<i64> = c2d_acked.lock().unwrap().clone();
-    let open = wait_completed(&http, &base, &owner, "f1", &acked).await;
-    done.store(true, std::sync::atomic::Ordering::Relaxed);
-    let _ = tokio::time::timeout(Duration::from_secs(15), receiver).await;
-    assert!(
-        open.is_empty(),
-        "acknowledged commands never completed: {open:?}"
-    );
-    assert_eq!(acked.len(), C2D as usize);
-
-    // Every acknowledged telemetry message is in the stream, in the device's order (duplicates only from retries).
-    let stored = stored_counters(&http, &base, &owner).await;
-    let acked: Vec<u32> = d2c_acked.lock().unwrap().clone();
-    assert_eq!(acked.len(), D2C as usize);
-    let duplicates = account(&acked, &stored);
-    eprintln!(
-        "faults: {} telemetry acknowledged, {} stored ({duplicates} duplicates from retries); {} commands acknowledged and completed",
-        acked.len(),
-        stored.len(),
-        c2d_acked.lock().unwrap().len()
-    );
+    let figures = traffic.account(&ends, &base, 400, 60).await;
+    eprintln!("PostgreSQL restarted twice: {figures}");
 
     let _ = stop.send(());
     let _ = tokio::time::timeout(Duration::from_secs(40), hub.wait()).await;
@@ -371,7 +440,6 @@ async fn one_of_two_hub_processes_killed_under_load_loses_nothing() {
         std::env::temp_dir().join(format!("iothub-two-hubs-{}", uuid::Uuid::new_v4().simple()));
     let doomed = common::HubProcess::start(&url, &dir).await;
     let survivor = common::HubProcess::start(&url, &dir).await;
-    let bases = [doomed.base.clone(), survivor.base.clone()];
     let pool = db.pool().await;
     let owner_key = policies::get(&pool, "iothubowner")
         .await
@@ -386,164 +454,22 @@ async fn one_of_two_hub_processes_killed_under_load_loses_nothing() {
     )
     .unwrap();
     let http = reqwest::Client::new();
-    let device: Value = http
-        .put(format!("{}/devices/two?{API}", bases[0]))
-        .header("Authorization", &owner)
-        .json(&json!({"deviceId": "two"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let key = device["authentication"]["symmetricKey"]["primaryKey"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let token = common::device_token("two", &key);
-
-    const D2C: u32 = 300;
-    const C2D: u32 = 40;
-    let d2c_acked: Arc<Mutex<Vec<u32>>> = Arc::default();
-    let c2d_acked: Arc<Mutex<Vec<i64>>> = Arc::default();
-    // Clients alternate between the two hubs and fail over to the other one when a request fails.
-    let sender = {
-        let (http, bases, token, acked) = (
-            http.clone(),
-            bases.clone(),
-            token.clone(),
-            d2c_acked.clone(),
-        );
-        tokio::spawn(async move {
-            for n in 0..D2C {
-                let mut attempt = n as usize;
-                loop {
-                    let sent = http
-                        .post(format!(
-                            "{}/devices/two/messages/events?{API}",
-                            bases[attempt % 2]
-                        ))
-                        .header("Authorization", &token)
-                        .timeout(Duration::from_secs(10))
-                        .body(format!("{n}"))
-                        .send()
-                        .await;
-                    if sent.is_ok_and(|r| r.status() == 204) {
-                        acked.lock().unwrap().push(n);
-                        break;
-                    }
-                    attempt += 1;
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-            }
-        })
+    let device_token = device_credentials(&http, &doomed.base, &owner, common::HOST, "two").await;
+    let survivor_base = survivor.base.clone();
+    let ends = Ends {
+        http,
+        bases: vec![doomed.base.clone(), survivor.base.clone()],
+        device: "two".into(),
+        device_token,
+        owner,
     };
-    let enqueuer = {
-        let (http, bases, token, acked) = (
-            http.clone(),
-            bases.clone(),
-            owner.clone(),
-            c2d_acked.clone(),
-        );
-        tokio::spawn(async move {
-            for n in 0..C2D {
-                let mut attempt = n as usize;
-                loop {
-                    let sent = http
-                        .post(format!("{}/devices/two/commands?{API}", bases[attempt % 2]))
-                        .header("Authorization", &token)
-                        .header("iothub-ack", "full")
-                        .timeout(Duration::from_secs(10))
-                        .body(format!("{n}"))
-                        .send()
-                        .await;
-                    if let Ok(r) = sent {
-                        if r.status() == 201 {
-                            let body: Value = r.json().await.unwrap();
-                            acked
-                                .lock()
-                                .unwrap()
-                                .push(body["sequenceNumber"].as_i64().unwrap());
-                            break;
-                        }
-                    }
-                    attempt += 1;
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-                tokio::time::sleep(Duration::from_millis(30)).await;
-            }
-        })
-    };
-    // The device receives from either hub (messages locked through the killed one come back after their lock).
-    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let receiver = {
-        let (http, bases, token, done) = (http.clone(), bases.clone(), token.clone(), done.clone());
-        tokio::spawn(async move {
-            let mut attempt = 0usize;
-            while !done.load(std::sync::atomic::Ordering::Relaxed) {
-                attempt += 1;
-                let base = &bases[attempt % 2];
-                let got = http
-                    .get(format!(
-                        "{base}/devices/two/messages/deviceBound?{API}&wait-ms=500"
-                    ))
-                    .header("Authorization", &token)
-                    .timeout(Duration::from_secs(5))
-                    .send()
-                    .await;
-                let Ok(got) = got else { continue };
-                if got.status() != 200 {
-                    continue;
-                }
-                let lock = got.headers()["etag"]
-                    .to_str()
-                    .unwrap()
-                    .trim_matches('"')
-                    .to_string();
-                let _ = http
-                    .delete(format!(
-                        "{base}/devices/two/messages/deviceBound/{lock}?{API}"
-                    ))
-                    .header("Authorization", &token)
-                    .timeout(Duration::from_secs(5))
-                    .send()
-                    .await;
-            }
-        })
-    };
-
-    while d2c_acked.lock().unwrap().len() < 100 {
+    let traffic = Traffic::start(&ends, 300, 40);
+    while traffic.telemetry_acknowledged() < 100 {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     doomed.kill().await;
-
-    tokio::time::timeout(Duration::from_secs(120), sender)
-        .await
-        .unwrap()
-        .unwrap();
-    tokio::time::timeout(Duration::from_secs(120), enqueuer)
-        .await
-        .unwrap()
-        .unwrap();
-    let acked: Vec<i64> = c2d_acked.lock().unwrap().clone();
-    let open = wait_completed(&http, &bases[1], &owner, "two", &acked).await;
-    done.store(true, std::sync::atomic::Ordering::Relaxed);
-    let _ = tokio::time::timeout(Duration::from_secs(15), receiver).await;
-    assert!(
-        open.is_empty(),
-        "acknowledged commands never completed: {open:?}"
-    );
-
-    let stored = stored_counters(&http, &bases[1], &owner).await;
-    let acked_d2c: Vec<u32> = d2c_acked.lock().unwrap().clone();
-    assert_eq!(acked_d2c.len(), D2C as usize);
-    let duplicates = account(&acked_d2c, &stored);
-    eprintln!(
-        "two hubs, one killed: {} telemetry acknowledged, {} stored ({duplicates} duplicates from retries); {} commands acknowledged and completed",
-        acked_d2c.len(),
-        stored.len(),
-        acked.len()
-    );
+    let figures = traffic.account(&ends, &survivor_base, 300, 40).await;
+    eprintln!("two hubs, one killed: {figures}");
     survivor.kill().await;
     pool.close().await;
     let _ = std::fs::remove_dir_all(dir);
