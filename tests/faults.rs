@@ -179,6 +179,7 @@ impl Traffic {
                         let sent = http
                             .post(format!("{base}/devices/{device}/commands?{API}"))
                             .header("Authorization", &token)
+                            .header("iothub-messageid", format!("c{n}"))
                             .header("iothub-ack", "full")
                             .timeout(Duration::from_secs(10))
                             .body(format!("{n}"))
@@ -283,18 +284,69 @@ impl Traffic {
         );
         assert_eq!(commands.len(), c2d as usize);
 
+        // Each acknowledged command's Success feedback (ack full) reaches the service.
+        let wanted: BTreeSet<String> = (0..c2d).map(|n| format!("c{n}")).collect();
+        let heard = drain_feedback(&ends.http, reader, &ends.owner, &wanted).await;
+        let missing: Vec<&String> = wanted.difference(&heard).collect();
+        assert!(missing.is_empty(), "no Success feedback for {missing:?}");
+
         let stored = stored_counters(&ends.http, reader, &ends.owner).await;
         let acked: Vec<u32> = self.d2c_acked.lock().unwrap().clone();
         assert_eq!(acked.len(), d2c as usize);
         let duplicates = account(&acked, &stored);
         format!(
             "{} telemetry acknowledged, {} stored ({duplicates} duplicates from retries), 0 lost; \
-             {} commands acknowledged and completed",
+             {} commands acknowledged and completed, {} with their Success feedback",
             acked.len(),
             stored.len(),
-            commands.len()
+            commands.len(),
+            heard.len()
         )
     }
+}
+
+/// Receives and completes feedback batches until every message id in `wanted` has a Success record (or a minute
+/// has passed); returns the ids heard.
+async fn drain_feedback(
+    http: &reqwest::Client,
+    base: &str,
+    owner: &str,
+    wanted: &BTreeSet<String>,
+) -> BTreeSet<String> {
+    let mut heard = BTreeSet::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !wanted.is_subset(&heard) && Instant::now() < deadline {
+        let response = http
+            .get(format!(
+                "{base}/messages/serviceBound/feedback?{API}&wait-ms=1000"
+            ))
+            .header("Authorization", owner)
+            .send()
+            .await
+            .unwrap();
+        if response.status() != 200 {
+            continue;
+        }
+        let lock = response.headers()["etag"]
+            .to_str()
+            .unwrap()
+            .trim_matches('"')
+            .to_string();
+        let records: Vec<Value> = response.json().await.unwrap();
+        for record in records {
+            if record["statusCode"] == "Success" {
+                heard.insert(record["originalMessageId"].as_str().unwrap().to_string());
+            }
+        }
+        http.delete(format!(
+            "{base}/messages/serviceBound/feedback/{lock}?{API}"
+        ))
+        .header("Authorization", owner)
+        .send()
+        .await
+        .unwrap();
+    }
+    heard
 }
 
 async fn device_credentials(
