@@ -117,7 +117,7 @@ async fn run(
     let mut config = Config::with_database("postgres://unused");
     config.hostname = HOST.to_string();
     config.listen = "127.0.0.1:0".parse()?;
-    config.c2d.c2d_max_queue_depth = 10_000;
+    config.c2d.max_queue_depth = 10_000;
     let pool = iothub::postgres::connect(options.clone(), config.db_pool_size).await?;
     let listeners = Listeners {
         http: tokio::net::TcpListener::bind(config.listen).await?,

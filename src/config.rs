@@ -61,9 +61,14 @@ pub struct Config {
 
     #[command(flatten)]
     pub throttle: crate::throttle::ThrottleConfig,
-    /// Cloud-to-device messaging and feedback.
+
+    /// Cloud-to-device messaging.
     #[command(flatten)]
-    pub c2d: crate::c2d::C2dSettings,
+    pub c2d: crate::c2d::Settings,
+
+    /// The feedback queue.
+    #[command(flatten)]
+    pub feedback: crate::feedback::Settings,
 
     /// Log as JSON lines instead of text.
     #[arg(long, env = "IOTHUB_LOG_JSON", default_value_t = false)]
@@ -71,7 +76,7 @@ pub struct Config {
 
     /// Device-to-cloud streams.
     #[command(flatten)]
-    pub d2c: crate::d2c::D2cConfig,
+    pub d2c: crate::d2c::Settings,
 }
 
 impl Config {
@@ -86,6 +91,11 @@ impl Config {
         let mut config = Wrapper::parse_from(["iothub"]).config;
         config.database_url = Some(SecretString::from(url.to_string()));
         config
+    }
+
+    /// What clap's ranges cannot check (rules across settings), for configurations built in code too.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        self.c2d.validate()
     }
 
     pub fn auth_cache(&self) -> Duration {
@@ -151,6 +161,7 @@ impl std::fmt::Debug for Config {
             .field("auth_cache_ms", &self.auth_cache_ms)
             .field("throttle", &self.throttle)
             .field("c2d", &self.c2d)
+            .field("feedback", &self.feedback)
             .field("d2c", &self.d2c)
             .finish()
     }

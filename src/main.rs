@@ -8,9 +8,10 @@ use secrecy::ExposeSecret;
 use sqlx::PgPool;
 
 use iothub::auth::{policies, sas};
-use iothub::client::{ConnectionString, HubClient};
+use iothub::cli::client::{ConnectionString, HubClient};
 use iothub::postgres::{self, ManagedCluster};
-use iothub::{registry, Config, Listeners};
+use iothub::registry::{self, DeviceId};
+use iothub::{Config, Listeners};
 
 #[derive(Parser)]
 #[command(
@@ -48,14 +49,14 @@ enum Command {
         #[command(flatten)]
         hub: HubArgs,
         #[command(subcommand)]
-        command: iothub::c2d::cli::C2dCommand,
+        command: iothub::cli::c2d::C2dCommand,
     },
     /// Delivery feedback through the hub's REST API.
     Feedback {
         #[command(flatten)]
         hub: HubArgs,
         #[command(subcommand)]
-        command: iothub::c2d::cli::FeedbackCommand,
+        command: iothub::cli::c2d::FeedbackCommand,
     },
     /// Print the OpenAPI document.
     Openapi,
@@ -64,14 +65,14 @@ enum Command {
         #[command(flatten)]
         hub: HubArgs,
         #[command(flatten)]
-        args: iothub::d2c::cli::MonitorArgs,
+        args: iothub::cli::d2c::MonitorArgs,
     },
     /// Send telemetry as a device (a device connection string, or --device with its key read from the database).
     Send {
         #[command(flatten)]
         hub: HubArgs,
         #[command(flatten)]
-        args: iothub::d2c::cli::SendArgs,
+        args: iothub::cli::d2c::SendArgs,
     },
 }
 
@@ -224,66 +225,69 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             pool.close().await;
             release(cluster).await
         }
-        Command::Token(args) => {
-            let (pool, cluster) =
-                open_database(args.db.database_url.as_ref(), &args.db.data_dir, 2).await?;
-            iothub::prepare_database(&pool).await?;
-            let expiry = chrono::Utc::now().timestamp() + args.ttl;
-            let token = match &args.device {
-                Some(id) => {
-                    let device = registry::store::get(&pool, id)
-                        .await?
-                        .with_context(|| format!("no device {id}"))?;
-                    let key = if args.secondary {
-                        device.secondary_key
-                    } else {
-                        device.primary_key
-                    }
-                    .with_context(|| format!("device {id} has no symmetric key"))?;
-                    sas::sign(
-                        &format!("{}/devices/{id}", args.db.hostname),
-                        &key,
-                        None,
-                        expiry,
-                    )?
-                }
-                None => {
-                    let name = args.policy.as_deref().unwrap_or("iothubowner");
-                    let policy = policies::get(&pool, name)
-                        .await?
-                        .with_context(|| format!("no policy {name}"))?;
-                    let key = if args.secondary {
-                        &policy.secondary_key
-                    } else {
-                        &policy.primary_key
-                    };
-                    sas::sign(&args.db.hostname, key, Some(name), expiry)?
-                }
-            };
-            println!("{token}");
-            pool.close().await;
-            release(cluster).await
-        }
+        Command::Token(args) => token_command(args).await,
         Command::Device { hub, command } => device_command(hub, command).await,
         Command::C2d { hub, command } => {
-            iothub::c2d::cli::c2d(&service_client(&hub).await?, command).await
+            iothub::cli::c2d::c2d(&service_client(&hub).await?, command).await
         }
         Command::Feedback { hub, command } => {
-            iothub::c2d::cli::feedback(&service_client(&hub).await?, command).await
+            iothub::cli::c2d::feedback(&service_client(&hub).await?, command).await
         }
         Command::Monitor { hub, args } => {
             let credentials = service_credentials(&hub).await?;
-            iothub::d2c::cli::monitor(&hub.url, credentials, args).await
+            iothub::cli::d2c::monitor(&hub.url, credentials, args).await
         }
         Command::Send { hub, args } => {
             let credentials = device_credentials(&hub, &args).await?;
-            iothub::d2c::cli::send(&hub.url, credentials, args).await
+            iothub::cli::d2c::send(&hub.url, credentials, args).await
         }
         Command::Openapi => {
             println!("{}", iothub::http::openapi().to_pretty_json()?);
             Ok(())
         }
     }
+}
+
+/// Prints a SAS token signed with a device's key (`--device`) or a policy's (default: iothubowner).
+async fn token_command(args: TokenArgs) -> anyhow::Result<()> {
+    let (pool, cluster) =
+        open_database(args.db.database_url.as_ref(), &args.db.data_dir, 2).await?;
+    iothub::prepare_database(&pool).await?;
+    let expiry = chrono::Utc::now().timestamp() + args.ttl;
+    let token = match &args.device {
+        Some(id) => {
+            let device = registry::store::get(&pool, &id.parse::<DeviceId>()?)
+                .await?
+                .with_context(|| format!("no device {id}"))?;
+            let key = if args.secondary {
+                device.secondary_key
+            } else {
+                device.primary_key
+            }
+            .with_context(|| format!("device {id} has no symmetric key"))?;
+            sas::sign(
+                &format!("{}/devices/{id}", args.db.hostname),
+                &key,
+                None,
+                expiry,
+            )?
+        }
+        None => {
+            let name = args.policy.as_deref().unwrap_or("iothubowner");
+            let policy = policies::get(&pool, name)
+                .await?
+                .with_context(|| format!("no policy {name}"))?;
+            let key = if args.secondary {
+                &policy.secondary_key
+            } else {
+                &policy.primary_key
+            };
+            sas::sign(&args.db.hostname, key, Some(name), expiry)?
+        }
+    };
+    println!("{token}");
+    pool.close().await;
+    release(cluster).await
 }
 
 /// Stops the managed cluster only if this command started it (a running hub keeps its own).
@@ -386,7 +390,7 @@ async fn service_credentials(hub: &HubArgs) -> anyhow::Result<ConnectionString> 
 /// A device's credentials: `--device-connection-string`, or `--device` with its key read from the database.
 async fn device_credentials(
     hub: &HubArgs,
-    args: &iothub::d2c::cli::SendArgs,
+    args: &iothub::cli::d2c::SendArgs,
 ) -> anyhow::Result<ConnectionString> {
     if let Some(text) = &args.device_connection_string {
         return ConnectionString::parse(text);
@@ -396,7 +400,7 @@ async fn device_credentials(
         .as_deref()
         .context("pass --device-connection-string or --device")?;
     let (pool, cluster) = open_database(hub.db.database_url.as_ref(), &hub.db.data_dir, 1).await?;
-    let device = registry::store::get(&pool, id)
+    let device = registry::store::get(&pool, &id.parse::<DeviceId>()?)
         .await?
         .with_context(|| format!("no device {id}"))?;
     pool.close().await;

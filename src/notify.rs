@@ -16,6 +16,7 @@ use std::time::Duration;
 use sqlx::postgres::PgListener;
 use sqlx::{PgPool, Postgres};
 use tokio::sync::watch;
+use tokio::task::JoinSet;
 
 /// The channels the hub uses. A payload is the key waiters subscribe to.
 pub mod channel {
@@ -97,19 +98,20 @@ impl Notifier {
         self.epoch.send_modify(|n| *n += 1);
     }
 
-    /// Starts the LISTEN loop on `pool`; it runs until `shutdown` turns true.
+    /// Starts the LISTEN loop on `pool` in `tasks`; it runs until `shutdown` turns true.
     pub async fn start(
         pool: PgPool,
         mut shutdown: watch::Receiver<bool>,
+        tasks: &mut JoinSet<anyhow::Result<()>>,
     ) -> anyhow::Result<Notifier> {
         let notifier = Notifier::default();
         let mut listener = PgListener::connect_with(&pool).await?;
         listener.listen_all(channel::ALL).await?;
         let this = notifier.clone();
-        tokio::spawn(async move {
+        tasks.spawn(async move {
             loop {
                 let received = tokio::select! {
-                    _ = shutdown.wait_for(|s| *s) => break,
+                    _ = shutdown.wait_for(|s| *s) => return Ok(()),
                     received = listener.try_recv() => received,
                 };
                 match received {

@@ -13,8 +13,6 @@ use clap::{Args, ValueEnum};
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota, RateLimiter};
 
-use crate::http::error::{ApiError, ErrorCode};
-
 /// The operation classes IoT Hub throttles separately.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Operation {
@@ -33,19 +31,6 @@ impl Operation {
     ];
     fn index(self) -> usize {
         self as usize
-    }
-    /// The operation a request is, from its method and route template.
-    pub fn of(method: &http::Method, route: &str) -> Option<Operation> {
-        use http::Method;
-        match (method, route) {
-            (&Method::POST, "/devices/{id}/messages/events") => Some(Operation::D2cSend),
-            (&Method::GET, "/devices/{id}/messages/deviceBound") => Some(Operation::C2dReceive),
-            (&Method::POST, "/devices/{id}/commands") => Some(Operation::C2dSend),
-            (_, "/devices" | "/devices/{id}" | "/statistics/devices" | "/statistics/service") => {
-                Some(Operation::Registry)
-            }
-            _ => None,
-        }
     }
 }
 
@@ -190,19 +175,22 @@ impl Throttle {
     }
 
     /// Takes one token for `operation` (and for `device`'s bucket); 429 with the wait when a bucket is empty.
-    pub fn check(&self, operation: Operation, device: Option<&str>) -> Result<(), ApiError> {
+    pub fn check(&self, operation: Operation, device: Option<&str>) -> Result<(), Throttled> {
         let clock = DefaultClock::default();
         if let (Some(limiter), Some(device)) = (&self.device[operation.index()], device) {
             if let Err(not_until) = limiter.check_key(&device.to_string()) {
-                return Err(throttled(
-                    not_until.wait_time_from(clock.now()),
-                    "this device",
-                ));
+                return Err(Throttled {
+                    wait: not_until.wait_time_from(clock.now()),
+                    whose: "this device",
+                });
             }
         }
         if let Some(limiter) = &self.hub[operation.index()] {
             if let Err(not_until) = limiter.check() {
-                return Err(throttled(not_until.wait_time_from(clock.now()), "the hub"));
+                return Err(Throttled {
+                    wait: not_until.wait_time_from(clock.now()),
+                    whose: "the hub",
+                });
             }
         }
         Ok(())
@@ -217,14 +205,12 @@ impl Throttle {
     }
 }
 
-fn throttled(wait: Duration, whose: &str) -> ApiError {
-    ApiError {
-        retry_after: Some(wait.as_secs_f64().ceil().max(1.0) as u64),
-        ..ApiError::new(
-            ErrorCode::ThrottlingException,
-            format!("Too many requests for {whose}; retry later"),
-        )
-    }
+/// A request over its operation's rate: `wait` is how long until the bucket has a token again.
+#[derive(Debug, thiserror::Error)]
+#[error("Too many requests for {whose}; retry later")]
+pub struct Throttled {
+    pub wait: Duration,
+    pub whose: &'static str,
 }
 
 #[cfg(test)]
@@ -260,8 +246,8 @@ mod tests {
         throttle.check(Operation::D2cSend, Some("a")).unwrap();
         throttle.check(Operation::D2cSend, Some("a")).unwrap();
         let refused = throttle.check(Operation::D2cSend, Some("a")).unwrap_err();
-        assert_eq!(refused.code, ErrorCode::ThrottlingException);
-        assert_eq!(refused.retry_after, Some(1));
+        assert!(refused.wait <= Duration::from_secs(1));
+        assert_eq!(refused.whose, "this device");
         // Another device, and another operation class, are unaffected.
         throttle.check(Operation::D2cSend, Some("b")).unwrap();
         throttle.check(Operation::C2dReceive, Some("a")).unwrap();

@@ -241,6 +241,7 @@ async fn device_credentials_reach_only_their_own_enabled_device() {
                 &target(id),
             )
             .await
+            .map_err(iothub::http::error::ApiError::from)
         }
     };
 

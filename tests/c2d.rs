@@ -447,7 +447,7 @@ async fn enqueue_refuses_bad_input_with_iot_hub_errors() {
 
 #[tokio::test]
 async fn the_queue_depth_is_enforced_on_live_messages() {
-    let t = C2d::start_with(|c| c.c2d.c2d_max_queue_depth = 3).await;
+    let t = C2d::start_with(|c| c.c2d.max_queue_depth = 3).await;
     let token = t.device("dev-1").await;
     for _ in 0..3 {
         t.enqueue("dev-1", &[], "x").await;
@@ -637,7 +637,7 @@ async fn a_device_cannot_receive_or_settle_another_devices_messages() {
 
 #[tokio::test]
 async fn sixteen_concurrent_receivers_never_hold_the_same_message() {
-    let t = C2d::start_with(|c| c.c2d.c2d_max_queue_depth = 100).await;
+    let t = C2d::start_with(|c| c.c2d.max_queue_depth = 100).await;
     let token = t.device("dev-1").await;
     const MESSAGES: usize = 60;
     for i in 0..MESSAGES {
@@ -691,7 +691,7 @@ async fn sixteen_concurrent_receivers_never_hold_the_same_message() {
 
 #[tokio::test]
 async fn an_unsettled_message_comes_back_after_its_lock_and_counts_a_delivery() {
-    let t = C2d::start_with(|c| c.c2d.c2d_lock_secs = 5).await;
+    let t = C2d::start_with(|c| c.c2d.lock_secs = 5).await;
     let token = t.device("dev-1").await;
     t.enqueue("dev-1", &[], "x").await;
     let (first, headers, _) = t.take("dev-1", &token).await;
@@ -729,7 +729,7 @@ async fn an_unsettled_message_comes_back_after_its_lock_and_counts_a_delivery() 
 
 #[tokio::test]
 async fn abandoning_the_last_allowed_delivery_dead_letters() {
-    let t = C2d::start_with(|c| c.c2d.c2d_max_delivery_count = 2).await;
+    let t = C2d::start_with(|c| c.c2d.max_delivery_count = 2).await;
     let token = t.device("dev-1").await;
     t.enqueue(
         "dev-1",
@@ -764,9 +764,9 @@ async fn abandoning_the_last_allowed_delivery_dead_letters() {
 #[tokio::test]
 async fn a_lapsed_last_delivery_is_dead_lettered_even_if_the_device_never_polls_again() {
     let t = C2d::start_with(|c| {
-        c.c2d.c2d_lock_secs = 5;
-        c.c2d.c2d_max_delivery_count = 1;
-        c.c2d.c2d_sweep_interval_ms = 200;
+        c.c2d.lock_secs = 5;
+        c.c2d.max_delivery_count = 1;
+        c.c2d.sweep_interval_ms = 200;
     })
     .await;
     let token = t.device("dev-1").await;
@@ -794,9 +794,9 @@ async fn a_lapsed_last_delivery_is_dead_lettered_even_if_the_device_never_polls_
 async fn a_lapsed_last_delivery_is_dead_lettered_at_the_next_receive() {
     // The sweeper is slow here, so the receive has to do it, in its own transaction.
     let t = C2d::start_with(|c| {
-        c.c2d.c2d_lock_secs = 5;
-        c.c2d.c2d_max_delivery_count = 1;
-        c.c2d.c2d_sweep_interval_ms = 60_000;
+        c.c2d.lock_secs = 5;
+        c.c2d.max_delivery_count = 1;
+        c.c2d.sweep_interval_ms = 60_000;
     })
     .await;
     let token = t.device("dev-1").await;
@@ -821,7 +821,7 @@ async fn a_lapsed_last_delivery_is_dead_lettered_at_the_next_receive() {
 
 #[tokio::test]
 async fn an_expired_message_is_never_delivered_and_is_reported() {
-    let t = C2d::start_with(|c| c.c2d.c2d_sweep_interval_ms = 60_000).await;
+    let t = C2d::start_with(|c| c.c2d.sweep_interval_ms = 60_000).await;
     let token = t.device("dev-1").await;
     t.enqueue(
         "dev-1",
@@ -848,7 +848,7 @@ async fn an_expired_message_is_never_delivered_and_is_reported() {
 
 #[tokio::test]
 async fn the_sweeper_expires_messages_of_devices_that_never_poll() {
-    let t = C2d::start_with(|c| c.c2d.c2d_sweep_interval_ms = 200).await;
+    let t = C2d::start_with(|c| c.c2d.sweep_interval_ms = 200).await;
     t.device("dev-1").await;
     t.enqueue("dev-1", &[("iothub-ttl", "1"), ("iothub-ack", "full")], "x")
         .await;
@@ -993,8 +993,8 @@ async fn the_queue_lists_live_messages_in_pages_and_status_reports_outcomes() {
 #[tokio::test]
 async fn ended_messages_are_deleted_after_the_feedback_ttl() {
     let t = C2d::start_with(|c| {
-        c.c2d.c2d_sweep_interval_ms = 200;
-        c.c2d.feedback_ttl_secs = 2;
+        c.c2d.sweep_interval_ms = 200;
+        c.feedback.ttl_secs = 2;
     })
     .await;
     let token = t.device("dev-1").await;

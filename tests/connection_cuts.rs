@@ -58,7 +58,7 @@ async fn cutting_proxy(
 
 #[tokio::test]
 async fn a_delivery_cut_off_mid_response_comes_back_and_counts() {
-    let hub = TestHub::start_with(|c| c.c2d.c2d_lock_secs = 5).await;
+    let hub = TestHub::start_with(|c| c.c2d.lock_secs = 5).await;
     let device = hub.create_device("cut-1").await;
     let token = device_token("cut-1", &primary_key(&device));
     let owner = hub.owner().await;

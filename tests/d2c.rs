@@ -887,8 +887,8 @@ async fn concurrent_sends_share_a_transaction() {
 #[tokio::test]
 async fn a_full_queue_pushes_back_with_503_instead_of_growing() {
     let hub = TestHub::start_with(|c| {
-        c.d2c.d2c_queue_depth = 2;
-        c.d2c.d2c_enqueue_timeout_ms = 300;
+        c.d2c.queue_depth = 2;
+        c.d2c.enqueue_timeout_ms = 300;
     })
     .await;
     let ids = devices_in_partition(1, 16, "pressure");

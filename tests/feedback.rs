@@ -156,8 +156,8 @@ const OUTCOMES: [&str; 5] = [
 #[tokio::test]
 async fn each_ack_mode_hears_exactly_the_outcomes_it_asks_for() {
     let t = Hub::start_with(|c| {
-        c.c2d.c2d_max_delivery_count = 1;
-        c.c2d.c2d_sweep_interval_ms = 200;
+        c.c2d.max_delivery_count = 1;
+        c.c2d.sweep_interval_ms = 200;
     })
     .await;
     let mut generations = std::collections::HashMap::new();
@@ -265,7 +265,7 @@ async fn each_ack_mode_hears_exactly_the_outcomes_it_asks_for() {
 
 #[tokio::test]
 async fn batches_hold_up_to_64_records_under_a_lock() {
-    let t = Hub::start_with(|c| c.c2d.c2d_max_queue_depth = 100).await;
+    let t = Hub::start_with(|c| c.c2d.max_queue_depth = 100).await;
     t.device("d1").await;
     for i in 0..70 {
         t.enqueue(
@@ -332,8 +332,8 @@ async fn batches_hold_up_to_64_records_under_a_lock() {
 #[tokio::test]
 async fn an_unsettled_batch_comes_back_after_its_lock_and_is_discarded_after_max_deliveries() {
     let t = Hub::start_with(|c| {
-        c.c2d.feedback_lock_secs = 5;
-        c.c2d.feedback_max_delivery_count = 2;
+        c.feedback.lock_secs = 5;
+        c.feedback.max_delivery_count = 2;
     })
     .await;
     t.device("d1").await;

@@ -1,7 +1,7 @@
 //! Property tests: the parsers that face untrusted input never panic, and what they accept round-trips.
 
 use iothub::auth::sas::{self, SasToken};
-use iothub::client::ConnectionString;
+use iothub::cli::client::ConnectionString;
 use iothub::http::normalize::canonical_path;
 use iothub::http::wire::IfMatch;
 use iothub::registry::valid_device_id;

@@ -12,7 +12,6 @@ use std::time::{Duration, Instant};
 use sqlx::PgPool;
 
 use super::policies::{self, PolicyKeys};
-use crate::http::error::ApiResult;
 use crate::registry::store::{self, DeviceCredentials};
 
 const MAX_ENTRIES: usize = 100_000;
@@ -81,7 +80,7 @@ impl Credentials {
         Credentials::new(db, Duration::ZERO)
     }
 
-    pub async fn device(&self, device_id: &str) -> ApiResult<Fresh<DeviceCredentials>> {
+    pub async fn device(&self, device_id: &str) -> Result<Fresh<DeviceCredentials>, sqlx::Error> {
         if let Some((value, age)) = self.devices.get(device_id, self.ttl) {
             if let Some(device) = value.as_ref() {
                 let db_now = device.db_now + age.as_secs() as i64;
@@ -100,7 +99,7 @@ impl Credentials {
         Ok(Fresh { value, db_now })
     }
 
-    pub async fn policy(&self, name: &str) -> ApiResult<Fresh<PolicyKeys>> {
+    pub async fn policy(&self, name: &str) -> Result<Fresh<PolicyKeys>, sqlx::Error> {
         if let Some((value, age)) = self.policies.get(name, self.ttl) {
             if let Some(policy) = value.as_ref() {
                 let db_now = policy.db_now + age.as_secs() as i64;

@@ -1,17 +1,38 @@
 //! Who is calling, and may they: SAS tokens checked against shared access policies and device keys.
 //!
-//! Every failure here is IoT Hub's 401 (401002), whatever the reason; the reason goes to the debug log only
-//! (never the token itself).
+//! Every refusal here is an [`Error::Unauthorized`] (IoT Hub's 401002), whatever the reason; the reason goes to the
+//! debug log only (never the token itself).
 
 pub mod credentials;
 pub mod policies;
-pub mod routes;
 pub mod sas;
 
 pub use credentials::Credentials;
 
-use crate::http::error::{ApiError, ApiResult};
+use crate::registry::model::Status;
+use crate::registry::DeviceId;
 use sas::SasToken;
+
+/// What authentication and policy management can refuse, or fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Refused: the text says why, for the log and the caller (never the token itself).
+    #[error("{0}")]
+    Unauthorized(String),
+    /// A well-signed policy token for a device that does not exist.
+    #[error("Device {0} not registered")]
+    DeviceNotFound(String),
+    #[error("Shared access policy {0} not found")]
+    PolicyNotFound(String),
+    #[error("A policy named {0} already exists")]
+    PolicyExists(String),
+    #[error("Cannot delete the last policy with RegistryWrite")]
+    LastRegistryWriter,
+    #[error(transparent)]
+    Database(#[from] sqlx::Error),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// A right a shared access policy can grant (spec §2.3).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -110,6 +131,20 @@ pub struct PolicyCaller {
     pub rights: Rights,
 }
 
+impl PolicyCaller {
+    /// A policy may see the keys of, create, change or rotate only policies whose rights it holds itself, so a
+    /// `registryReadWrite` token cannot mint itself ServiceConnect.
+    pub fn may_manage(&self, rights: Rights) -> Result<()> {
+        if self.rights.covers(rights) {
+            Ok(())
+        } else {
+            Err(Error::Unauthorized(
+                "A policy can only manage policies whose rights it holds itself".into(),
+            ))
+        }
+    }
+}
+
 /// How a device call was authenticated: with the device's own key, or with a policy that has DeviceConnect.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DeviceCredential {
@@ -120,17 +155,17 @@ pub enum DeviceCredential {
 /// A caller allowed to act as one device.
 #[derive(Debug, Clone)]
 pub struct DeviceCaller {
-    pub device_id: String,
+    pub device_id: DeviceId,
     pub generation_id: String,
     pub credential: DeviceCredential,
 }
 
-fn refuse(reason: &str) -> ApiError {
+fn refuse(reason: &str) -> Error {
     tracing::debug!(reason, "authorization refused");
-    ApiError::unauthorized(reason)
+    Error::Unauthorized(reason.to_string())
 }
 
-fn parse_header(header: Option<&str>) -> ApiResult<SasToken> {
+fn parse_header(header: Option<&str>) -> Result<SasToken> {
     let header = header.ok_or_else(|| refuse("Authorization header missing"))?;
     SasToken::parse(header).map_err(|e| refuse(&e.to_string()))
 }
@@ -142,7 +177,7 @@ pub async fn authorize_policy(
     header: Option<&str>,
     target: &[String],
     right: Right,
-) -> ApiResult<PolicyCaller> {
+) -> Result<PolicyCaller> {
     let token = parse_header(header)?;
     let Some(name) = token.key_name.clone() else {
         return Err(refuse("a device token cannot call service endpoints"));
@@ -180,7 +215,7 @@ pub async fn authorize_device(
     header: Option<&str>,
     device_id: &str,
     target: &[String],
-) -> ApiResult<DeviceCaller> {
+) -> Result<DeviceCaller> {
     let token = parse_header(header)?;
     let fresh = credentials.device(device_id).await?;
     let device = fresh.value.as_ref().as_ref();
@@ -226,18 +261,22 @@ pub async fn authorize_device(
             DeviceCredential::Policy(name.clone())
         }
     };
-    let device = device.ok_or_else(|| ApiError::device_not_found(device_id))?;
-    if device.status != "enabled" {
+    let device = device.ok_or_else(|| Error::DeviceNotFound(device_id.to_string()))?;
+    if device.status != Status::Enabled {
         return Err(refuse("the device is disabled"));
     }
+    // A registered device's id is valid: the registry only stores valid ones.
+    let device_id = device_id
+        .parse()
+        .map_err(|_| Error::DeviceNotFound(device_id.to_string()))?;
     Ok(DeviceCaller {
-        device_id: device_id.to_string(),
+        device_id,
         generation_id: device.generation_id.clone(),
         credential,
     })
 }
 
-fn check_token(token: &SasToken, primary: &str, secondary: &str, db_now: i64) -> ApiResult<()> {
+fn check_token(token: &SasToken, primary: &str, secondary: &str, db_now: i64) -> Result<()> {
     // Both keys are always tried, so timing does not tell which one (if any) matched.
     let primary_ok = token.signed_by(primary);
     let secondary_ok = token.signed_by(secondary);
@@ -250,7 +289,7 @@ fn check_token(token: &SasToken, primary: &str, secondary: &str, db_now: i64) ->
     Ok(())
 }
 
-fn check_scope(token: &SasToken, hostname: &str, target: &[String]) -> ApiResult<()> {
+fn check_scope(token: &SasToken, hostname: &str, target: &[String]) -> Result<()> {
     let scope = token
         .resource()
         .ok_or_else(|| refuse("the token's resource is not valid UTF-8"))?;

@@ -3,8 +3,9 @@
 
 use sqlx::PgPool;
 
-use super::{sas, Right, Rights};
-use crate::http::error::{sqlstate, ApiError, ApiResult, ErrorCode, UNIQUE_VIOLATION};
+use super::{Error, Result, Right, Rights};
+use crate::keys;
+use crate::postgres::{sqlstate, UNIQUE_VIOLATION};
 
 #[derive(Clone)]
 pub struct Policy {
@@ -67,8 +68,8 @@ pub async fn ensure_defaults(db: &PgPool) -> anyhow::Result<()> {
         )
         .bind(name)
         .bind(rights.bits())
-        .bind(sas::generate_key())
-        .bind(sas::generate_key())
+        .bind(keys::generate_key())
+        .bind(keys::generate_key())
         .execute(db)
         .await?;
     }
@@ -86,7 +87,7 @@ fn from_row((name, rights, primary_key, secondary_key): PolicyRow) -> Policy {
     }
 }
 
-pub async fn list(db: &PgPool) -> ApiResult<Vec<Policy>> {
+pub async fn list(db: &PgPool) -> Result<Vec<Policy>> {
     let rows: Vec<PolicyRow> = sqlx::query_as(
         "SELECT name, rights, primary_key, secondary_key FROM policies ORDER BY created_at, name",
     )
@@ -95,7 +96,7 @@ pub async fn list(db: &PgPool) -> ApiResult<Vec<Policy>> {
     Ok(rows.into_iter().map(from_row).collect())
 }
 
-pub async fn get(db: &PgPool, name: &str) -> ApiResult<Option<Policy>> {
+pub async fn get(db: &PgPool, name: &str) -> Result<Option<Policy>> {
     let row: Option<PolicyRow> = sqlx::query_as(
         "SELECT name, rights, primary_key, secondary_key FROM policies WHERE name = $1",
     )
@@ -105,7 +106,7 @@ pub async fn get(db: &PgPool, name: &str) -> ApiResult<Option<Policy>> {
     Ok(row.map(from_row))
 }
 
-pub async fn keys(db: &PgPool, name: &str) -> ApiResult<Option<PolicyKeys>> {
+pub async fn keys(db: &PgPool, name: &str) -> Result<Option<PolicyKeys>, sqlx::Error> {
     let row: Option<(i16, String, String, i64)> = sqlx::query_as(
         "SELECT rights, primary_key, secondary_key, extract(epoch FROM now())::bigint
          FROM policies WHERE name = $1",
@@ -123,7 +124,7 @@ pub async fn keys(db: &PgPool, name: &str) -> ApiResult<Option<PolicyKeys>> {
     )
 }
 
-pub async fn create(db: &PgPool, policy: &Policy) -> ApiResult<Policy> {
+pub async fn create(db: &PgPool, policy: &Policy) -> Result<Policy> {
     let row: PolicyRow = sqlx::query_as(
         "INSERT INTO policies (name, rights, primary_key, secondary_key) VALUES ($1, $2, $3, $4)
          RETURNING name, rights, primary_key, secondary_key",
@@ -135,10 +136,7 @@ pub async fn create(db: &PgPool, policy: &Policy) -> ApiResult<Policy> {
     .fetch_one(db)
     .await
     .map_err(|e| match sqlstate(&e).as_deref() {
-        Some(UNIQUE_VIOLATION) => ApiError::new(
-            ErrorCode::PolicyAlreadyExists,
-            format!("A policy named {} already exists", policy.name),
-        ),
+        Some(UNIQUE_VIOLATION) => Error::PolicyExists(policy.name.clone()),
         _ => e.into(),
     })?;
     Ok(from_row(row))
@@ -151,7 +149,7 @@ pub async fn update(
     rights: Rights,
     primary_key: Option<&str>,
     secondary_key: Option<&str>,
-) -> ApiResult<Policy> {
+) -> Result<Policy> {
     let row: Option<PolicyRow> = sqlx::query_as(
         "UPDATE policies SET rights = $2, primary_key = coalesce($3, primary_key),
                 secondary_key = coalesce($4, secondary_key), updated_at = now()
@@ -163,11 +161,12 @@ pub async fn update(
     .bind(secondary_key)
     .fetch_optional(db)
     .await?;
-    row.map(from_row).ok_or_else(|| not_found(name))
+    row.map(from_row)
+        .ok_or_else(|| Error::PolicyNotFound(name.to_string()))
 }
 
 /// Deletes a policy, unless it is the last one that can manage the registry (the hub would be locked for good).
-pub async fn delete(db: &PgPool, name: &str) -> ApiResult<()> {
+pub async fn delete(db: &PgPool, name: &str) -> Result<()> {
     let mut tx = db.begin().await?;
     let deleted = sqlx::query("DELETE FROM policies WHERE name = $1")
         .bind(name)
@@ -175,25 +174,16 @@ pub async fn delete(db: &PgPool, name: &str) -> ApiResult<()> {
         .await?
         .rows_affected();
     if deleted == 0 {
-        return Err(not_found(name));
+        return Err(Error::PolicyNotFound(name.to_string()));
     }
     let writers: i64 = sqlx::query_scalar("SELECT count(*) FROM policies WHERE rights & 2 <> 0")
         .fetch_one(&mut *tx)
         .await?;
     if writers == 0 {
-        return Err(ApiError::invalid(
-            "Cannot delete the last policy with RegistryWrite",
-        ));
+        return Err(Error::LastRegistryWriter);
     }
     tx.commit().await?;
     Ok(())
-}
-
-pub fn not_found(name: &str) -> ApiError {
-    ApiError::new(
-        ErrorCode::PolicyNotFound,
-        format!("Shared access policy {name} not found"),
-    )
 }
 
 /// Policy names as IoT Hub allows them: 1–64 of letters, digits and `_ - @ .`.

@@ -4,145 +4,118 @@
 //! Every state change of a message is one transaction of [`store`]; [`sweeper`] dead-letters messages whose time
 //! ran out even when their device never polls again, and deletes ended messages once their retention has passed.
 
-pub mod cli;
 pub mod model;
-pub mod routes;
 pub mod store;
 pub mod sweeper;
 
 use std::time::Duration;
 
-use anyhow::bail;
 use clap::Args;
 
-/// Hub-wide C2D and feedback settings (spec §4.2). Ranges are checked when the hub starts.
+use crate::registry::DeviceId;
+
+/// Hub-wide C2D settings (spec §4.2); clap checks each range, [`Settings::validate`] the one rule across two.
 #[derive(Args, Clone, Debug)]
-pub struct C2dSettings {
+#[group(id = "c2d_settings")]
+pub struct Settings {
     /// How long a received C2D message stays locked (invisible to other receives), in seconds (5–300).
-    #[arg(long, env = "IOTHUB_C2D_LOCK_SECS", default_value_t = 60)]
-    pub c2d_lock_secs: u32,
+    #[arg(id = "c2d_lock_secs", long = "c2d-lock-secs", env = "IOTHUB_C2D_LOCK_SECS", default_value_t = 60,
+        value_parser = clap::value_parser!(u32).range(5..=300))]
+    pub lock_secs: u32,
 
     /// Deliveries of one C2D message before it is dead-lettered when abandoned or its lock expires (1–100).
-    #[arg(long, env = "IOTHUB_C2D_MAX_DELIVERY_COUNT", default_value_t = 10)]
-    pub c2d_max_delivery_count: u32,
+    #[arg(id = "c2d_max_delivery_count", long = "c2d-max-delivery-count", env = "IOTHUB_C2D_MAX_DELIVERY_COUNT",
+        default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub max_delivery_count: u32,
 
     /// Time to live of a C2D message whose sender set none, in seconds (1 up to the maximum TTL).
-    #[arg(long, env = "IOTHUB_C2D_DEFAULT_TTL_SECS", default_value_t = 3600)]
-    pub c2d_default_ttl_secs: u32,
+    #[arg(long = "c2d-default-ttl-secs", env = "IOTHUB_C2D_DEFAULT_TTL_SECS", default_value_t = 3600,
+        value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_TTL_SECS)))]
+    pub default_ttl_secs: u32,
 
     /// Longest time to live a sender may ask for, in seconds (at most 172800, 48 h).
-    #[arg(long, env = "IOTHUB_C2D_MAX_TTL_SECS", default_value_t = 172_800)]
-    pub c2d_max_ttl_secs: u32,
+    #[arg(long = "c2d-max-ttl-secs", env = "IOTHUB_C2D_MAX_TTL_SECS", default_value_t = MAX_TTL_SECS,
+        value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_TTL_SECS)))]
+    pub max_ttl_secs: u32,
 
     /// Live (not yet ended) C2D messages per device; one more is refused with 403004 (1–100000).
-    #[arg(long, env = "IOTHUB_C2D_MAX_QUEUE_DEPTH", default_value_t = 50)]
-    pub c2d_max_queue_depth: u32,
-
-    /// How long a received feedback batch stays locked, in seconds (5–300).
-    #[arg(long, env = "IOTHUB_FEEDBACK_LOCK_SECS", default_value_t = 60)]
-    pub feedback_lock_secs: u32,
-
-    /// How long feedback records, and the outcome of ended C2D messages, are kept, in seconds (1–172800).
-    #[arg(long, env = "IOTHUB_FEEDBACK_TTL_SECS", default_value_t = 3600)]
-    pub feedback_ttl_secs: u32,
-
-    /// Receives of one feedback batch before its records are discarded (1–100).
-    #[arg(long, env = "IOTHUB_FEEDBACK_MAX_DELIVERY_COUNT", default_value_t = 10)]
-    pub feedback_max_delivery_count: u32,
+    #[arg(long = "c2d-max-queue-depth", env = "IOTHUB_C2D_MAX_QUEUE_DEPTH", default_value_t = 50,
+        value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub max_queue_depth: u32,
 
     /// How often the expiry and clean-up task runs, in milliseconds (100–60000).
-    #[arg(long, env = "IOTHUB_C2D_SWEEP_INTERVAL_MS", default_value_t = 1000)]
-    pub c2d_sweep_interval_ms: u64,
+    #[arg(long = "c2d-sweep-interval-ms", env = "IOTHUB_C2D_SWEEP_INTERVAL_MS", default_value_t = 1000,
+        value_parser = clap::value_parser!(u64).range(100..=60_000))]
+    pub sweep_interval_ms: u64,
 }
 
 /// The most a sender may ask for, as IoT Hub: 48 hours.
 pub const MAX_TTL_SECS: u32 = 172_800;
 
-/// Longest long poll a receive may ask for (`wait-ms`).
-pub const MAX_WAIT_MS: u64 = 30_000;
-
-impl C2dSettings {
+impl Settings {
+    /// The rule clap cannot check alone: the default TTL is within the maximum.
     pub fn validate(&self) -> anyhow::Result<()> {
-        let check = |name: &str, value: u64, low: u64, high: u64| -> anyhow::Result<()> {
-            if !(low..=high).contains(&value) {
-                bail!("{name} must be between {low} and {high}, not {value}");
-            }
-            Ok(())
-        };
-        check("IOTHUB_C2D_LOCK_SECS", self.c2d_lock_secs.into(), 5, 300)?;
-        check(
-            "IOTHUB_C2D_MAX_DELIVERY_COUNT",
-            self.c2d_max_delivery_count.into(),
-            1,
-            100,
-        )?;
-        check(
-            "IOTHUB_C2D_MAX_TTL_SECS",
-            self.c2d_max_ttl_secs.into(),
-            1,
-            MAX_TTL_SECS.into(),
-        )?;
-        check(
-            "IOTHUB_C2D_DEFAULT_TTL_SECS",
-            self.c2d_default_ttl_secs.into(),
-            1,
-            self.c2d_max_ttl_secs.into(),
-        )?;
-        check(
-            "IOTHUB_C2D_MAX_QUEUE_DEPTH",
-            self.c2d_max_queue_depth.into(),
-            1,
-            100_000,
-        )?;
-        check(
-            "IOTHUB_FEEDBACK_LOCK_SECS",
-            self.feedback_lock_secs.into(),
-            5,
-            300,
-        )?;
-        check(
-            "IOTHUB_FEEDBACK_TTL_SECS",
-            self.feedback_ttl_secs.into(),
-            1,
-            MAX_TTL_SECS.into(),
-        )?;
-        check(
-            "IOTHUB_FEEDBACK_MAX_DELIVERY_COUNT",
-            self.feedback_max_delivery_count.into(),
-            1,
-            100,
-        )?;
-        check(
-            "IOTHUB_C2D_SWEEP_INTERVAL_MS",
-            self.c2d_sweep_interval_ms,
-            100,
-            60_000,
-        )?;
+        if self.default_ttl_secs > self.max_ttl_secs {
+            anyhow::bail!(
+                "IOTHUB_C2D_DEFAULT_TTL_SECS ({}) must not exceed IOTHUB_C2D_MAX_TTL_SECS ({})",
+                self.default_ttl_secs,
+                self.max_ttl_secs
+            );
+        }
         Ok(())
     }
 
     pub fn sweep_interval(&self) -> Duration {
-        Duration::from_millis(self.c2d_sweep_interval_ms)
+        Duration::from_millis(self.sweep_interval_ms)
     }
 }
 
+/// What a C2D operation can refuse, or fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("Device {0} not registered")]
+    DeviceNotFound(DeviceId),
+    #[error("Device {device} already has {queued} messages queued (the maximum is {max})")]
+    QueueFull {
+        device: DeviceId,
+        queued: i64,
+        max: u32,
+    },
+    #[error("The expiry time must be after the enqueue time and at most {max_ttl_secs} seconds after it")]
+    ExpiryOutOfRange { max_ttl_secs: u32 },
+    #[error("The lock token is unknown, expired, or the message was already settled")]
+    LockLost,
+    #[error(
+        "Device {device} has no message with sequence number {seq} (or it ended too long ago)"
+    )]
+    MessageNotFound { device: DeviceId, seq: i64 },
+    #[error(transparent)]
+    Database(#[from] sqlx::Error),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
 #[cfg(test)]
 mod tests {
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Wrapper {
+        #[command(flatten)]
+        settings: super::Settings,
+    }
+
     #[test]
     fn defaults_are_valid_and_ranges_are_checked() {
-        let config = crate::Config::with_database("postgres://unused");
-        config.c2d.validate().unwrap();
-        assert_eq!(config.c2d.c2d_lock_secs, 60);
-        assert_eq!(config.c2d.c2d_max_queue_depth, 50);
-        let mut bad = config.c2d.clone();
-        bad.c2d_lock_secs = 4;
-        assert!(bad.validate().is_err());
-        let mut bad = config.c2d.clone();
-        bad.c2d_default_ttl_secs = 7200;
-        bad.c2d_max_ttl_secs = 3600;
-        assert!(bad.validate().is_err());
-        let mut bad = config.c2d.clone();
-        bad.feedback_max_delivery_count = 101;
+        let settings = Wrapper::parse_from(["iothub"]).settings;
+        settings.validate().unwrap();
+        assert_eq!(settings.lock_secs, 60);
+        assert_eq!(settings.max_queue_depth, 50);
+        assert!(Wrapper::try_parse_from(["iothub", "--c2d-lock-secs", "4"]).is_err());
+        assert!(Wrapper::try_parse_from(["iothub", "--c2d-max-delivery-count", "101"]).is_err());
+        let mut bad = settings.clone();
+        bad.default_ttl_secs = 7200;
+        bad.max_ttl_secs = 3600;
         assert!(bad.validate().is_err());
     }
 }

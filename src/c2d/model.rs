@@ -1,37 +1,61 @@
-//! C2D messages as stored and as the service API writes them.
+//! C2D messages as the core knows them: what a sender gives, what is stored, and what the service may read back.
+
+use std::str::FromStr;
 
 use chrono::{DateTime, Utc};
-use serde::{Deserialize, Serialize};
-use utoipa::ToSchema;
 
-use crate::http::wire::format_time;
-
-/// `iothub-ack`: which outcomes the sender wants feedback for (spec §5.1).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Ack {
-    None,
-    Positive,
-    Negative,
-    Full,
+crate::text_enum! {
+    /// `iothub-ack`: which outcomes the sender wants feedback for (spec §5.1).
+    pub enum Ack {
+        None = "none",
+        Positive = "positive",
+        Negative = "negative",
+        Full = "full",
+    }
 }
 
-impl Ack {
-    pub fn parse(text: &str) -> Option<Ack> {
-        Some(match text.to_ascii_lowercase().as_str() {
-            "none" => Ack::None,
-            "positive" => Ack::Positive,
-            "negative" => Ack::Negative,
-            "full" => Ack::Full,
-            _ => return None,
-        })
+crate::text_enum! {
+    /// Where a message is in its life. `Enqueued` and `Invisible` are live ([`State::LIVE`]); the others ended.
+    pub enum State {
+        Enqueued = "enqueued",
+        /// Locked by a receive until its lock runs out.
+        Invisible = "invisible",
+        Completed = "completed",
+        DeadLettered = "dead_lettered",
+        Purged = "purged",
     }
+}
 
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Ack::None => "none",
-            Ack::Positive => "positive",
-            Ack::Negative => "negative",
-            Ack::Full => "full",
+impl State {
+    /// The states of a message that has not ended.
+    pub const LIVE: [State; 2] = [State::Enqueued, State::Invisible];
+}
+
+crate::text_enum! {
+    /// How a message ended, as feedback reports it.
+    pub enum Outcome {
+        Success = "Success",
+        Expired = "Expired",
+        DeliveryCountExceeded = "DeliveryCountExceeded",
+        Rejected = "Rejected",
+        Purged = "Purged",
+    }
+}
+
+/// A message's position in its device's queue, as enqueue assigned it: 1, 2, …
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct SequenceNumber(pub i64);
+
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("The sequence number must be a whole number, at least 1")]
+pub struct InvalidSequenceNumber;
+
+impl FromStr for SequenceNumber {
+    type Err = InvalidSequenceNumber;
+    fn from_str(text: &str) -> Result<SequenceNumber, InvalidSequenceNumber> {
+        match text.parse::<i64>() {
+            Ok(n) if n >= 1 => Ok(SequenceNumber(n)),
+            _ => Err(InvalidSequenceNumber),
         }
     }
 }
@@ -47,7 +71,7 @@ pub enum Expiry {
     Ttl(i64),
 }
 
-/// A message the service wants enqueued, validated.
+/// A message the service wants enqueued, already parsed from its wire form.
 #[derive(Debug, Clone)]
 pub struct NewMessage {
     pub message_id: String,
@@ -70,7 +94,7 @@ pub struct MessageRow {
     pub message_id: String,
     pub correlation_id: Option<String>,
     pub user_id: Option<String>,
-    pub ack: String,
+    pub ack: Ack,
     pub content_type: Option<String>,
     pub content_encoding: Option<String>,
     pub app_properties: sqlx::types::Json<Vec<(String, String)>>,
@@ -78,107 +102,70 @@ pub struct MessageRow {
     pub enqueued_at: DateTime<Utc>,
     pub expiry_explicit: Option<DateTime<Utc>>,
     pub expires_at: DateTime<Utc>,
-    pub state: String,
+    pub state: State,
     pub lock_token: Option<uuid::Uuid>,
     pub locked_until: Option<DateTime<Utc>>,
     pub delivery_count: i32,
-    pub outcome: Option<String>,
+    pub outcome: Option<Outcome>,
     pub outcome_at: Option<DateTime<Utc>>,
 }
 
-/// What `POST /devices/{id}/commands` answers.
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
-#[serde(rename_all = "camelCase")]
-#[schema(example = json!({"messageId": "5f0d3c1e-7b9a-4c2e-9f3a-2a1b0c9d8e7f", "sequenceNumber": 1,
-    "enqueuedTimeUtc": "2026-11-29T10:00:00.000Z", "expiryTimeUtc": "2026-11-29T11:00:00.000Z"}))]
+/// What an enqueue assigned.
+#[derive(Debug, Clone)]
 pub struct Enqueued {
     pub message_id: String,
-    pub sequence_number: i64,
-    pub enqueued_time_utc: String,
-    pub expiry_time_utc: String,
+    pub seq: i64,
+    pub enqueued_at: DateTime<Utc>,
+    pub expires_at: DateTime<Utc>,
 }
 
-/// A message's state and outcome, as the service API shows it.
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
-#[serde(rename_all = "camelCase")]
-#[schema(example = json!({"deviceId": "thermostat-1", "sequenceNumber": 3, "messageId": "order-17",
-    "correlationId": null, "userId": null, "ack": "full", "state": "Completed", "deliveryCount": 1,
-    "enqueuedTimeUtc": "2026-11-29T10:00:00.000Z", "expiryTimeUtc": "2026-11-29T11:00:00.000Z",
-    "lockedUntilUtc": null, "outcome": "Success", "outcomeTimeUtc": "2026-11-29T10:00:02.125Z", "size": 12}))]
-pub struct MessageStatus {
-    pub device_id: String,
-    pub sequence_number: i64,
-    pub message_id: String,
-    pub correlation_id: Option<String>,
-    pub user_id: Option<String>,
-    /// `none`, `positive`, `negative` or `full`.
-    pub ack: String,
-    /// `Enqueued`, `Invisible` (locked by a receive), `Completed`, `DeadLettered` or `Purged`.
-    pub state: String,
-    /// Deliveries so far (each receive counts, also when its lock ran out).
-    pub delivery_count: i32,
-    pub enqueued_time_utc: String,
-    pub expiry_time_utc: String,
-    /// While `Invisible`: when the lock runs out.
-    pub locked_until_utc: Option<String>,
-    /// Once ended: `Success`, `Rejected`, `Expired`, `DeliveryCountExceeded` or `Purged`.
-    pub outcome: Option<String>,
-    pub outcome_time_utc: Option<String>,
-    /// Body bytes.
-    pub size: usize,
+/// A message's state as the service sees it: a lock that ran out makes a message `Enqueued` again, whatever its
+/// row still says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Visible {
+    Enqueued,
+    Invisible,
+    Completed,
+    DeadLettered,
+    Purged,
 }
 
-impl MessageStatus {
-    pub fn from_row(device_id: &str, row: MessageRow, db_now: DateTime<Utc>) -> MessageStatus {
-        // A lock that ran out makes the message receivable again, whatever the row still says.
-        let lock_live = row.locked_until.is_some_and(|t| t > db_now);
-        let state = match row.state.as_str() {
-            "enqueued" => "Enqueued",
-            "invisible" if lock_live => "Invisible",
-            "invisible" => "Enqueued",
-            "completed" => "Completed",
-            "dead_lettered" => "DeadLettered",
-            _ => "Purged",
-        };
-        MessageStatus {
-            device_id: device_id.to_string(),
-            sequence_number: row.seq,
-            message_id: row.message_id,
-            correlation_id: row.correlation_id,
-            user_id: row.user_id,
-            ack: row.ack,
-            state: state.to_string(),
-            delivery_count: row.delivery_count,
-            enqueued_time_utc: format_time(row.enqueued_at),
-            expiry_time_utc: format_time(row.expires_at),
-            locked_until_utc: row.locked_until.filter(|_| lock_live).map(format_time),
-            outcome: row.outcome,
-            outcome_time_utc: row.outcome_at.map(format_time),
-            size: row.body.len(),
+impl Visible {
+    pub fn name(self) -> &'static str {
+        match self {
+            Visible::Enqueued => "Enqueued",
+            Visible::Invisible => "Invisible",
+            Visible::Completed => "Completed",
+            Visible::DeadLettered => "DeadLettered",
+            Visible::Purged => "Purged",
         }
     }
 }
 
-/// IoT Hub's purge answer (spec §4.6).
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
-#[serde(rename_all = "camelCase")]
-#[schema(example = json!({"totalMessagesPurged": 3, "deviceId": "thermostat-1", "moduleId": null}))]
-pub struct PurgeResult {
-    pub total_messages_purged: i64,
-    pub device_id: String,
-    pub module_id: Option<String>,
-}
-
-/// What a receive handed to the device.
-#[derive(Debug)]
-pub struct Delivery {
+/// A message's state and outcome, as the service may read them.
+#[derive(Debug, Clone)]
+pub struct MessageStatus {
     pub row: MessageRow,
+    pub state: Visible,
+    /// While `Invisible`: when the lock runs out.
+    pub locked_until: Option<DateTime<Utc>>,
 }
 
-/// How a device settles a message it holds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Settlement {
-    Complete,
-    Reject,
-    Abandon,
+impl MessageStatus {
+    pub fn new(row: MessageRow, db_now: DateTime<Utc>) -> MessageStatus {
+        let lock_live = row.locked_until.is_some_and(|t| t > db_now);
+        let state = match row.state {
+            State::Enqueued => Visible::Enqueued,
+            State::Invisible if lock_live => Visible::Invisible,
+            State::Invisible => Visible::Enqueued,
+            State::Completed => Visible::Completed,
+            State::DeadLettered => Visible::DeadLettered,
+            State::Purged => Visible::Purged,
+        };
+        MessageStatus {
+            locked_until: row.locked_until.filter(|_| lock_live),
+            row,
+            state,
+        }
+    }
 }

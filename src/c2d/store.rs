@@ -6,35 +6,52 @@
 
 use chrono::{DateTime, Utc};
 use sqlx::{PgPool, Postgres, Transaction};
-use uuid::Uuid;
 
-use super::model::{Enqueued, Expiry, MessageRow, MessageStatus, NewMessage, PurgeResult};
-use super::C2dSettings;
-use crate::feedback::store::record_outcomes;
-use crate::http::error::{ApiError, ApiResult, ErrorCode};
-use crate::http::wire::format_time;
+use super::model::{
+    Enqueued, Expiry, MessageRow, MessageStatus, NewMessage, Outcome, SequenceNumber, State,
+};
+use super::{Error, Result, Settings};
+use crate::feedback::Settings as FeedbackSettings;
+use crate::lock_token::LockToken;
 use crate::notify::{self, channel};
+use crate::registry::DeviceId;
 
 /// Every column of a message but the device id (the caller knows it).
 const ROW: &str = "seq, device_generation_id, message_id, correlation_id, user_id, ack, content_type,
     content_encoding, app_properties, body, enqueued_at, expiry_explicit, expires_at, state, lock_token,
     locked_until, delivery_count, outcome, outcome_at";
 
-/// States of a message that has not ended.
-const LIVE: &str = "state IN ('enqueued', 'invisible')";
+/// The condition on a message's `state` that it has not ended: [`State::LIVE`], the one definition of "live" in
+/// SQL (and the partial indexes' predicate in the migrations).
+pub const LIVE: &str = "state IN ('enqueued', 'invisible')";
 
-fn lock_lost() -> ApiError {
-    ApiError::new(
-        ErrorCode::DeviceMessageLockLost,
-        "The lock token is unknown, expired, or the message was already settled",
+/// An `INSERT` for a writable CTE: a feedback record for each row of `from` (ended C2D messages, all columns)
+/// whose ack mode asks for its outcome, kept for `ttl_param` seconds. Its rows count the records written.
+fn record_outcomes(from: &str, ttl_param: &str) -> String {
+    format!(
+        "INSERT INTO feedback_records (device_id, device_generation_id, seq, original_message_id, status_code,
+             description, created_at, expires_at)
+         SELECT device_id, device_generation_id, seq, message_id, outcome,
+             CASE outcome WHEN 'Success' THEN 'Success'
+                          WHEN 'Rejected' THEN 'Message rejected'
+                          WHEN 'Expired' THEN 'Message expired'
+                          WHEN 'DeliveryCountExceeded' THEN 'Message delivery count exceeded'
+                          ELSE 'Message purged' END,
+             outcome_at, outcome_at + {ttl_param}::int * interval '1 second'
+         FROM {from}
+         WHERE outcome IS NOT NULL
+           AND (ack = 'full' OR (ack = 'positive' AND outcome = 'Success')
+                OR (ack = 'negative' AND outcome <> 'Success'))
+         ON CONFLICT DO NOTHING
+         RETURNING 1"
     )
 }
 
 /// Locks the device's row (the per-device serialisation point) and reads what enqueue needs.
 async fn lock_device(
     tx: &mut Transaction<'_, Postgres>,
-    device_id: &str,
-) -> ApiResult<(String, i64, i64, DateTime<Utc>)> {
+    device_id: &DeviceId,
+) -> Result<(String, i64, i64, DateTime<Utc>)> {
     sqlx::query_as(&format!(
         "SELECT d.generation_id, d.c2d_next_seq,
                 (SELECT count(*) FROM c2d_messages m
@@ -42,48 +59,42 @@ async fn lock_device(
                 now()
          FROM devices d WHERE d.device_id = $1 FOR UPDATE"
     ))
-    .bind(device_id)
+    .bind(device_id.as_str())
     .fetch_optional(&mut **tx)
     .await?
-    .ok_or_else(|| ApiError::device_not_found(device_id))
+    .ok_or_else(|| Error::DeviceNotFound(device_id.clone()))
 }
 
 /// Enqueues `message` for `device_id`: checks the queue depth and expiry against the database's clock under the
 /// device's row lock, assigns the next sequence number and wakes the device's long polls on commit.
 pub async fn enqueue(
     db: &PgPool,
-    settings: &C2dSettings,
-    device_id: &str,
+    settings: &Settings,
+    device_id: &DeviceId,
     message: &NewMessage,
-) -> ApiResult<Enqueued> {
+) -> Result<Enqueued> {
     let mut tx = db.begin().await?;
     let (generation_id, seq, live, now) = lock_device(&mut tx, device_id).await?;
-    if live >= i64::from(settings.c2d_max_queue_depth) {
-        return Err(ApiError::new(
-            ErrorCode::DeviceMaximumQueueDepthExceeded,
-            format!(
-                "Device {device_id} already has {live} messages queued (the maximum is {})",
-                settings.c2d_max_queue_depth
-            ),
-        ));
+    if live >= i64::from(settings.max_queue_depth) {
+        return Err(Error::QueueFull {
+            device: device_id.clone(),
+            queued: live,
+            max: settings.max_queue_depth,
+        });
     }
-    let max_ttl = chrono::Duration::seconds(settings.c2d_max_ttl_secs.into());
+    let max_ttl = chrono::Duration::seconds(settings.max_ttl_secs.into());
     let (explicit, expires_at) = match message.expiry {
         Expiry::Default => (
             None,
-            now + chrono::Duration::seconds(settings.c2d_default_ttl_secs.into()),
+            now + chrono::Duration::seconds(settings.default_ttl_secs.into()),
         ),
         Expiry::Ttl(secs) => (None, now + chrono::Duration::seconds(secs)),
         Expiry::At(at) => (Some(at), at),
     };
     if expires_at <= now || expires_at > now + max_ttl {
-        return Err(ApiError::new(
-            ErrorCode::InvalidMessageExpiryTime,
-            format!(
-                "The expiry time must be after the enqueue time and at most {} seconds after it",
-                settings.c2d_max_ttl_secs
-            ),
-        ));
+        return Err(Error::ExpiryOutOfRange {
+            max_ttl_secs: settings.max_ttl_secs,
+        });
     }
     sqlx::query(
         "WITH inserted AS (
@@ -94,13 +105,13 @@ pub async fn enqueue(
          )
          UPDATE devices SET c2d_next_seq = $2 + 1 WHERE device_id = $1",
     )
-    .bind(device_id)
+    .bind(device_id.as_str())
     .bind(seq)
     .bind(&generation_id)
     .bind(&message.message_id)
     .bind(&message.correlation_id)
     .bind(&message.user_id)
-    .bind(message.ack.as_str())
+    .bind(message.ack)
     .bind(&message.content_type)
     .bind(&message.content_encoding)
     .bind(sqlx::types::Json(&message.app_properties))
@@ -110,13 +121,13 @@ pub async fn enqueue(
     .bind(expires_at)
     .execute(&mut *tx)
     .await?;
-    notify::notify(&mut tx, channel::C2D, device_id).await?;
+    notify::notify(&mut tx, channel::C2D, device_id.as_str()).await?;
     tx.commit().await?;
     Ok(Enqueued {
         message_id: message.message_id.clone(),
-        sequence_number: seq,
-        enqueued_time_utc: format_time(now),
-        expiry_time_utc: format_time(expires_at),
+        seq,
+        enqueued_at: now,
+        expires_at,
     })
 }
 
@@ -137,12 +148,68 @@ pub enum Received {
 /// is looked at.
 pub async fn receive(
     db: &PgPool,
-    settings: &C2dSettings,
-    device_id: &str,
-    lock_token: Uuid,
+    settings: &Settings,
+    feedback: &FeedbackSettings,
+    device_id: &DeviceId,
+    lock_token: LockToken,
     will_wait: bool,
-) -> ApiResult<Received> {
-    let sql = format!(
+) -> Result<Received> {
+    let sql = claim_sql();
+    // Each claim is one statement, so one transaction of its own: a dead-lettered candidate and its feedback
+    // commit together, and a delivery needs no more round trips than the statement.
+    let mut feedback_written = 0i64;
+    let mut delivered = None;
+    // Bounded: each round ends one message for good, and a queue holds at most the configured depth (plus what
+    // expired meanwhile); the bound only guards against surprises.
+    for _ in 0..10_000 {
+        let row = sqlx::query_as::<_, MessageRowWithCount>(&sql)
+            .bind(device_id.as_str())
+            .bind(lock_token.0)
+            .bind(settings.max_delivery_count as i32)
+            .bind(settings.lock_secs as i32)
+            .bind(feedback.ttl_secs as i32)
+            .fetch_optional(db)
+            .await?;
+        match row {
+            Some(r) if r.row.state == State::DeadLettered => feedback_written += r.feedback_written,
+            Some(r) => {
+                delivered = Some(r.row);
+                break;
+            }
+            None => break,
+        }
+    }
+    if feedback_written > 0 {
+        wake_feedback(db).await?;
+    }
+    Ok(match delivered {
+        Some(row) => Received::Message(Box::new(row)),
+        None if will_wait => Received::Empty {
+            retry_in: earliest_lock_end(db, device_id).await?,
+        },
+        None => Received::Empty { retry_in: None },
+    })
+}
+
+/// How long until the earliest lock of the device's messages runs out, if any is held.
+async fn earliest_lock_end(
+    db: &PgPool,
+    device_id: &DeviceId,
+) -> Result<Option<std::time::Duration>> {
+    let retry_in: Option<f64> = sqlx::query_scalar(&format!(
+        "SELECT extract(epoch FROM min(locked_until) - now())::float8 FROM c2d_messages
+         WHERE device_id = $1 AND {LIVE} AND state = 'invisible'"
+    ))
+    .bind(device_id.as_str())
+    .fetch_one(db)
+    .await?;
+    Ok(retry_in.map(|s| std::time::Duration::from_secs_f64(s.max(0.0))))
+}
+
+/// The claim of [`receive`]: the device's first receivable message is delivered under lock `$2` for `$4` seconds,
+/// or dead-lettered with its feedback (kept `$5` seconds) when it expired or was delivered `$3` times.
+fn claim_sql() -> String {
+    format!(
         "WITH candidate AS (
              SELECT seq FROM c2d_messages
              WHERE device_id = $1 AND {LIVE}
@@ -167,54 +234,11 @@ pub async fn receive(
          ), feedback AS ({feedback})
          SELECT {ROW}, (SELECT count(*) FROM feedback) AS feedback_written FROM taken",
         feedback = record_outcomes("taken", "$5")
-    );
-    // Each claim is one statement, so one transaction of its own: a dead-lettered candidate and its feedback
-    // commit together, and a delivery needs no more round trips than the statement.
-    let mut feedback_written = 0i64;
-    let mut delivered = None;
-    // Bounded: each round ends one message for good, and a queue holds at most the configured depth (plus what
-    // expired meanwhile); the bound only guards against surprises.
-    for _ in 0..10_000 {
-        let row = sqlx::query_as::<_, MessageRowWithCount>(&sql)
-            .bind(device_id)
-            .bind(lock_token)
-            .bind(settings.c2d_max_delivery_count as i32)
-            .bind(settings.c2d_lock_secs as i32)
-            .bind(settings.feedback_ttl_secs as i32)
-            .fetch_optional(db)
-            .await?;
-        match row {
-            Some(r) if r.row.state == "dead_lettered" => feedback_written += r.feedback_written,
-            Some(r) => {
-                delivered = Some(r.row);
-                break;
-            }
-            None => break,
-        }
-    }
-    if feedback_written > 0 {
-        wake_feedback(db).await?;
-    }
-    if let Some(row) = delivered {
-        return Ok(Received::Message(Box::new(row)));
-    }
-    if !will_wait {
-        return Ok(Received::Empty { retry_in: None });
-    }
-    let retry_in: Option<f64> = sqlx::query_scalar(&format!(
-        "SELECT extract(epoch FROM min(locked_until) - now())::float8 FROM c2d_messages
-         WHERE device_id = $1 AND {LIVE} AND state = 'invisible'"
-    ))
-    .bind(device_id)
-    .fetch_one(db)
-    .await?;
-    Ok(Received::Empty {
-        retry_in: retry_in.map(|s| std::time::Duration::from_secs_f64(s.max(0.0))),
-    })
+    )
 }
 
 /// Tells feedback receivers that records committed (by statements that were their own transactions).
-async fn wake_feedback(db: &PgPool) -> ApiResult<()> {
+async fn wake_feedback(db: &PgPool) -> Result<()> {
     let mut tx = db.begin().await?;
     notify::notify(&mut tx, channel::FEEDBACK, "").await?;
     tx.commit().await?;
@@ -228,19 +252,19 @@ struct MessageRowWithCount {
     feedback_written: i64,
 }
 
-/// Completes or rejects the message the device holds under `lock_token`; 412 when that lock is not current.
+/// Completes or rejects the message the device holds under `lock_token`; [`Error::LockLost`] when that lock is
+/// not current.
 pub async fn settle(
     db: &PgPool,
-    settings: &C2dSettings,
-    device_id: &str,
-    lock_token: Option<Uuid>,
+    feedback: &FeedbackSettings,
+    device_id: &DeviceId,
+    lock_token: LockToken,
     reject: bool,
-) -> ApiResult<()> {
-    let lock_token = lock_token.ok_or_else(lock_lost)?;
+) -> Result<()> {
     let (state, outcome) = if reject {
-        ("dead_lettered", "Rejected")
+        (State::DeadLettered, Outcome::Rejected)
     } else {
-        ("completed", "Success")
+        (State::Completed, Outcome::Success)
     };
     let sql = format!(
         "WITH settled AS (
@@ -255,15 +279,15 @@ pub async fn settle(
     );
     // One statement: the outcome and its feedback record commit together.
     let (settled, written): (i64, i64) = sqlx::query_as(&sql)
-        .bind(device_id)
-        .bind(lock_token)
+        .bind(device_id.as_str())
+        .bind(lock_token.0)
         .bind(state)
         .bind(outcome)
-        .bind(settings.feedback_ttl_secs as i32)
+        .bind(feedback.ttl_secs as i32)
         .fetch_one(db)
         .await?;
     if settled == 0 {
-        return Err(lock_lost());
+        return Err(Error::LockLost);
     }
     if written > 0 {
         wake_feedback(db).await?;
@@ -275,11 +299,11 @@ pub async fn settle(
 /// delivered the maximum number of times.
 pub async fn abandon(
     db: &PgPool,
-    settings: &C2dSettings,
-    device_id: &str,
-    lock_token: Option<Uuid>,
-) -> ApiResult<()> {
-    let lock_token = lock_token.ok_or_else(lock_lost)?;
+    settings: &Settings,
+    feedback: &FeedbackSettings,
+    device_id: &DeviceId,
+    lock_token: LockToken,
+) -> Result<()> {
     let sql = format!(
         "WITH abandoned AS (
              UPDATE c2d_messages SET
@@ -295,18 +319,18 @@ pub async fn abandon(
         feedback = record_outcomes("abandoned", "$4")
     );
     let mut tx = db.begin().await?;
-    let row: Option<(String, i64)> = sqlx::query_as(&sql)
-        .bind(device_id)
-        .bind(lock_token)
-        .bind(settings.c2d_max_delivery_count as i32)
-        .bind(settings.feedback_ttl_secs as i32)
+    let row: Option<(State, i64)> = sqlx::query_as(&sql)
+        .bind(device_id.as_str())
+        .bind(lock_token.0)
+        .bind(settings.max_delivery_count as i32)
+        .bind(feedback.ttl_secs as i32)
         .fetch_optional(&mut *tx)
         .await?;
     match row {
-        None => return Err(lock_lost()),
+        None => return Err(Error::LockLost),
         // Back in the queue: a device's long poll may be waiting for it.
-        Some((state, _)) if state == "enqueued" => {
-            notify::notify(&mut tx, channel::C2D, device_id).await?
+        Some((State::Enqueued, _)) => {
+            notify::notify(&mut tx, channel::C2D, device_id.as_str()).await?
         }
         Some((_, written)) if written > 0 => notify::notify(&mut tx, channel::FEEDBACK, "").await?,
         Some(_) => {}
@@ -317,7 +341,7 @@ pub async fn abandon(
 
 /// Purges the device's queue: every live message ends with outcome `Purged` (feedback for `negative`/`full`).
 /// Messages already expired are left to the expiry sweep, which reports them as `Expired`.
-pub async fn purge(db: &PgPool, settings: &C2dSettings, device_id: &str) -> ApiResult<PurgeResult> {
+pub async fn purge(db: &PgPool, feedback: &FeedbackSettings, device_id: &DeviceId) -> Result<i64> {
     let mut tx = db.begin().await?;
     lock_device(&mut tx, device_id).await?;
     let sql = format!(
@@ -331,46 +355,46 @@ pub async fn purge(db: &PgPool, settings: &C2dSettings, device_id: &str) -> ApiR
         feedback = record_outcomes("purged", "$2")
     );
     let (purged, written): (i64, i64) = sqlx::query_as(&sql)
-        .bind(device_id)
-        .bind(settings.feedback_ttl_secs as i32)
+        .bind(device_id.as_str())
+        .bind(feedback.ttl_secs as i32)
         .fetch_one(&mut *tx)
         .await?;
     if written > 0 {
         notify::notify(&mut tx, channel::FEEDBACK, "").await?;
     }
     tx.commit().await?;
-    Ok(PurgeResult {
-        total_messages_purged: purged,
-        device_id: device_id.to_string(),
-        module_id: None,
-    })
+    Ok(purged)
 }
 
-async fn device_exists(db: &PgPool, device_id: &str) -> ApiResult<DateTime<Utc>> {
+async fn device_exists(db: &PgPool, device_id: &DeviceId) -> Result<DateTime<Utc>> {
     sqlx::query_scalar("SELECT now() FROM devices WHERE device_id = $1")
-        .bind(device_id)
+        .bind(device_id.as_str())
         .fetch_optional(db)
         .await?
-        .ok_or_else(|| ApiError::device_not_found(device_id))
+        .ok_or_else(|| Error::DeviceNotFound(device_id.clone()))
 }
 
 /// One message's status, live or ended (ended ones are kept for the feedback TTL).
-pub async fn status(db: &PgPool, device_id: &str, seq: i64) -> ApiResult<MessageStatus> {
+pub async fn status(
+    db: &PgPool,
+    device_id: &DeviceId,
+    SequenceNumber(seq): SequenceNumber,
+) -> Result<MessageStatus> {
     let found: Option<MessageRowAt> = sqlx::query_as(&format!(
         "SELECT {ROW}, now() AS db_now FROM c2d_messages WHERE device_id = $1 AND seq = $2"
     ))
-    .bind(device_id)
+    .bind(device_id.as_str())
     .bind(seq)
     .fetch_optional(db)
     .await?;
     match found {
-        Some(r) => Ok(MessageStatus::from_row(device_id, r.row, r.db_now)),
+        Some(r) => Ok(MessageStatus::new(r.row, r.db_now)),
         None => {
             device_exists(db, device_id).await?;
-            Err(ApiError::new(
-                ErrorCode::NotFound,
-                format!("Device {device_id} has no message with sequence number {seq} (or it ended too long ago)"),
-            ))
+            Err(Error::MessageNotFound {
+                device: device_id.clone(),
+                seq,
+            })
         }
     }
 }
@@ -385,22 +409,22 @@ struct MessageRowAt {
 /// A page of the device's live messages in sequence order, after `after`.
 pub async fn list(
     db: &PgPool,
-    device_id: &str,
+    device_id: &DeviceId,
     after: i64,
     limit: i64,
-) -> ApiResult<Vec<MessageStatus>> {
+) -> Result<Vec<MessageStatus>> {
     let now = device_exists(db, device_id).await?;
     let rows: Vec<MessageRow> = sqlx::query_as(&format!(
         "SELECT {ROW} FROM c2d_messages WHERE device_id = $1 AND {LIVE} AND seq > $2 ORDER BY seq LIMIT $3"
     ))
-    .bind(device_id)
+    .bind(device_id.as_str())
     .bind(after)
     .bind(limit)
     .fetch_all(db)
     .await?;
     Ok(rows
         .into_iter()
-        .map(|r| MessageStatus::from_row(device_id, r, now))
+        .map(|r| MessageStatus::new(r, now))
         .collect())
 }
 
@@ -408,7 +432,12 @@ pub async fn list(
 /// whose lock ran out after their last allowed delivery (`DeliveryCountExceeded`), with their feedback, in one
 /// transaction. Returns how many ended. Safe with several hubs sweeping at once: the outer `UPDATE` re-checks each
 /// row's state after waiting for its lock, so a row another hub (or a receive) ended meanwhile is skipped.
-pub async fn dead_letter_due(db: &PgPool, settings: &C2dSettings, batch: i64) -> ApiResult<i64> {
+pub async fn dead_letter_due(
+    db: &PgPool,
+    settings: &Settings,
+    feedback: &FeedbackSettings,
+    batch: i64,
+) -> Result<i64, sqlx::Error> {
     // SKIP LOCKED: a row a receive, a settlement or another hub's sweep holds is left for the next round, so the
     // sweep never waits on (or deadlocks with) them.
     let sql = format!(
@@ -431,7 +460,7 @@ pub async fn dead_letter_due(db: &PgPool, settings: &C2dSettings, batch: i64) ->
                  outcome_at = now(), lock_token = NULL, locked_until = NULL
              FROM due
              WHERE m.device_id = due.device_id AND m.seq = due.seq
-               AND m.state IN ('enqueued', 'invisible')
+               AND m.{LIVE}
                AND (m.expires_at <= now()
                     OR (m.state = 'invisible' AND m.locked_until <= now() AND m.delivery_count >= $1))
              RETURNING m.*
@@ -441,9 +470,9 @@ pub async fn dead_letter_due(db: &PgPool, settings: &C2dSettings, batch: i64) ->
     );
     let mut tx = db.begin().await?;
     let (ended, written): (i64, i64) = sqlx::query_as(&sql)
-        .bind(settings.c2d_max_delivery_count as i32)
+        .bind(settings.max_delivery_count as i32)
         .bind(batch)
-        .bind(settings.feedback_ttl_secs as i32)
+        .bind(feedback.ttl_secs as i32)
         .fetch_one(&mut *tx)
         .await?;
     if written > 0 {
@@ -454,7 +483,11 @@ pub async fn dead_letter_due(db: &PgPool, settings: &C2dSettings, batch: i64) ->
 }
 
 /// Deletes up to `batch` ended messages whose outcome is older than the feedback TTL. Returns how many.
-pub async fn delete_ended(db: &PgPool, settings: &C2dSettings, batch: i64) -> ApiResult<u64> {
+pub async fn delete_ended(
+    db: &PgPool,
+    feedback: &FeedbackSettings,
+    batch: i64,
+) -> Result<u64, sqlx::Error> {
     let done = sqlx::query(
         "DELETE FROM c2d_messages m USING (
              SELECT device_id, seq FROM c2d_messages
@@ -464,9 +497,34 @@ pub async fn delete_ended(db: &PgPool, settings: &C2dSettings, batch: i64) -> Ap
          ) old
          WHERE m.device_id = old.device_id AND m.seq = old.seq",
     )
-    .bind(settings.feedback_ttl_secs as i32)
+    .bind(feedback.ttl_secs as i32)
     .bind(batch)
     .execute(db)
     .await?;
     Ok(done.rows_affected())
+}
+
+/// Live messages of `device_id` (the registry shows the count as `cloudToDeviceMessageCount`).
+pub async fn live_count(db: &PgPool, device_id: &str) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar(&format!(
+        "SELECT count(*) FROM c2d_messages WHERE device_id = $1 AND {LIVE}"
+    ))
+    .bind(device_id)
+    .fetch_one(db)
+    .await
+}
+
+/// Live messages of each of `device_ids` that has any.
+pub async fn live_counts(
+    db: &PgPool,
+    device_ids: &[String],
+) -> Result<std::collections::HashMap<String, i64>, sqlx::Error> {
+    let rows: Vec<(String, i64)> = sqlx::query_as(&format!(
+        "SELECT device_id, count(*) FROM c2d_messages WHERE device_id = ANY($1) AND {LIVE}
+         GROUP BY device_id"
+    ))
+    .bind(device_ids)
+    .fetch_all(db)
+    .await?;
+    Ok(rows.into_iter().collect())
 }

@@ -5,7 +5,8 @@
 use sqlx::PgPool;
 use tokio::sync::watch;
 
-use super::{store, C2dSettings};
+use super::{store, Settings};
+use crate::feedback::Settings as FeedbackSettings;
 
 /// Rows one statement handles at most.
 const BATCH: i64 = 500;
@@ -13,7 +14,12 @@ const BATCH: i64 = 500;
 const ROUNDS: usize = 20;
 
 /// Runs until `shutdown` turns true.
-pub async fn run(db: PgPool, settings: C2dSettings, mut shutdown: watch::Receiver<bool>) {
+pub async fn run(
+    db: PgPool,
+    settings: Settings,
+    feedback: FeedbackSettings,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let mut tick = tokio::time::interval(settings.sweep_interval());
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -21,7 +27,7 @@ pub async fn run(db: PgPool, settings: C2dSettings, mut shutdown: watch::Receive
             _ = shutdown.wait_for(|s| *s) => return,
             _ = tick.tick() => {}
         }
-        if let Err(error) = sweep(&db, &settings).await {
+        if let Err(error) = sweep(&db, &settings, &feedback).await {
             tracing::warn!(%error, "C2D sweep failed; retrying at the next interval");
         }
     }
@@ -30,20 +36,21 @@ pub async fn run(db: PgPool, settings: C2dSettings, mut shutdown: watch::Receive
 /// One round of every sweep.
 pub async fn sweep(
     db: &PgPool,
-    settings: &C2dSettings,
-) -> Result<(), crate::http::error::ApiError> {
+    settings: &Settings,
+    feedback: &FeedbackSettings,
+) -> Result<(), sqlx::Error> {
     for _ in 0..ROUNDS {
-        if store::dead_letter_due(db, settings, BATCH).await? < BATCH {
+        if store::dead_letter_due(db, settings, feedback, BATCH).await? < BATCH {
             break;
         }
     }
     for _ in 0..ROUNDS {
-        if store::delete_ended(db, settings, BATCH).await? < BATCH as u64 {
+        if store::delete_ended(db, feedback, BATCH).await? < BATCH as u64 {
             break;
         }
     }
     for _ in 0..ROUNDS {
-        if crate::feedback::store::sweep(db, settings, BATCH).await? < BATCH as u64 {
+        if crate::feedback::store::sweep(db, feedback, BATCH).await? < BATCH as u64 {
             break;
         }
     }

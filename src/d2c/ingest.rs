@@ -7,19 +7,22 @@
 
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use sqlx::PgPool;
 use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinSet;
 
 use super::model::NewEvent;
-use super::{store, D2cConfig};
-use crate::http::error::{sqlstate, ApiError, ApiResult};
+use super::{store, Error, Result, Settings};
+use crate::postgres::sqlstate;
 
 /// Messages a transaction takes at most in bytes, so one transaction stays reasonably small.
 const BATCH_BYTES_MAX: usize = 8 * 1024 * 1024;
 
 struct Job {
     events: Vec<NewEvent>,
-    done: oneshot::Sender<ApiResult<i64>>,
+    done: oneshot::Sender<Result<i64>>,
 }
 
 /// The handles to the partition writers.
@@ -32,54 +35,49 @@ impl Ingest {
     pub fn start(
         db: PgPool,
         partitions: u32,
-        config: &D2cConfig,
+        config: &Settings,
         shutdown: watch::Receiver<bool>,
+        tasks: &mut JoinSet<anyhow::Result<()>>,
     ) -> Ingest {
         let queues = (0..partitions)
             .map(|partition| {
-                let (tx, rx) = mpsc::channel(config.d2c_queue_depth as usize);
-                tokio::spawn(writer(
+                let (tx, rx) = mpsc::channel(config.queue_depth as usize);
+                let writer = writer(
                     db.clone(),
                     partition,
                     rx,
-                    config.d2c_batch_max as usize,
-                    config.d2c_retention_days,
+                    config.batch_max as usize,
+                    config.retention_days,
                     shutdown.clone(),
-                ));
+                );
+                tasks.spawn(async move {
+                    writer.await;
+                    Ok(())
+                });
                 tx
             })
             .collect();
         Ingest {
             queues,
-            enqueue_timeout: Duration::from_millis(config.d2c_enqueue_timeout_ms),
+            enqueue_timeout: Duration::from_millis(config.enqueue_timeout_ms),
         }
     }
 
     /// Appends `events` (one device's, so one partition's) atomically; returns the first sequence number once
     /// the transaction that holds them has committed.
-    pub async fn submit(&self, partition: u32, events: Vec<NewEvent>) -> ApiResult<i64> {
-        let queue = self
-            .queues
-            .get(partition as usize)
-            .ok_or_else(|| ApiError::internal("no writer for the partition"))?;
+    pub async fn submit(&self, partition: u32, events: Vec<NewEvent>) -> Result<i64> {
+        // Partitions come from `partition_for`, which stays below the count the writers were started for.
+        let queue = &self.queues[partition as usize];
         let (done, answer) = oneshot::channel();
         match queue
             .send_timeout(Job { events, done }, self.enqueue_timeout)
             .await
         {
             Ok(()) => {}
-            Err(mpsc::error::SendTimeoutError::Timeout(_)) => {
-                return Err(ApiError::unavailable(
-                    "Telemetry ingestion is behind; retry later",
-                ))
-            }
-            Err(mpsc::error::SendTimeoutError::Closed(_)) => {
-                return Err(ApiError::unavailable("The hub is shutting down"))
-            }
+            Err(mpsc::error::SendTimeoutError::Timeout(_)) => return Err(Error::IngestBehind),
+            Err(mpsc::error::SendTimeoutError::Closed(_)) => return Err(Error::ShuttingDown),
         }
-        answer
-            .await
-            .unwrap_or_else(|_| Err(ApiError::unavailable("The hub is shutting down")))
+        answer.await.unwrap_or(Err(Error::ShuttingDown))
     }
 }
 
@@ -140,13 +138,9 @@ async fn writer(
                 }
             }
             Err(error) => {
-                let error = ApiError::from(error);
+                let error = Arc::new(error);
                 for job in jobs {
-                    let _ = job.done.send(Err(ApiError {
-                        code: error.code,
-                        message: error.message.clone(),
-                        retry_after: error.retry_after,
-                    }));
+                    let _ = job.done.send(Err(Error::Commit(error.clone())));
                 }
             }
         }

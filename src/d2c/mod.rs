@@ -1,31 +1,32 @@
 //! Device-to-cloud telemetry: ingestion with group commit, partitioned durable streams in PostgreSQL, reads,
 //! consumer groups with server-side checkpoints, a live Server-Sent Events stream, and retention.
 //!
-//! The way a message travels: `POST /devices/{id}/messages/events` → [`model`] parses and stamps it → [`ingest`]
-//! hands it to its partition's writer, which commits many senders' messages in one transaction → the sender gets
-//! `204` once that transaction has committed → readers (`GET /messages/events/...`) are woken through the
-//! notifier's D2C channel.
+//! The way a message travels: a transport (today `POST /devices/{id}/messages/events`) files its properties
+//! through [`model::Properties`], which stamps it → [`ingest`] hands it to its partition's writer, which commits
+//! many senders' messages in one transaction → the sender gets its answer once that transaction has committed →
+//! readers are woken through the notifier's D2C channel.
 
-pub mod cli;
+pub mod consumer_groups;
 pub mod ingest;
 pub mod model;
 pub mod partition;
-pub mod routes;
 pub mod store;
-pub mod stream;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Args;
 use sqlx::postgres::PgPoolOptions;
 use sqlx::PgPool;
 use tokio::sync::watch;
+use tokio::task::JoinSet;
 
 pub use partition::partition_for;
 
-/// The stream settings (`IOTHUB_*`).
+/// The stream settings (`IOTHUB_*`); clap checks each range.
 #[derive(Args, Clone, Debug)]
-pub struct D2cConfig {
+#[group(id = "d2c_settings")]
+pub struct Settings {
     /// Partitions of the event stream (1–128). Fixed when the database is created: a database that already has
     /// streams keeps its count, and a different value here only logs a warning.
     #[arg(long, env = "IOTHUB_PARTITIONS", default_value_t = 4,
@@ -34,9 +35,9 @@ pub struct D2cConfig {
 
     /// Days events stay readable (1–7). Retention drops whole hourly time partitions, so events stay up to an
     /// hour longer.
-    #[arg(long, env = "IOTHUB_D2C_RETENTION_DAYS", default_value_t = 1,
+    #[arg(long = "d2c-retention-days", env = "IOTHUB_D2C_RETENTION_DAYS", default_value_t = 1,
         value_parser = clap::value_parser!(u32).range(1..=7))]
-    pub d2c_retention_days: u32,
+    pub retention_days: u32,
 
     /// Consumer groups at most, `$Default` included.
     #[arg(long, env = "IOTHUB_MAX_CONSUMER_GROUPS", default_value_t = 20,
@@ -44,24 +45,58 @@ pub struct D2cConfig {
     pub max_consumer_groups: u32,
 
     /// Messages one ingestion transaction commits at most (group commit).
-    #[arg(long, env = "IOTHUB_D2C_BATCH_MAX", default_value_t = 1000,
+    #[arg(long = "d2c-batch-max", env = "IOTHUB_D2C_BATCH_MAX", default_value_t = 1000,
         value_parser = clap::value_parser!(u32).range(1..=10_000))]
-    pub d2c_batch_max: u32,
+    pub batch_max: u32,
 
     /// Sends waiting per partition for their transaction; when full, further sends wait (back-pressure).
-    #[arg(long, env = "IOTHUB_D2C_QUEUE_DEPTH", default_value_t = 256,
+    #[arg(long = "d2c-queue-depth", env = "IOTHUB_D2C_QUEUE_DEPTH", default_value_t = 256,
         value_parser = clap::value_parser!(u32).range(1..=100_000))]
-    pub d2c_queue_depth: u32,
+    pub queue_depth: u32,
 
-    /// How long a send waits for room in a full queue before it is refused with 503, in milliseconds.
-    #[arg(long, env = "IOTHUB_D2C_ENQUEUE_TIMEOUT_MS", default_value_t = 5000)]
-    pub d2c_enqueue_timeout_ms: u64,
+    /// How long a send waits for room in a full queue before it is refused with 503, in milliseconds (1–600000).
+    #[arg(long = "d2c-enqueue-timeout-ms", env = "IOTHUB_D2C_ENQUEUE_TIMEOUT_MS", default_value_t = 5000,
+        value_parser = clap::value_parser!(u64).range(1..=600_000))]
+    pub enqueue_timeout_ms: u64,
 
     /// Seconds between runs of the maintenance task (time partitions created ahead, expired ones dropped).
-    #[arg(long, env = "IOTHUB_D2C_MAINTENANCE_SECS", default_value_t = 60,
+    #[arg(long = "d2c-maintenance-secs", env = "IOTHUB_D2C_MAINTENANCE_SECS", default_value_t = 60,
         value_parser = clap::value_parser!(u64).range(1..=3600))]
-    pub d2c_maintenance_secs: u64,
+    pub maintenance_secs: u64,
 }
+
+/// What a D2C operation can refuse, or fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A property or message id the device sent is not acceptable; the text says which.
+    #[error("{0}")]
+    InvalidMessage(String),
+    #[error("Message size exceeds the limit of {limit} bytes")]
+    TooLarge { limit: usize },
+    #[error("The batch exceeds the limit of {limit} bytes")]
+    BatchTooLarge { limit: usize },
+    #[error("Telemetry ingestion is behind; retry later")]
+    IngestBehind,
+    #[error("The hub is shutting down")]
+    ShuttingDown,
+    #[error("No partition {partition}: the hub has {count} partitions")]
+    NoSuchPartition { partition: u32, count: u32 },
+    #[error("No consumer group {0}")]
+    GroupNotFound(consumer_groups::ConsumerGroupName),
+    #[error("The hub has {count} consumer groups, the most it allows")]
+    TooManyGroups { count: i64 },
+    #[error("$Default always exists")]
+    DefaultGroupIsPermanent,
+    #[error("Sequence number {seq} is not an event of partition {partition} (next is {next})")]
+    NotCommitted { seq: i64, partition: u32, next: i64 },
+    #[error(transparent)]
+    Database(#[from] sqlx::Error),
+    /// The group commit that held a send failed; every send in it shares the one error.
+    #[error("{0}")]
+    Commit(Arc<sqlx::Error>),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// The running stream machinery of one hub process.
 pub struct D2c {
@@ -74,11 +109,12 @@ pub struct D2c {
 
 impl D2c {
     /// Reads (or, on a new database, fixes) the partition count, prepares time partitions, and starts the
-    /// partition writers and the maintenance task; everything stops when `shutdown` turns true.
+    /// partition writers and the maintenance task in `tasks`; everything stops when `shutdown` turns true.
     pub async fn start(
         db: &PgPool,
-        config: &D2cConfig,
+        config: &Settings,
         shutdown: watch::Receiver<bool>,
+        tasks: &mut JoinSet<anyhow::Result<()>>,
     ) -> anyhow::Result<D2c> {
         let partitions = store::init_partitions(db, config.partitions).await?;
         if partitions != config.partitions {
@@ -88,8 +124,8 @@ impl D2c {
                 "IOTHUB_PARTITIONS differs from the partition count fixed in the database; using the database's"
             );
         }
-        store::maintain(db, config.d2c_retention_days).await?;
-        spawn_maintenance(db.clone(), config.clone(), shutdown.clone());
+        store::maintain(db, config.retention_days).await?;
+        tasks.spawn(maintenance(db.clone(), config.clone(), shutdown.clone()));
         // The writers get connections of their own: a send's transaction never queues behind the requests'
         // authentication queries in the shared pool, and no connection test precedes each transaction.
         let writers = PgPoolOptions::new()
@@ -99,10 +135,10 @@ impl D2c {
             .acquire_timeout(Duration::from_secs(5))
             .connect_with(db.connect_options().as_ref().clone())
             .await?;
-        let ingest = ingest::Ingest::start(writers, partitions, config, shutdown);
+        let ingest = ingest::Ingest::start(writers, partitions, config, shutdown, tasks);
         Ok(D2c {
             partitions,
-            retention_days: config.d2c_retention_days,
+            retention_days: config.retention_days,
             max_consumer_groups: config.max_consumer_groups,
             ingest,
         })
@@ -111,25 +147,40 @@ impl D2c {
     pub fn partition_of(&self, device_id: &str) -> u32 {
         partition_for(device_id, self.partitions)
     }
+
+    /// A partition id as a client names it: [`Error::NoSuchPartition`] when this hub has no such partition.
+    pub fn partition(&self, partition: u32) -> Result<u32> {
+        if partition < self.partitions {
+            Ok(partition)
+        } else {
+            Err(Error::NoSuchPartition {
+                partition,
+                count: self.partitions,
+            })
+        }
+    }
 }
 
-fn spawn_maintenance(db: PgPool, config: D2cConfig, mut shutdown: watch::Receiver<bool>) {
-    tokio::spawn(async move {
-        let period = Duration::from_secs(config.d2c_maintenance_secs);
-        loop {
-            tokio::select! {
-                _ = shutdown.wait_for(|s| *s) => break,
-                _ = tokio::time::sleep(period) => {}
+/// Creates time partitions ahead and drops expired ones, every `maintenance_secs`, until `shutdown`.
+async fn maintenance(
+    db: PgPool,
+    config: Settings,
+    mut shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let period = Duration::from_secs(config.maintenance_secs);
+    loop {
+        tokio::select! {
+            _ = shutdown.wait_for(|s| *s) => return Ok(()),
+            _ = tokio::time::sleep(period) => {}
+        }
+        match store::maintain(&db, config.retention_days).await {
+            Ok(dropped) if !dropped.is_empty() => {
+                tracing::info!(?dropped, "dropped expired event partitions")
             }
-            match store::maintain(&db, config.d2c_retention_days).await {
-                Ok(dropped) if !dropped.is_empty() => {
-                    tracing::info!(?dropped, "dropped expired event partitions")
-                }
-                Ok(_) => {}
-                Err(error) => {
-                    tracing::warn!(%error, "event stream maintenance failed; retrying later")
-                }
+            Ok(_) => {}
+            Err(error) => {
+                tracing::warn!(%error, "event stream maintenance failed; retrying later")
             }
         }
-    });
+    }
 }

@@ -1,4 +1,4 @@
-//! The stream's SQL: partition counters, appends, reads, consumer groups, checkpoints and time partitions.
+//! The stream's SQL: partition counters, appends, reads and time partitions.
 
 use std::collections::BTreeMap;
 
@@ -6,8 +6,8 @@ use chrono::{DateTime, Duration, NaiveDateTime, Timelike, Utc};
 use sqlx::{PgPool, Row};
 
 use super::model::{NewEvent, StoredEvent};
-use crate::http::error::{sqlstate, ApiError, ApiResult, ErrorCode, UNIQUE_VIOLATION};
 use crate::notify;
+use crate::postgres::{sqlstate, UNIQUE_VIOLATION};
 
 /// Fixes the partition count on a new database (and creates the counter rows); returns the count in force.
 pub async fn init_partitions(db: &PgPool, wanted: u32) -> Result<u32, sqlx::Error> {
@@ -183,157 +183,6 @@ pub async fn partitions(db: &PgPool) -> Result<Vec<PartitionInfo>, sqlx::Error> 
             })
         })
         .collect()
-}
-
-// ---------------------------------------------------------------------------------------------------------
-// Consumer groups and checkpoints
-
-#[derive(Debug, Clone)]
-pub struct ConsumerGroup {
-    pub name: String,
-    pub created_at: DateTime<Utc>,
-    /// partition → last processed sequence number
-    pub checkpoints: BTreeMap<i32, i64>,
-}
-
-pub async fn list_groups(db: &PgPool) -> Result<Vec<ConsumerGroup>, sqlx::Error> {
-    let groups = sqlx::query("SELECT name, created_at FROM d2c_consumer_groups ORDER BY name")
-        .fetch_all(db)
-        .await?;
-    let checkpoints = sqlx::query("SELECT consumer_group, partition_id, seq FROM d2c_checkpoints")
-        .fetch_all(db)
-        .await?;
-    let mut out: Vec<ConsumerGroup> = groups
-        .iter()
-        .map(|r| {
-            Ok(ConsumerGroup {
-                name: r.try_get("name")?,
-                created_at: r.try_get("created_at")?,
-                checkpoints: BTreeMap::new(),
-            })
-        })
-        .collect::<Result<_, sqlx::Error>>()?;
-    for row in checkpoints {
-        let group: String = row.try_get("consumer_group")?;
-        if let Some(g) = out.iter_mut().find(|g| g.name == group) {
-            g.checkpoints
-                .insert(row.try_get("partition_id")?, row.try_get("seq")?);
-        }
-    }
-    Ok(out)
-}
-
-pub async fn get_group(db: &PgPool, name: &str) -> Result<Option<ConsumerGroup>, sqlx::Error> {
-    let Some(row) = sqlx::query("SELECT name, created_at FROM d2c_consumer_groups WHERE name = $1")
-        .bind(name)
-        .fetch_optional(db)
-        .await?
-    else {
-        return Ok(None);
-    };
-    let checkpoints =
-        sqlx::query("SELECT partition_id, seq FROM d2c_checkpoints WHERE consumer_group = $1")
-            .bind(name)
-            .fetch_all(db)
-            .await?;
-    let mut map = BTreeMap::new();
-    for c in checkpoints {
-        map.insert(c.try_get("partition_id")?, c.try_get("seq")?);
-    }
-    Ok(Some(ConsumerGroup {
-        name: row.try_get("name")?,
-        created_at: row.try_get("created_at")?,
-        checkpoints: map,
-    }))
-}
-
-/// Creates a group unless `limit` groups exist; `Ok(false)` when it already existed.
-pub async fn create_group(db: &PgPool, name: &str, limit: u32) -> ApiResult<bool> {
-    let mut tx = db.begin().await?;
-    // Serialise creations on the settings row so two racing creations cannot both pass the count.
-    sqlx::query("SELECT 1 FROM d2c_settings WHERE id = 1 FOR UPDATE")
-        .execute(&mut *tx)
-        .await?;
-    let exists: bool =
-        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM d2c_consumer_groups WHERE name = $1)")
-            .bind(name)
-            .fetch_one(&mut *tx)
-            .await?;
-    if exists {
-        return Ok(false);
-    }
-    let count: i64 = sqlx::query_scalar("SELECT count(*) FROM d2c_consumer_groups")
-        .fetch_one(&mut *tx)
-        .await?;
-    if count >= limit as i64 {
-        return Err(ApiError::new(
-            ErrorCode::IotHubQuotaExceeded,
-            format!("The hub has {count} consumer groups, the most it allows"),
-        ));
-    }
-    match sqlx::query("INSERT INTO d2c_consumer_groups (name) VALUES ($1)")
-        .bind(name)
-        .execute(&mut *tx)
-        .await
-    {
-        Ok(_) => {}
-        Err(e) if sqlstate(&e).as_deref() == Some(UNIQUE_VIOLATION) => return Ok(false),
-        Err(e) => return Err(e.into()),
-    }
-    tx.commit().await?;
-    Ok(true)
-}
-
-/// Deletes a group and its checkpoints; false when there was none.
-pub async fn delete_group(db: &PgPool, name: &str) -> Result<bool, sqlx::Error> {
-    let done = sqlx::query("DELETE FROM d2c_consumer_groups WHERE name = $1")
-        .bind(name)
-        .execute(db)
-        .await?;
-    Ok(done.rows_affected() > 0)
-}
-
-/// Stores the group's checkpoint for a partition. `seq` must be an event that was committed.
-pub async fn set_checkpoint(db: &PgPool, group: &str, partition: u32, seq: i64) -> ApiResult<()> {
-    let next = next_seq(db, partition).await?;
-    if seq < 0 || seq >= next {
-        return Err(ApiError::invalid(format!(
-            "Sequence number {seq} is not an event of partition {partition} (next is {next})"
-        )));
-    }
-    let result = sqlx::query(
-        "INSERT INTO d2c_checkpoints (partition_id, consumer_group, seq) VALUES ($1, $2, $3)
-         ON CONFLICT (partition_id, consumer_group) DO UPDATE SET seq = EXCLUDED.seq, updated_at = now()",
-    )
-    .bind(partition as i32)
-    .bind(group)
-    .bind(seq)
-    .execute(db)
-    .await;
-    match result {
-        Ok(_) => Ok(()),
-        Err(e) if sqlstate(&e).as_deref() == Some(crate::http::error::FOREIGN_KEY_VIOLATION) => {
-            Err(ApiError::new(
-                ErrorCode::NotFound,
-                format!("No consumer group {group}"),
-            ))
-        }
-        Err(e) => Err(e.into()),
-    }
-}
-
-pub async fn checkpoint(
-    db: &PgPool,
-    group: &str,
-    partition: u32,
-) -> Result<Option<i64>, sqlx::Error> {
-    sqlx::query_scalar(
-        "SELECT seq FROM d2c_checkpoints WHERE partition_id = $1 AND consumer_group = $2",
-    )
-    .bind(partition as i32)
-    .bind(group)
-    .fetch_optional(db)
-    .await
 }
 
 // ---------------------------------------------------------------------------------------------------------

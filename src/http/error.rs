@@ -1,13 +1,16 @@
-//! The hub's one error type and its IoT Hub wire form.
+//! The HTTP error type, its IoT Hub wire form, and the one place that maps every core error onto it.
 //!
-//! Every failure a handler, extractor or store can produce ends up as an [`ApiError`], and this is the only place
-//! that turns one into a response: IoT Hub's body `{"Message","ExceptionMessage"}` plus the `iothub-errorcode`
-//! header. `Message` uses the legacy `ErrorCode:{Name};{text}` form, which both the Node and the C# SDKs parse.
+//! Every failure a handler or extractor meets ends up as an [`ApiError`]: core errors through the `From` impls
+//! below (one per domain: which status and `ErrorCode` each refusal is), and this is the only place that turns one
+//! into a response: IoT Hub's body `{"Message","ExceptionMessage"}` plus the `iothub-errorcode` header. `Message`
+//! uses the legacy `ErrorCode:{Name};{text}` form, which both the Node and the C# SDKs parse.
 
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use utoipa::ToSchema;
+
+use crate::{auth, c2d, d2c, feedback, postgres, registry, throttle};
 
 /// The IoT Hub error codes this hub emits (spec §6.2), with their HTTP status.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -143,12 +146,6 @@ impl ApiError {
     pub fn unauthorized(message: impl Into<String>) -> Self {
         Self::new(ErrorCode::IotHubUnauthorizedAccess, message)
     }
-    pub fn device_not_found(device_id: &str) -> Self {
-        Self::new(
-            ErrorCode::DeviceNotFound,
-            format!("Device {device_id} not registered"),
-        )
-    }
     pub fn too_large(limit: usize) -> Self {
         Self::new(
             ErrorCode::MessageTooLarge,
@@ -220,38 +217,117 @@ impl IntoResponse for ApiError {
 }
 
 /// Database errors: lost connections and pool exhaustion are the client's to retry (503); anything else is a bug or
-/// an unexpected state and is a 500 with the detail kept in the log, not on the wire.
-impl From<sqlx::Error> for ApiError {
-    fn from(error: sqlx::Error) -> Self {
+/// an unexpected state and is a 500 with the detail kept in the log, not on the wire. Logged here, once.
+pub fn database(error: &sqlx::Error) -> ApiError {
+    if postgres::is_unavailable(error) {
+        tracing::warn!(%error, "database unavailable");
+        ApiError::unavailable("The database is unavailable, retry later")
+    } else {
+        tracing::error!(%error, "database error");
+        ApiError::internal("Internal error")
+    }
+}
+
+/// A refusal of the core, with its own text.
+fn refusal(code: ErrorCode, error: impl std::fmt::Display) -> ApiError {
+    ApiError::new(code, error.to_string())
+}
+
+impl From<registry::Error> for ApiError {
+    fn from(error: registry::Error) -> Self {
+        use registry::Error::*;
+        let code = match &error {
+            DeviceNotFound(_) => ErrorCode::DeviceNotFound,
+            DeviceExists(_) | CreatedConcurrently(_) => ErrorCode::DeviceAlreadyExists,
+            EtagMismatch(_) => ErrorCode::PreconditionFailed,
+            Invalid(_) => ErrorCode::ArgumentInvalid,
+            MissingThumbprint => ErrorCode::ArgumentNull,
+            Database(e) => return database(e),
+        };
+        refusal(code, error)
+    }
+}
+
+impl From<registry::InvalidDeviceId> for ApiError {
+    fn from(error: registry::InvalidDeviceId) -> Self {
+        refusal(ErrorCode::ArgumentInvalid, error)
+    }
+}
+
+impl From<auth::Error> for ApiError {
+    fn from(error: auth::Error) -> Self {
+        use auth::Error::*;
+        let code = match &error {
+            Unauthorized(_) => ErrorCode::IotHubUnauthorizedAccess,
+            DeviceNotFound(_) => ErrorCode::DeviceNotFound,
+            PolicyNotFound(_) => ErrorCode::PolicyNotFound,
+            PolicyExists(_) => ErrorCode::PolicyAlreadyExists,
+            LastRegistryWriter => ErrorCode::ArgumentInvalid,
+            Database(e) => return database(e),
+        };
+        refusal(code, error)
+    }
+}
+
+impl From<c2d::Error> for ApiError {
+    fn from(error: c2d::Error) -> Self {
+        use c2d::Error::*;
+        let code = match &error {
+            DeviceNotFound(_) => ErrorCode::DeviceNotFound,
+            QueueFull { .. } => ErrorCode::DeviceMaximumQueueDepthExceeded,
+            ExpiryOutOfRange { .. } => ErrorCode::InvalidMessageExpiryTime,
+            LockLost => ErrorCode::DeviceMessageLockLost,
+            MessageNotFound { .. } => ErrorCode::NotFound,
+            Database(e) => return database(e),
+        };
+        refusal(code, error)
+    }
+}
+
+impl From<c2d::model::InvalidSequenceNumber> for ApiError {
+    fn from(error: c2d::model::InvalidSequenceNumber) -> Self {
+        refusal(ErrorCode::ArgumentInvalid, error)
+    }
+}
+
+impl From<feedback::Error> for ApiError {
+    fn from(error: feedback::Error) -> Self {
         match &error {
-            sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) => {
-                tracing::warn!(%error, "database unavailable");
-                ApiError::unavailable("The database is unavailable, retry later")
-            }
-            sqlx::Error::Database(db) if is_unavailable_sqlstate(db.code().as_deref()) => {
-                tracing::warn!(%error, "database unavailable");
-                ApiError::unavailable("The database is unavailable, retry later")
-            }
-            _ => {
-                tracing::error!(%error, "database error");
-                ApiError::internal("Internal error")
-            }
+            feedback::Error::LockLost => refusal(ErrorCode::DeviceMessageLockLost, error),
+            feedback::Error::Database(e) => database(e),
         }
     }
 }
 
-/// SQLSTATE classes that mean "the server is going away or overloaded", not "your request is wrong".
-fn is_unavailable_sqlstate(code: Option<&str>) -> bool {
-    matches!(code, Some(c) if c.starts_with("57P") || c.starts_with("08") || c == "53300")
-}
-
-/// The SQLSTATE of a database error, for stores that turn constraint violations into domain errors.
-pub fn sqlstate(error: &sqlx::Error) -> Option<String> {
-    match error {
-        sqlx::Error::Database(db) => db.code().map(|c| c.into_owned()),
-        _ => None,
+impl From<d2c::Error> for ApiError {
+    fn from(error: d2c::Error) -> Self {
+        use d2c::Error::*;
+        let code = match &error {
+            InvalidMessage(_) | DefaultGroupIsPermanent | NotCommitted { .. } => {
+                ErrorCode::ArgumentInvalid
+            }
+            TooLarge { .. } | BatchTooLarge { .. } => ErrorCode::MessageTooLarge,
+            IngestBehind | ShuttingDown => return ApiError::unavailable(error.to_string()),
+            NoSuchPartition { .. } | GroupNotFound(_) => ErrorCode::NotFound,
+            TooManyGroups { .. } => ErrorCode::IotHubQuotaExceeded,
+            Database(e) => return database(e),
+            Commit(e) => return database(e),
+        };
+        refusal(code, error)
     }
 }
 
-pub const UNIQUE_VIOLATION: &str = "23505";
-pub const FOREIGN_KEY_VIOLATION: &str = "23503";
+impl From<d2c::consumer_groups::InvalidGroupName> for ApiError {
+    fn from(error: d2c::consumer_groups::InvalidGroupName) -> Self {
+        refusal(ErrorCode::ArgumentInvalid, error)
+    }
+}
+
+impl From<throttle::Throttled> for ApiError {
+    fn from(error: throttle::Throttled) -> Self {
+        ApiError {
+            retry_after: Some(error.wait.as_secs_f64().ceil().max(1.0) as u64),
+            ..refusal(ErrorCode::ThrottlingException, error)
+        }
+    }
+}

@@ -9,8 +9,9 @@ use percent_encoding::percent_decode_str;
 use serde::Deserialize;
 
 use super::error::{ApiError, ErrorCode};
+use super::AppState;
 use crate::auth::{self, DeviceCaller, PolicyCaller, Right};
-use crate::AppState;
+use crate::throttle::Operation;
 
 /// The right a service endpoint needs; see [`Service`].
 pub trait NeedsRight: Send + Sync + 'static {
@@ -81,7 +82,7 @@ impl FromRequestParts<AppState> for Device {
             &target(parts),
         )
         .await?;
-        throttle(parts, state, Some(&caller.device_id))?;
+        throttle(parts, state, Some(caller.device_id.as_str()))?;
         Ok(Device(caller))
     }
 }
@@ -92,7 +93,7 @@ fn throttle(parts: &Parts, state: &AppState, device: Option<&str>) -> Result<(),
     let Some(route) = parts.extensions.get::<axum::extract::MatchedPath>() else {
         return Ok(());
     };
-    let Some(operation) = crate::throttle::Operation::of(&parts.method, route.as_str()) else {
+    let Some(operation) = operation(&parts.method, route.as_str()) else {
         return Ok(());
     };
     // Service calls on one device's resources (C2D send) count against that device too.
@@ -103,7 +104,21 @@ fn throttle(parts: &Parts, state: &AppState, device: Option<&str>) -> Result<(),
             .flatten()
             .map(|s| percent_decode_str(s).decode_utf8_lossy().into_owned())
     });
-    state.throttle.check(operation, path_device.as_deref())
+    Ok(state.throttle.check(operation, path_device.as_deref())?)
+}
+
+/// The operation class a request counts against, from its method and route template.
+fn operation(method: &http::Method, route: &str) -> Option<Operation> {
+    use http::Method;
+    match (method, route) {
+        (&Method::POST, "/devices/{id}/messages/events") => Some(Operation::D2cSend),
+        (&Method::GET, "/devices/{id}/messages/deviceBound") => Some(Operation::C2dReceive),
+        (&Method::POST, "/devices/{id}/commands") => Some(Operation::C2dSend),
+        (_, "/devices" | "/devices/{id}" | "/statistics/devices" | "/statistics/service") => {
+            Some(Operation::Registry)
+        }
+        _ => None,
+    }
 }
 
 fn authorization(parts: &Parts) -> Option<&str> {

@@ -1,16 +1,23 @@
-//! What every route shares: router assembly, the error type, extractors, header casing, OpenAPI, operations
-//! endpoints and the listeners.
+//! The HTTP way in: IoT Hub's HTTPS API and the hub's REST extensions, over the core.
+//!
+//! [`routes`] holds one file per domain (handlers and their OpenAPI annotations); the rest is what every route
+//! shares: router assembly, the error type and its mapping of core errors, extractors, query parameters, long
+//! polls, header casing, OpenAPI, and the listeners.
 
 pub mod casing;
 pub mod error;
 pub mod extract;
 pub mod metrics;
 pub mod normalize;
-pub mod ops;
+pub mod params;
+pub mod poll;
+pub mod routes;
 pub mod serve;
 pub mod tls;
 pub mod wire;
 
+use std::ops::Deref;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::{DefaultBodyLimit, Request};
@@ -27,8 +34,34 @@ use utoipa::{IntoParams, Modify, OpenApi};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_swagger_ui::SwaggerUi;
 
-use crate::AppState;
 use error::{ApiError, ErrorCode};
+use routes::ops;
+
+/// What every handler can reach.
+#[derive(Clone)]
+pub struct AppState(pub Arc<AppInner>);
+
+pub struct AppInner {
+    pub db: sqlx::PgPool,
+    pub config: crate::config::Config,
+    /// Turns true when the hub is stopping, so long polls can end early.
+    pub shutdown: tokio::sync::watch::Receiver<bool>,
+    /// Wake-ups for long polls when a transaction commits something they wait for.
+    pub notifier: crate::notify::Notifier,
+    /// Keys and statuses for authentication, cached briefly.
+    pub credentials: crate::auth::Credentials,
+    /// Token buckets per operation class (empty unless configured).
+    pub throttle: crate::throttle::Throttle,
+    /// Device-to-cloud streams: partition writers and stream settings.
+    pub d2c: crate::d2c::D2c,
+}
+
+impl Deref for AppState {
+    type Target = AppInner;
+    fn deref(&self) -> &AppInner {
+        &self.0
+    }
+}
 
 /// Registry and policy bodies can be large (bulk requests of 100 devices); message routes check their own limits.
 const BODY_LIMIT: usize = 1024 * 1024;
@@ -86,60 +119,6 @@ struct StandardResponses;
 
 impl Modify for StandardResponses {
     fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
-        use utoipa::openapi::path::Operation;
-        use utoipa::openapi::schema::{ObjectBuilder, Type};
-        use utoipa::openapi::{ContentBuilder, Ref, RefOr, ResponseBuilder};
-
-        let error = |description: &str| {
-            RefOr::T(
-                ResponseBuilder::new()
-                    .description(description)
-                    .content(
-                        "application/json",
-                        ContentBuilder::new()
-                            .schema(Some(Ref::from_schema_name("ErrorBody")))
-                            .build(),
-                    )
-                    .build(),
-            )
-        };
-        let versions = ObjectBuilder::new()
-            .schema_type(Type::String)
-            .enum_values(Some(normalize::API_VERSIONS.iter().copied()))
-            .build();
-        let patch = |op: &mut Operation, per_device: bool| {
-            if op.security.is_none() {
-                return;
-            }
-            let mut add = |status: &str, description: &str| {
-                op.responses
-                    .responses
-                    .entry(status.to_string())
-                    .or_insert_with(|| error(description));
-            };
-            add("400", "Missing or unsupported api-version (InvalidProtocolVersion, 400001), or invalid input (ArgumentInvalid, 400004)");
-            add("401", "Missing, invalid, expired or insufficient token (IotHubUnauthorizedAccess, 401002)");
-            add(
-                "429",
-                "Throttled (ThrottlingException, 429001); see Retry-After",
-            );
-            add(
-                "503",
-                "The database is unavailable (ServiceUnavailable, 503001); see Retry-After",
-            );
-            if per_device {
-                add("404", "No such device (DeviceNotFound, 404001)");
-            }
-            if op.request_body.is_some() {
-                add("413", "The body is too large (MessageTooLarge, 413001)");
-                add("415", "The body is not JSON (UnsupportedMediaType)");
-            }
-            for parameter in op.parameters.iter_mut().flatten() {
-                if parameter.name == "api-version" {
-                    parameter.schema = Some(RefOr::T(versions.clone().into()));
-                }
-            }
-        };
         for (path, item) in openapi.paths.paths.iter_mut() {
             let per_device = path.starts_with("/devices/{id}");
             for op in [
@@ -152,8 +131,63 @@ impl Modify for StandardResponses {
             .into_iter()
             .flatten()
             {
-                patch(op, per_device);
+                add_standard_responses(op, per_device);
             }
+        }
+    }
+}
+
+/// The answers every authenticated IoT Hub operation can give, unless the operation describes them itself.
+fn add_standard_responses(op: &mut utoipa::openapi::path::Operation, per_device: bool) {
+    use utoipa::openapi::schema::{ObjectBuilder, Type};
+    use utoipa::openapi::{ContentBuilder, Ref, RefOr, ResponseBuilder};
+
+    if op.security.is_none() {
+        return;
+    }
+    let mut add = |status: &str, description: &str| {
+        op.responses
+            .responses
+            .entry(status.to_string())
+            .or_insert_with(|| {
+                let body = ContentBuilder::new()
+                    .schema(Some(Ref::from_schema_name("ErrorBody")))
+                    .build();
+                RefOr::T(
+                    ResponseBuilder::new()
+                        .description(description)
+                        .content("application/json", body)
+                        .build(),
+                )
+            });
+    };
+    add("400", "Missing or unsupported api-version (InvalidProtocolVersion, 400001), or invalid input (ArgumentInvalid, 400004)");
+    add(
+        "401",
+        "Missing, invalid, expired or insufficient token (IotHubUnauthorizedAccess, 401002)",
+    );
+    add(
+        "429",
+        "Throttled (ThrottlingException, 429001); see Retry-After",
+    );
+    add(
+        "503",
+        "The database is unavailable (ServiceUnavailable, 503001); see Retry-After",
+    );
+    if per_device {
+        add("404", "No such device (DeviceNotFound, 404001)");
+    }
+    if op.request_body.is_some() {
+        add("413", "The body is too large (MessageTooLarge, 413001)");
+        add("415", "The body is not JSON (UnsupportedMediaType)");
+    }
+    let versions = ObjectBuilder::new()
+        .schema_type(Type::String)
+        .enum_values(Some(normalize::API_VERSIONS.iter().copied()))
+        .build();
+    for parameter in op.parameters.iter_mut().flatten() {
+        if parameter.name == "api-version" {
+            parameter.schema = Some(RefOr::T(versions.clone().into()));
         }
     }
 }
@@ -161,11 +195,11 @@ impl Modify for StandardResponses {
 /// Every API route with its OpenAPI description.
 fn api() -> (Router<AppState>, utoipa::openapi::OpenApi) {
     let (router, mut doc) = OpenApiRouter::with_openapi(ApiDoc::openapi())
-        .merge(crate::registry::routes::router())
-        .merge(crate::c2d::routes::router())
-        .merge(crate::feedback::routes::router())
-        .merge(crate::auth::routes::router())
-        .merge(crate::d2c::routes::router())
+        .merge(routes::registry::router())
+        .merge(routes::c2d::router())
+        .merge(routes::feedback::router())
+        .merge(routes::policies::router())
+        .merge(routes::d2c::router())
         .merge(ops::router())
         .split_for_parts();
     // After the merge: the document's paths exist only now.

@@ -4,15 +4,21 @@
 //! hold a connection for ever; here hyper's HTTP/1 connection gets one, and graceful shutdown drains in-flight
 //! requests.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use anyhow::Context;
 use axum::Router;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use super::AppState;
+use crate::config::Config;
 
 /// How long a client may take to send a request's headers.
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
@@ -88,4 +94,84 @@ pub async fn serve(
         tracing::warn!("requests still in flight after {DRAIN_TIMEOUT:?}; stopping anyway");
     }
     Ok(())
+}
+
+/// Where a hub serves.
+pub struct Addresses {
+    pub http: SocketAddr,
+    pub tls: Option<SocketAddr>,
+    pub metrics: Option<SocketAddr>,
+}
+
+/// Starts a serving task in `tasks` for each listener: the API over plain HTTP and (configured) TLS, and metrics
+/// on their own listener when there is one.
+pub fn start(
+    state: &AppState,
+    listeners: Listeners,
+    tasks: &mut JoinSet<anyhow::Result<()>>,
+) -> anyhow::Result<Addresses> {
+    let app = super::app(state.clone());
+    let stop = state.shutdown.clone();
+    let http = listeners.http.local_addr()?;
+    tasks.spawn(serve(listeners.http, app.clone(), None, stop.clone()));
+    let mut tls_addr = None;
+    if let Some(listener) = listeners.tls {
+        let config = &state.config;
+        let (cert, key) = config
+            .tls_cert
+            .as_ref()
+            .zip(config.tls_key.as_ref())
+            .context("a TLS listener needs IOTHUB_TLS_CERT and IOTHUB_TLS_KEY")?;
+        let tls = super::tls::server_config(cert, key)?;
+        tls_addr = Some(listener.local_addr()?);
+        tasks.spawn(serve(listener, app, Some(tls), stop.clone()));
+    }
+    let mut metrics_addr = None;
+    if let Some(listener) = listeners.metrics {
+        metrics_addr = Some(listener.local_addr()?);
+        let app = super::routes::ops::metrics_app(state.clone());
+        let mut stop = stop.clone();
+        tasks.spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                })
+                .await
+                .context("metrics listener failed")
+        });
+    }
+    Ok(Addresses {
+        http,
+        tls: tls_addr,
+        metrics: metrics_addr,
+    })
+}
+
+/// The sockets a hub serves on; binding is the caller's (tests bind port 0).
+pub struct Listeners {
+    pub http: TcpListener,
+    pub tls: Option<TcpListener>,
+    pub metrics: Option<TcpListener>,
+}
+
+impl Listeners {
+    /// Binds the addresses the configuration names.
+    pub async fn bind(config: &Config) -> anyhow::Result<Listeners> {
+        let bind = |addr: SocketAddr| async move {
+            TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr}"))
+        };
+        Ok(Listeners {
+            http: bind(config.listen).await?,
+            tls: match config.tls_listen {
+                Some(addr) => Some(bind(addr).await?),
+                None => None,
+            },
+            metrics: match config.metrics_listen {
+                Some(addr) => Some(bind(addr).await?),
+                None => None,
+            },
+        })
+    }
 }

@@ -54,6 +54,11 @@ impl IfMatch {
     }
 }
 
+/// The path of a device's resources, its id percent-encoded: the one place a device URL is built.
+pub fn device_path(device_id: &str) -> String {
+    format!("/devices/{}", crate::auth::sas::encode_component(device_id))
+}
+
 /// An opaque continuation token over a string key.
 pub fn encode_continuation(key: &str) -> String {
     URL_SAFE_NO_PAD.encode(key)

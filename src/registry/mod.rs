@@ -1,50 +1,28 @@
-//! Device identities: the registry's model, its SQL and its IoT Hub-compatible REST routes.
+//! Device identities: the registry's domain values, its rules and its SQL.
 
 pub mod model;
-pub mod routes;
 pub mod store;
 
-/// Device ids as IoT Hub allows them: 1–128 ASCII letters, digits and `- : . + % _ # * ? ! ( ) , = @ ; $ '`,
-/// case-sensitive.
-pub fn valid_device_id(id: &str) -> bool {
-    (1..=128).contains(&id.len())
-        && id.bytes().all(|b| {
-            b.is_ascii_alphanumeric()
-                || matches!(
-                    b,
-                    b'-' | b':'
-                        | b'.'
-                        | b'+'
-                        | b'%'
-                        | b'_'
-                        | b'#'
-                        | b'*'
-                        | b'?'
-                        | b'!'
-                        | b'('
-                        | b')'
-                        | b','
-                        | b'='
-                        | b'@'
-                        | b';'
-                        | b'$'
-                        | b'\''
-                )
-        })
+pub use model::{valid_device_id, DeviceId, InvalidDeviceId};
+
+/// What a registry operation can refuse, or fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("Device {0} not registered")]
+    DeviceNotFound(DeviceId),
+    #[error("A device with ID '{0}' is already registered")]
+    DeviceExists(DeviceId),
+    #[error("A device with ID '{0}' was created concurrently")]
+    CreatedConcurrently(DeviceId),
+    #[error("The etag does not match device '{0}' (it was changed since it was read)")]
+    EtagMismatch(DeviceId),
+    /// A field of the device is not acceptable; the text says which and why.
+    #[error("{0}")]
+    Invalid(String),
+    #[error("selfSigned authentication needs a primaryThumbprint")]
+    MissingThumbprint,
+    #[error(transparent)]
+    Database(#[from] sqlx::Error),
 }
 
-#[cfg(test)]
-mod tests {
-    use super::valid_device_id;
-
-    #[test]
-    fn device_id_character_set() {
-        assert!(valid_device_id("a-b:c.d+e%f_g#h*i?j!k(l)m,n=o@p;q$r's"));
-        assert!(valid_device_id(&"x".repeat(128)));
-        assert!(!valid_device_id(&"x".repeat(129)));
-        assert!(!valid_device_id(""));
-        assert!(!valid_device_id("a/b"));
-        assert!(!valid_device_id("a b"));
-        assert!(!valid_device_id("é"));
-    }
-}
+pub type Result<T, E = Error> = std::result::Result<T, E>;

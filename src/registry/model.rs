@@ -1,10 +1,108 @@
-//! The device identity as IoT Hub writes it on the wire (spec §2.1), and what clients may send.
+//! The registry's domain values: device ids, the stored device, and what a client may change.
+
+use std::fmt;
+use std::str::FromStr;
 
 use chrono::{DateTime, Utc};
-use serde::{Deserialize, Serialize};
-use utoipa::ToSchema;
 
-use crate::http::wire;
+/// Device ids as IoT Hub allows them: 1–128 ASCII letters, digits and `- : . + % _ # * ? ! ( ) , = @ ; $ '`,
+/// case-sensitive.
+pub fn valid_device_id(id: &str) -> bool {
+    (1..=128).contains(&id.len())
+        && id.bytes().all(|b| {
+            b.is_ascii_alphanumeric()
+                || matches!(
+                    b,
+                    b'-' | b':'
+                        | b'.'
+                        | b'+'
+                        | b'%'
+                        | b'_'
+                        | b'#'
+                        | b'*'
+                        | b'?'
+                        | b'!'
+                        | b'('
+                        | b')'
+                        | b','
+                        | b'='
+                        | b'@'
+                        | b';'
+                        | b'$'
+                        | b'\''
+                )
+        })
+}
+
+/// A device id that is valid by construction: parse it once where it enters the hub.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct DeviceId(String);
+
+#[derive(Debug, Clone, thiserror::Error)]
+#[error(
+    "Device id '{0}' is invalid: 1-128 ASCII letters, digits and - : . + % _ # * ? ! ( ) , = @ ; $ '"
+)]
+pub struct InvalidDeviceId(pub String);
+
+impl DeviceId {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl FromStr for DeviceId {
+    type Err = InvalidDeviceId;
+    fn from_str(id: &str) -> Result<DeviceId, InvalidDeviceId> {
+        if valid_device_id(id) {
+            Ok(DeviceId(id.to_string()))
+        } else {
+            Err(InvalidDeviceId(id.to_string()))
+        }
+    }
+}
+
+impl fmt::Display for DeviceId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl PartialEq<str> for DeviceId {
+    fn eq(&self, other: &str) -> bool {
+        self.0 == other
+    }
+}
+
+impl PartialEq<&str> for DeviceId {
+    fn eq(&self, other: &&str) -> bool {
+        self.0 == *other
+    }
+}
+
+impl AsRef<str> for DeviceId {
+    fn as_ref(&self) -> &str {
+        &self.0
+    }
+}
+
+crate::text_enum! {
+    /// Whether a device may connect.
+    pub enum Status {
+        Enabled = "enabled",
+        Disabled = "disabled",
+    }
+}
+
+crate::text_enum! {
+    /// How a device authenticates. Only `sas` devices have keys the hub checks; the others are stored for
+    /// compatibility.
+    pub enum AuthType {
+        Sas = "sas",
+        SelfSigned = "selfSigned",
+        CertificateAuthority = "certificateAuthority",
+        None = "none",
+    }
+}
 
 /// A device identity, as stored.
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -12,24 +110,19 @@ pub struct DeviceRecord {
     pub device_id: String,
     pub generation_id: String,
     pub etag_version: i64,
-    pub status: String,
+    pub status: Status,
     pub status_reason: Option<String>,
     pub status_updated_time: Option<DateTime<Utc>>,
-    pub auth_type: String,
+    pub auth_type: AuthType,
     pub primary_key: Option<String>,
     pub secondary_key: Option<String>,
     pub primary_thumbprint: Option<String>,
     pub secondary_thumbprint: Option<String>,
     pub iot_edge: bool,
     pub last_activity_time: Option<DateTime<Utc>>,
-    pub c2d_message_count: i64,
 }
 
 impl DeviceRecord {
-    pub fn etag(&self) -> String {
-        wire::etag(self.etag_version)
-    }
-
     /// The device's connection string with its primary key (for `iothub device create` and the docs).
     pub fn connection_string(&self, hostname: &str) -> Option<String> {
         self.primary_key.as_ref().map(|key| {
@@ -41,172 +134,39 @@ impl DeviceRecord {
     }
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct SymmetricKey {
-    #[serde(default)]
+/// What a client asks to set on a device; `None` keeps what the device has (or the default, on create).
+#[derive(Debug, Clone, Default)]
+pub struct DeviceChanges {
+    pub status: Option<Status>,
+    pub status_reason: Option<String>,
+    pub auth_type: Option<AuthType>,
     pub primary_key: Option<String>,
-    #[serde(default)]
     pub secondary_key: Option<String>,
-}
-
-#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct X509Thumbprint {
-    #[serde(default)]
     pub primary_thumbprint: Option<String>,
-    #[serde(default)]
     pub secondary_thumbprint: Option<String>,
+    pub iot_edge: Option<bool>,
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct Authentication {
-    #[serde(default)]
-    pub symmetric_key: Option<SymmetricKey>,
-    #[serde(default)]
-    pub x509_thumbprint: Option<X509Thumbprint>,
-    /// `sas` (default), `selfSigned`, `certificateAuthority` or `none`.
-    #[serde(rename = "type", default)]
-    pub auth_type: Option<String>,
+/// Device counts.
+#[derive(Debug, Clone, Copy)]
+pub struct Statistics {
+    pub total: i64,
+    pub enabled: i64,
+    pub disabled: i64,
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct Capabilities {
-    #[serde(default)]
-    pub iot_edge: bool,
-}
+#[cfg(test)]
+mod tests {
+    use super::valid_device_id;
 
-/// A device identity on the wire.
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
-#[serde(rename_all = "camelCase")]
-#[schema(example = json!({
-    "deviceId": "thermostat-1", "generationId": "639002304000000000", "etag": "MTIzNDU2Nzg5",
-    "connectionState": "Disconnected", "status": "enabled", "statusReason": null,
-    "connectionStateUpdatedTime": "0001-01-01T00:00:00Z", "statusUpdatedTime": "0001-01-01T00:00:00Z",
-    "lastActivityTime": "0001-01-01T00:00:00Z", "cloudToDeviceMessageCount": 0,
-    "authentication": {"symmetricKey": {"primaryKey": "Zm9vYmFyZm9vYmFyZm9vYmFyZm9vYmFyZm9vYmFyZm8=",
-        "secondaryKey": "YmFyZm9vYmFyZm9vYmFyZm9vYmFyZm9vYmFyZm9vYmE="},
-        "x509Thumbprint": {"primaryThumbprint": null, "secondaryThumbprint": null}, "type": "sas"},
-    "capabilities": {"iotEdge": false}
-}))]
-pub struct Device {
-    pub device_id: String,
-    pub generation_id: String,
-    pub etag: String,
-    /// Always `Disconnected`: only MQTT and AMQP connections move it, and this hub speaks HTTPS.
-    pub connection_state: String,
-    pub status: String,
-    pub status_reason: Option<String>,
-    pub connection_state_updated_time: String,
-    pub status_updated_time: String,
-    pub last_activity_time: String,
-    pub cloud_to_device_message_count: i64,
-    pub authentication: Authentication,
-    pub capabilities: Capabilities,
-}
-
-impl From<DeviceRecord> for Device {
-    fn from(r: DeviceRecord) -> Device {
-        Device {
-            etag: r.etag(),
-            device_id: r.device_id,
-            generation_id: r.generation_id,
-            connection_state: "Disconnected".into(),
-            status: r.status,
-            status_reason: r.status_reason,
-            connection_state_updated_time: wire::ZERO_TIME.into(),
-            status_updated_time: wire::format_optional_time(r.status_updated_time),
-            last_activity_time: wire::format_optional_time(r.last_activity_time),
-            cloud_to_device_message_count: r.c2d_message_count,
-            authentication: Authentication {
-                symmetric_key: Some(SymmetricKey {
-                    primary_key: r.primary_key,
-                    secondary_key: r.secondary_key,
-                }),
-                x509_thumbprint: Some(X509Thumbprint {
-                    primary_thumbprint: r.primary_thumbprint,
-                    secondary_thumbprint: r.secondary_thumbprint,
-                }),
-                auth_type: Some(r.auth_type),
-            },
-            capabilities: Capabilities {
-                iot_edge: r.iot_edge,
-            },
-        }
+    #[test]
+    fn device_id_character_set() {
+        assert!(valid_device_id("a-b:c.d+e%f_g#h*i?j!k(l)m,n=o@p;q$r's"));
+        assert!(valid_device_id(&"x".repeat(128)));
+        assert!(!valid_device_id(&"x".repeat(129)));
+        assert!(!valid_device_id(""));
+        assert!(!valid_device_id("a/b"));
+        assert!(!valid_device_id("a b"));
+        assert!(!valid_device_id("é"));
     }
-}
-
-/// What a client sends to create or update a device. Read-only fields (`generationId`, times, counts) are
-/// ignored; `etag` in the body is ignored too (the `If-Match` header decides).
-#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct DeviceInput {
-    #[serde(default)]
-    pub device_id: Option<String>,
-    #[serde(default)]
-    pub status: Option<String>,
-    #[serde(default)]
-    pub status_reason: Option<String>,
-    #[serde(default)]
-    pub authentication: Option<Authentication>,
-    #[serde(default)]
-    pub capabilities: Option<Capabilities>,
-    #[serde(default)]
-    pub etag: Option<String>,
-}
-
-/// `GET /statistics/devices`.
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct RegistryStatistics {
-    pub total_device_count: i64,
-    pub enabled_device_count: i64,
-    pub disabled_device_count: i64,
-}
-
-/// `GET /statistics/service`.
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct ServiceStatistics {
-    /// Devices with an open MQTT or AMQP connection: always 0 on this HTTPS-only hub.
-    pub connected_device_count: i64,
-}
-
-/// One entry of a bulk registry request (`POST /devices`), as the SDKs send it.
-#[derive(Debug, Clone, Deserialize, ToSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct ExportImportDevice {
-    pub id: String,
-    #[serde(default, rename = "eTag")]
-    pub etag: Option<String>,
-    /// `create`, `createOrUpdate`, `update`, `updateIfMatchETag`, `delete` or `deleteIfMatchETag`
-    /// (case-insensitive).
-    pub import_mode: String,
-    #[serde(default)]
-    pub status: Option<String>,
-    #[serde(default)]
-    pub status_reason: Option<String>,
-    #[serde(default)]
-    pub authentication: Option<Authentication>,
-    #[serde(default)]
-    pub capabilities: Option<Capabilities>,
-}
-
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct DeviceRegistryOperationError {
-    pub device_id: String,
-    pub error_code: String,
-    pub error_status: String,
-}
-
-/// The answer to a bulk registry request.
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct BulkRegistryOperationResult {
-    pub is_successful: bool,
-    pub errors: Vec<DeviceRegistryOperationError>,
-    pub warnings: Vec<DeviceRegistryOperationError>,
 }

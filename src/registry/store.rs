@@ -4,24 +4,21 @@
 use rand::Rng;
 use sqlx::{PgPool, Postgres, Transaction};
 
-use super::model::{DeviceInput, DeviceRecord};
-use crate::auth::sas;
-use crate::http::error::{ApiError, ApiResult, ErrorCode};
-use crate::http::wire::IfMatch;
+use super::model::{AuthType, DeviceChanges, DeviceId, DeviceRecord, Statistics, Status};
+use super::{Error, Result};
+use crate::keys;
 
 const COLUMNS: &str =
     "device_id, generation_id, etag_version, status, status_reason, status_updated_time,
     auth_type, primary_key, secondary_key, primary_thumbprint, secondary_thumbprint, iot_edge,
-    last_activity_time,
-    (SELECT count(*) FROM c2d_messages m
-      WHERE m.device_id = devices.device_id AND m.state IN ('enqueued', 'invisible')) AS c2d_message_count";
+    last_activity_time";
 
 /// The writable fields of a device, resolved from a client's input (and the device as it was, for updates).
 #[derive(Debug, Clone)]
 pub struct DeviceFields {
-    pub status: String,
+    pub status: Status,
     pub status_reason: Option<String>,
-    pub auth_type: String,
+    pub auth_type: AuthType,
     pub primary_key: Option<String>,
     pub secondary_key: Option<String>,
     pub primary_thumbprint: Option<String>,
@@ -34,89 +31,41 @@ fn non_empty(s: &Option<String>) -> Option<String> {
 }
 
 impl DeviceFields {
-    /// Validates `input`; `existing` is the device being updated (its keys stay unless new ones are given).
+    /// Checks `changes`; `existing` is the device being updated (its keys stay unless new ones are given).
     pub fn resolve(
-        input: &DeviceInput,
+        changes: &DeviceChanges,
         existing: Option<&DeviceRecord>,
-    ) -> ApiResult<DeviceFields> {
-        let status = match input.status.as_deref() {
-            None => existing.map_or("enabled".to_string(), |d| d.status.clone()),
-            Some(s) if s.eq_ignore_ascii_case("enabled") => "enabled".into(),
-            Some(s) if s.eq_ignore_ascii_case("disabled") => "disabled".into(),
-            Some(s) => return Err(ApiError::invalid(format!("Invalid device status '{s}'"))),
-        };
-        if let Some(reason) = &input.status_reason {
+    ) -> Result<DeviceFields> {
+        let status = changes
+            .status
+            .or(existing.map(|d| d.status))
+            .unwrap_or(Status::Enabled);
+        if let Some(reason) = &changes.status_reason {
             if reason.chars().count() > 128 || reason.contains('\0') {
-                return Err(ApiError::invalid(
-                    "statusReason must be at most 128 characters, without NUL",
+                return Err(Error::Invalid(
+                    "statusReason must be at most 128 characters, without NUL".into(),
                 ));
             }
         }
-        let auth = input.authentication.clone().unwrap_or_default();
-        let auth_type = match auth.auth_type.as_deref() {
-            None => existing.map_or("sas".to_string(), |d| d.auth_type.clone()),
-            Some(t) => ["sas", "selfSigned", "certificateAuthority", "none"]
-                .iter()
-                .find(|known| known.eq_ignore_ascii_case(t))
-                .map(|k| k.to_string())
-                .ok_or_else(|| ApiError::invalid(format!("Invalid authentication type '{t}'")))?,
-        };
-        let symmetric = auth.symmetric_key.unwrap_or_default();
-        let thumbprints = auth.x509_thumbprint.unwrap_or_default();
+        let auth_type = changes
+            .auth_type
+            .or(existing.map(|d| d.auth_type))
+            .unwrap_or(AuthType::Sas);
         let (mut primary_key, mut secondary_key) = (None, None);
         let (mut primary_thumbprint, mut secondary_thumbprint) = (None, None);
-        match auth_type.as_str() {
-            "sas" => {
-                let given = (
-                    non_empty(&symmetric.primary_key),
-                    non_empty(&symmetric.secondary_key),
-                );
-                for key in [&given.0, &given.1].into_iter().flatten() {
-                    if !sas::valid_key(key) {
-                        return Err(ApiError::invalid(
-                            "Symmetric keys must be base64 encodings of 16 to 64 bytes",
-                        ));
-                    }
-                }
-                let kept = existing.filter(|d| d.auth_type == "sas");
-                primary_key = given
-                    .0
-                    .or_else(|| kept.and_then(|d| d.primary_key.clone()))
-                    .or_else(|| Some(sas::generate_key()));
-                secondary_key = given
-                    .1
-                    .or_else(|| kept.and_then(|d| d.secondary_key.clone()))
-                    .or_else(|| Some(sas::generate_key()));
+        match auth_type {
+            AuthType::Sas => {
+                let kept = existing.filter(|d| d.auth_type == AuthType::Sas);
+                (primary_key, secondary_key) = keys_of(changes, kept)?;
             }
-            "selfSigned" => {
-                primary_thumbprint = non_empty(&thumbprints.primary_thumbprint);
-                secondary_thumbprint = non_empty(&thumbprints.secondary_thumbprint);
-                for t in [&primary_thumbprint, &secondary_thumbprint]
-                    .into_iter()
-                    .flatten()
-                {
-                    if t.len() > 128 || !t.bytes().all(|b| b.is_ascii_hexdigit()) {
-                        return Err(ApiError::invalid("Thumbprints must be hexadecimal"));
-                    }
-                }
-                if primary_thumbprint.is_none() {
-                    return Err(ApiError::new(
-                        ErrorCode::ArgumentNull,
-                        "selfSigned authentication needs a primaryThumbprint",
-                    ));
-                }
+            AuthType::SelfSigned => {
+                (primary_thumbprint, secondary_thumbprint) = thumbprints_of(changes)?;
             }
-            _ => {}
+            AuthType::CertificateAuthority | AuthType::None => {}
         }
-        let iot_edge = input
-            .capabilities
-            .as_ref()
-            .map(|c| c.iot_edge)
-            .or(existing.map(|d| d.iot_edge))
-            .unwrap_or(false);
         Ok(DeviceFields {
             status,
-            status_reason: input
+            status_reason: changes
                 .status_reason
                 .clone()
                 .or_else(|| existing.and_then(|d| d.status_reason.clone())),
@@ -125,9 +74,53 @@ impl DeviceFields {
             secondary_key,
             primary_thumbprint,
             secondary_thumbprint,
-            iot_edge,
+            iot_edge: changes
+                .iot_edge
+                .or(existing.map(|d| d.iot_edge))
+                .unwrap_or(false),
         })
     }
+}
+
+type Pair = (Option<String>, Option<String>);
+
+/// SAS keys: the ones given, else the ones `kept` had, else new ones.
+fn keys_of(changes: &DeviceChanges, kept: Option<&DeviceRecord>) -> Result<Pair> {
+    let given = (
+        non_empty(&changes.primary_key),
+        non_empty(&changes.secondary_key),
+    );
+    for key in [&given.0, &given.1].into_iter().flatten() {
+        if !keys::valid_key(key) {
+            return Err(Error::Invalid(
+                "Symmetric keys must be base64 encodings of 16 to 64 bytes".into(),
+            ));
+        }
+    }
+    let primary = given
+        .0
+        .or_else(|| kept.and_then(|d| d.primary_key.clone()))
+        .unwrap_or_else(keys::generate_key);
+    let secondary = given
+        .1
+        .or_else(|| kept.and_then(|d| d.secondary_key.clone()))
+        .unwrap_or_else(keys::generate_key);
+    Ok((Some(primary), Some(secondary)))
+}
+
+/// X.509 thumbprints of a selfSigned device: hexadecimal, the primary one required.
+fn thumbprints_of(changes: &DeviceChanges) -> Result<Pair> {
+    let primary = non_empty(&changes.primary_thumbprint);
+    let secondary = non_empty(&changes.secondary_thumbprint);
+    for t in [&primary, &secondary].into_iter().flatten() {
+        if t.len() > 128 || !t.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(Error::Invalid("Thumbprints must be hexadecimal".into()));
+        }
+    }
+    if primary.is_none() {
+        return Err(Error::MissingThumbprint);
+    }
+    Ok((primary, secondary))
 }
 
 /// A generation id in IoT Hub's observed form: .NET ticks (100 ns since year 1) at creation.
@@ -142,25 +135,20 @@ fn new_generation_id() -> String {
 
 pub async fn create(
     db: &PgPool,
-    device_id: &str,
+    device_id: &DeviceId,
     fields: &DeviceFields,
-) -> ApiResult<DeviceRecord> {
+) -> Result<DeviceRecord> {
     let mut tx = db.begin().await?;
     let created = insert(&mut tx, device_id, fields).await?;
     tx.commit().await?;
-    created.ok_or_else(|| {
-        ApiError::new(
-            ErrorCode::DeviceAlreadyExists,
-            format!("A device with ID '{device_id}' is already registered"),
-        )
-    })
+    created.ok_or_else(|| Error::DeviceExists(device_id.clone()))
 }
 
 async fn insert(
     tx: &mut Transaction<'_, Postgres>,
-    device_id: &str,
+    device_id: &DeviceId,
     f: &DeviceFields,
-) -> ApiResult<Option<DeviceRecord>> {
+) -> Result<Option<DeviceRecord>> {
     // A random start for the etag counter: a device deleted and created again never repeats an old etag.
     let etag_start: i64 = rand::thread_rng().gen_range(1..1_000_000_000);
     let sql = format!(
@@ -171,12 +159,12 @@ async fn insert(
          RETURNING {COLUMNS}"
     );
     Ok(sqlx::query_as::<_, DeviceRecord>(&sql)
-        .bind(device_id)
+        .bind(device_id.as_str())
         .bind(new_generation_id())
         .bind(etag_start)
-        .bind(&f.status)
+        .bind(f.status)
         .bind(&f.status_reason)
-        .bind(&f.auth_type)
+        .bind(f.auth_type)
         .bind(&f.primary_key)
         .bind(&f.secondary_key)
         .bind(&f.primary_thumbprint)
@@ -186,51 +174,47 @@ async fn insert(
         .await?)
 }
 
-pub async fn get(db: &PgPool, device_id: &str) -> ApiResult<Option<DeviceRecord>> {
+pub async fn get(db: &PgPool, device_id: &DeviceId) -> Result<Option<DeviceRecord>> {
     let sql = format!("SELECT {COLUMNS} FROM devices WHERE device_id = $1");
     Ok(sqlx::query_as::<_, DeviceRecord>(&sql)
-        .bind(device_id)
+        .bind(device_id.as_str())
         .fetch_optional(db)
         .await?)
 }
 
 async fn lock(
     tx: &mut Transaction<'_, Postgres>,
-    device_id: &str,
-) -> ApiResult<Option<DeviceRecord>> {
+    device_id: &DeviceId,
+) -> Result<Option<DeviceRecord>> {
     let sql = format!("SELECT {COLUMNS} FROM devices WHERE device_id = $1 FOR UPDATE");
     Ok(sqlx::query_as::<_, DeviceRecord>(&sql)
-        .bind(device_id)
+        .bind(device_id.as_str())
         .fetch_optional(&mut **tx)
         .await?)
 }
 
-fn check_etag(device: &DeviceRecord, if_match: &IfMatch) -> ApiResult<()> {
-    match if_match.expected_version() {
-        Some(v) if v != device.etag_version => Err(ApiError::new(
-            ErrorCode::PreconditionFailed,
-            format!(
-                "The etag does not match device '{}' (it was changed since it was read)",
-                device.device_id
-            ),
-        )),
+/// `expected`: the etag version the caller read (`None`: any version will do).
+fn check_etag(device: &DeviceRecord, device_id: &DeviceId, expected: Option<i64>) -> Result<()> {
+    match expected {
+        Some(v) if v != device.etag_version => Err(Error::EtagMismatch(device_id.clone())),
         _ => Ok(()),
     }
 }
 
-/// Updates a device under its row lock: 404 when absent, 412 when `if_match` names another version.
+/// Updates a device under its row lock: not found when absent, an etag mismatch when `expected` names another
+/// version.
 pub async fn update(
     db: &PgPool,
-    device_id: &str,
-    if_match: &IfMatch,
-    input: &DeviceInput,
-) -> ApiResult<DeviceRecord> {
+    device_id: &DeviceId,
+    expected: Option<i64>,
+    changes: &DeviceChanges,
+) -> Result<DeviceRecord> {
     let mut tx = db.begin().await?;
     let current = lock(&mut tx, device_id)
         .await?
-        .ok_or_else(|| ApiError::device_not_found(device_id))?;
-    check_etag(&current, if_match)?;
-    let f = DeviceFields::resolve(input, Some(&current))?;
+        .ok_or_else(|| Error::DeviceNotFound(device_id.clone()))?;
+    check_etag(&current, device_id, expected)?;
+    let f = DeviceFields::resolve(changes, Some(&current))?;
     let updated = write(&mut tx, device_id, &f).await?;
     tx.commit().await?;
     Ok(updated)
@@ -238,9 +222,9 @@ pub async fn update(
 
 async fn write(
     tx: &mut Transaction<'_, Postgres>,
-    device_id: &str,
+    device_id: &DeviceId,
     f: &DeviceFields,
-) -> ApiResult<DeviceRecord> {
+) -> Result<DeviceRecord> {
     let sql = format!(
         "UPDATE devices SET
              status_updated_time = CASE WHEN status <> $2 THEN now() ELSE status_updated_time END,
@@ -251,10 +235,10 @@ async fn write(
          RETURNING {COLUMNS}"
     );
     Ok(sqlx::query_as::<_, DeviceRecord>(&sql)
-        .bind(device_id)
-        .bind(&f.status)
+        .bind(device_id.as_str())
+        .bind(f.status)
         .bind(&f.status_reason)
-        .bind(&f.auth_type)
+        .bind(f.auth_type)
         .bind(&f.primary_key)
         .bind(&f.secondary_key)
         .bind(&f.primary_thumbprint)
@@ -264,15 +248,16 @@ async fn write(
         .await?)
 }
 
-/// Deletes a device (and, through foreign keys, everything queued for it): 404 when absent, 412 on etag mismatch.
-pub async fn delete(db: &PgPool, device_id: &str, if_match: &IfMatch) -> ApiResult<()> {
+/// Deletes a device (and, through foreign keys, everything queued for it): not found when absent, an etag
+/// mismatch when `expected` names another version.
+pub async fn delete(db: &PgPool, device_id: &DeviceId, expected: Option<i64>) -> Result<()> {
     let mut tx = db.begin().await?;
     let current = lock(&mut tx, device_id)
         .await?
-        .ok_or_else(|| ApiError::device_not_found(device_id))?;
-    check_etag(&current, if_match)?;
+        .ok_or_else(|| Error::DeviceNotFound(device_id.clone()))?;
+    check_etag(&current, device_id, expected)?;
     sqlx::query("DELETE FROM devices WHERE device_id = $1")
-        .bind(device_id)
+        .bind(device_id.as_str())
         .execute(&mut *tx)
         .await?;
     tx.commit().await?;
@@ -280,7 +265,7 @@ pub async fn delete(db: &PgPool, device_id: &str, if_match: &IfMatch) -> ApiResu
 }
 
 /// One page of devices in id order, after `after`.
-pub async fn list(db: &PgPool, after: Option<&str>, limit: i64) -> ApiResult<Vec<DeviceRecord>> {
+pub async fn list(db: &PgPool, after: Option<&str>, limit: i64) -> Result<Vec<DeviceRecord>> {
     let sql = format!(
         "SELECT {COLUMNS} FROM devices WHERE ($1::text IS NULL OR device_id > $1)
          ORDER BY device_id LIMIT $2"
@@ -292,101 +277,101 @@ pub async fn list(db: &PgPool, after: Option<&str>, limit: i64) -> ApiResult<Vec
         .await?)
 }
 
-pub async fn statistics(db: &PgPool) -> ApiResult<(i64, i64, i64)> {
-    Ok(sqlx::query_as(
+pub async fn statistics(db: &PgPool) -> Result<Statistics> {
+    let (total, enabled, disabled) = sqlx::query_as(
         "SELECT count(*), count(*) FILTER (WHERE status = 'enabled'),
                 count(*) FILTER (WHERE status = 'disabled')
          FROM devices",
     )
     .fetch_one(db)
-    .await?)
+    .await?;
+    Ok(Statistics {
+        total,
+        enabled,
+        disabled,
+    })
 }
 
 /// What authenticating a device needs: its keys and status, and the database's clock.
 #[derive(sqlx::FromRow)]
 pub struct DeviceCredentials {
-    pub status: String,
+    pub status: Status,
     pub generation_id: String,
     pub primary_key: Option<String>,
     pub secondary_key: Option<String>,
     pub db_now: i64,
 }
 
-pub async fn credentials(db: &PgPool, device_id: &str) -> ApiResult<Option<DeviceCredentials>> {
-    Ok(sqlx::query_as::<_, DeviceCredentials>(
+/// The credentials of the device named `device_id`, if it exists (any text: an id that is not valid names none).
+pub async fn credentials(
+    db: &PgPool,
+    device_id: &str,
+) -> Result<Option<DeviceCredentials>, sqlx::Error> {
+    sqlx::query_as::<_, DeviceCredentials>(
         "SELECT status, generation_id, primary_key, secondary_key,
                 extract(epoch FROM now())::bigint AS db_now
          FROM devices WHERE device_id = $1",
     )
     .bind(device_id)
     .fetch_optional(db)
-    .await?)
+    .await
 }
 
+/// How one entry of a bulk request applies.
 pub enum BulkMode {
     Create,
     CreateOrUpdate,
     Update,
-    UpdateIfMatchEtag,
+    /// Update only the version the entry names (`None`: any version).
+    UpdateIfMatchEtag(Option<i64>),
     Delete,
-    DeleteIfMatchEtag,
-}
-
-impl BulkMode {
-    pub fn parse(mode: &str) -> Option<BulkMode> {
-        Some(match mode.to_ascii_lowercase().as_str() {
-            "create" => BulkMode::Create,
-            "createorupdate" => BulkMode::CreateOrUpdate,
-            "update" => BulkMode::Update,
-            "updateifmatchetag" => BulkMode::UpdateIfMatchEtag,
-            "delete" => BulkMode::Delete,
-            "deleteifmatchetag" => BulkMode::DeleteIfMatchEtag,
-            _ => return None,
-        })
-    }
+    /// Delete only the version the entry names (`None`: any version).
+    DeleteIfMatchEtag(Option<i64>),
 }
 
 /// Applies one bulk entry in its own transaction (IoT Hub applies entries independently).
 pub async fn apply_bulk(
     db: &PgPool,
-    device_id: &str,
+    device_id: &DeviceId,
     mode: &BulkMode,
-    etag: Option<&str>,
-    input: &DeviceInput,
-) -> ApiResult<()> {
-    let etag_match = || IfMatch::parse(etag.unwrap_or("\"\""));
+    changes: &DeviceChanges,
+) -> Result<()> {
     match mode {
         BulkMode::Create => {
-            create(db, device_id, &DeviceFields::resolve(input, None)?).await?;
+            create(db, device_id, &DeviceFields::resolve(changes, None)?).await?;
         }
         BulkMode::Update => {
-            update(db, device_id, &IfMatch::Any, input).await?;
+            update(db, device_id, None, changes).await?;
         }
-        BulkMode::UpdateIfMatchEtag => {
-            update(db, device_id, &etag_match(), input).await?;
+        BulkMode::UpdateIfMatchEtag(v) => {
+            update(db, device_id, *v, changes).await?;
         }
-        BulkMode::Delete => delete(db, device_id, &IfMatch::Any).await?,
-        BulkMode::DeleteIfMatchEtag => delete(db, device_id, &etag_match()).await?,
-        BulkMode::CreateOrUpdate => {
-            let mut tx = db.begin().await?;
-            match lock(&mut tx, device_id).await? {
-                Some(current) => {
-                    let f = DeviceFields::resolve(input, Some(&current))?;
-                    write(&mut tx, device_id, &f).await?;
-                }
-                None => {
-                    let f = DeviceFields::resolve(input, None)?;
-                    // Lost a race with a concurrent create: that device stands, ours reports a conflict.
-                    if insert(&mut tx, device_id, &f).await?.is_none() {
-                        return Err(ApiError::new(
-                            ErrorCode::DeviceAlreadyExists,
-                            format!("A device with ID '{device_id}' was created concurrently"),
-                        ));
-                    }
-                }
+        BulkMode::Delete => delete(db, device_id, None).await?,
+        BulkMode::DeleteIfMatchEtag(v) => delete(db, device_id, *v).await?,
+        BulkMode::CreateOrUpdate => create_or_update(db, device_id, changes).await?,
+    }
+    Ok(())
+}
+
+async fn create_or_update(
+    db: &PgPool,
+    device_id: &DeviceId,
+    changes: &DeviceChanges,
+) -> Result<()> {
+    let mut tx = db.begin().await?;
+    match lock(&mut tx, device_id).await? {
+        Some(current) => {
+            let f = DeviceFields::resolve(changes, Some(&current))?;
+            write(&mut tx, device_id, &f).await?;
+        }
+        None => {
+            let f = DeviceFields::resolve(changes, None)?;
+            // Lost a race with a concurrent create: that device stands, ours reports a conflict.
+            if insert(&mut tx, device_id, &f).await?.is_none() {
+                return Err(Error::CreatedConcurrently(device_id.clone()));
             }
-            tx.commit().await?;
         }
     }
+    tx.commit().await?;
     Ok(())
 }

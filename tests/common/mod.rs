@@ -9,7 +9,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use iothub::auth::sas;
-use iothub::client::API_VERSION;
+use iothub::cli::client::API_VERSION;
 use iothub::postgres::ManagedCluster;
 use iothub::{Config, Listeners};
 use reqwest::Method;

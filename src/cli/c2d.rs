@@ -4,8 +4,8 @@ use anyhow::{bail, Context};
 use clap::Subcommand;
 use reqwest::Method;
 
-use crate::client::HubClient;
-use crate::feedback::FeedbackRecord;
+use super::client::HubClient;
+use crate::http::routes::feedback::FeedbackRecord;
 
 #[derive(Subcommand)]
 pub enum C2dCommand {

@@ -18,15 +18,14 @@ use axum::http::HeaderMap;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use futures::stream::{self, Stream};
 
-use super::model::Event;
-use super::routes::{checked_group_name, group_missing, GroupPath};
-use super::store;
+use super::{Event, GroupPath};
+use crate::d2c::consumer_groups::{self, ConsumerGroupName};
+use crate::d2c::store;
 use crate::http::error::{ApiError, ApiResult, ErrorBody};
 use crate::http::extract::rights::ServiceConnect;
 use crate::http::extract::{Path, Service};
-use crate::http::ApiVersion;
+use crate::http::{ApiVersion, AppState};
 use crate::notify::{channel, Subscription};
-use crate::AppState;
 
 /// Events one read takes from one partition.
 const PAGE: i64 = 50;
@@ -155,7 +154,6 @@ pub struct SseMessage {
         (status = 200, description = "An endless `text/event-stream`: each event's `id` is the stream position \
             (e.g. `2:41,0:17,1:-1,3:8`), its `data` one event as JSON", content_type = "text/event-stream", body = SseMessage),
         (status = 400, description = "Invalid group name or Last-Event-ID (400004)", body = ErrorBody),
-        (status = 401, description = "Missing or insufficient token (401002)", body = ErrorBody),
         (status = 404, description = "No such group (404000)", body = ErrorBody),
     ),
     security(("sas" = ["ServiceConnect"])))]
@@ -165,10 +163,8 @@ pub async fn stream(
     Path(GroupPath { cg }): Path<GroupPath>,
     headers: HeaderMap,
 ) -> ApiResult<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>> {
-    let name = checked_group_name(&cg)?;
-    let group = store::get_group(&state.db, name)
-        .await?
-        .ok_or_else(|| group_missing(name))?;
+    let name: ConsumerGroupName = cg.parse()?;
+    let group = consumer_groups::get(&state.db, &name).await?;
     let partitions = state.d2c.partitions;
     let mut next: Vec<i64> = (0..partitions as i32)
         .map(|p| group.checkpoints.get(&p).map_or(0, |s| s + 1))

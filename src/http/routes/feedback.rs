@@ -1,25 +1,58 @@
-//! The service's feedback queue over HTTP (IoT Hub's REST calls, spec §5.4). Thin handlers over [`super::store`].
+//! The service's feedback queue over HTTP (IoT Hub's REST calls, spec §5.4): the record's wire form, and thin
+//! handlers over [`crate::feedback::store`].
 
 use axum::extract::{RawQuery, State};
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use serde::Deserialize;
-use tokio::time::Instant;
-use utoipa::IntoParams;
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
-use uuid::Uuid;
 
-use super::store::{self, Received};
-use super::{FeedbackRecord, CONTENT_TYPE};
-use crate::c2d::routes::{wait_param, WaitParam};
+use super::c2d::{wait, WaitParam};
+use crate::feedback::store::{self, Batch, Received};
+use crate::feedback::{self as core, Error};
 use crate::http::error::{ApiResult, ErrorBody};
 use crate::http::extract::rights::ServiceConnect;
 use crate::http::extract::{Path, Service};
+use crate::http::poll::{long_poll, Look};
 use crate::http::wire::format_time;
-use crate::http::ApiVersion;
+use crate::http::{ApiVersion, AppState};
+use crate::lock_token::LockToken;
 use crate::notify::channel;
-use crate::AppState;
+
+/// The media type of a feedback batch.
+pub const CONTENT_TYPE: &str = "application/vnd.microsoft.iothub.feedback.json";
+
+/// One feedback record, in IoT Hub's JSON form.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+#[schema(example = json!({"originalMessageId": "order-17", "enqueuedTimeUtc": "2026-11-29T10:00:02.125Z",
+    "statusCode": "Success", "description": "Success", "deviceId": "thermostat-1",
+    "deviceGenerationId": "639001234567890123"}))]
+pub struct FeedbackRecord {
+    pub original_message_id: String,
+    /// When the outcome happened.
+    pub enqueued_time_utc: String,
+    /// `Success`, `Expired`, `DeliveryCountExceeded`, `Rejected` or `Purged`.
+    pub status_code: String,
+    pub description: String,
+    pub device_id: String,
+    pub device_generation_id: String,
+}
+
+impl From<core::Record> for FeedbackRecord {
+    fn from(r: core::Record) -> FeedbackRecord {
+        FeedbackRecord {
+            original_message_id: r.original_message_id,
+            enqueued_time_utc: format_time(r.created_at),
+            status_code: r.status_code,
+            description: r.description,
+            device_id: r.device_id,
+            device_generation_id: r.device_generation_id,
+        }
+    }
+}
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
@@ -55,7 +88,6 @@ pub struct FeedbackLockPath {
             )),
         (status = 204, description = "No feedback waiting"),
         (status = 400, description = "Invalid wait-ms (400004)", body = ErrorBody),
-        (status = 401, description = "Missing, invalid or insufficient token (401002)", body = ErrorBody),
     ),
     security(("sas" = ["ServiceConnect"])))]
 async fn receive_feedback(
@@ -63,46 +95,43 @@ async fn receive_feedback(
     State(state): State<AppState>,
     RawQuery(query): RawQuery,
 ) -> ApiResult<Response> {
-    let wait = wait_param(query.as_deref(), state.config.request_timeout())?;
-    let deadline = wait.map(|w| Instant::now() + w);
-    let mut subscription = deadline.map(|_| state.notifier.subscribe(channel::FEEDBACK, ""));
-    let mut shutdown = state.shutdown.clone();
-    loop {
-        let retry_in = match store::receive(&state.db, &state.config.c2d, Uuid::new_v4()).await? {
-            Received::Batch(batch) => {
-                let mut response = axum::Json(&batch.records).into_response();
-                let headers = response.headers_mut();
-                let mut put = |name: &'static str, value: String| {
-                    if let Ok(v) = HeaderValue::from_str(&value) {
-                        headers.insert(name, v);
-                    }
-                };
-                put("content-type", CONTENT_TYPE.to_string());
-                put("etag", format!("\"{}\"", batch.lock_token));
-                put("iothub-enqueuedtime", format_time(batch.created_at));
-                put("iothub-deliverycount", batch.earlier_deliveries.to_string());
-                put("iothub-userid", state.config.hostname.clone());
-                return Ok(response);
-            }
-            Received::Empty { retry_in } => retry_in,
-        };
-        let (Some(deadline), Some(subscription)) = (deadline, subscription.as_mut()) else {
-            return Ok(StatusCode::NO_CONTENT.into_response());
-        };
-        let now = Instant::now();
-        if now >= deadline {
-            return Ok(StatusCode::NO_CONTENT.into_response());
+    let wait = wait(query.as_deref(), &state)?;
+    let (db, settings) = (&state.db, &state.config.feedback);
+    let batch = long_poll(&state, wait, channel::FEEDBACK, "", || async move {
+        Ok(
+            match store::receive(db, settings, LockToken::new()).await? {
+                Received::Batch(batch) => Look::Found(batch),
+                Received::Empty { retry_in } => Look::Empty { retry_in },
+            },
+        )
+    })
+    .await?;
+    Ok(match batch {
+        Some(batch) => batch_response(batch, &state.config.hostname),
+        None => StatusCode::NO_CONTENT.into_response(),
+    })
+}
+
+fn batch_response(batch: Batch, hostname: &str) -> Response {
+    let records: Vec<FeedbackRecord> = batch.records.into_iter().map(Into::into).collect();
+    let mut response = axum::Json(&records).into_response();
+    let headers = response.headers_mut();
+    let mut put = |name: &'static str, value: String| {
+        if let Ok(v) = HeaderValue::from_str(&value) {
+            headers.insert(name, v);
         }
-        let until = match retry_in {
-            Some(r) => deadline.min(now + r + std::time::Duration::from_millis(10)),
-            None => deadline,
-        };
-        tokio::select! {
-            _ = subscription.changed() => {}
-            _ = tokio::time::sleep_until(until) => {}
-            _ = shutdown.wait_for(|s| *s) => return Ok(StatusCode::NO_CONTENT.into_response()),
-        }
-    }
+    };
+    put("content-type", CONTENT_TYPE.to_string());
+    put("etag", format!("\"{}\"", batch.lock_token));
+    put("iothub-enqueuedtime", format_time(batch.created_at));
+    put("iothub-deliverycount", batch.earlier_deliveries.to_string());
+    put("iothub-userid", hostname.to_string());
+    response
+}
+
+/// A lock token from the path: one this hub could not have issued is a lock that is lost.
+fn lock_token(text: &str) -> Result<LockToken, Error> {
+    text.parse().map_err(|_| Error::LockLost)
 }
 
 /// Complete a feedback batch (IoT Hub's service call): its records are removed.
@@ -110,7 +139,6 @@ async fn receive_feedback(
     params(FeedbackLockPath, ApiVersion),
     responses(
         (status = 204, description = "Completed"),
-        (status = 401, description = "Missing, invalid or insufficient token (401002)", body = ErrorBody),
         (status = 412, description = "DeviceMessageLockLost (412002): the lock token is unknown, expired or already settled", body = ErrorBody),
     ),
     security(("sas" = ["ServiceConnect"])))]
@@ -119,7 +147,7 @@ async fn complete_feedback(
     State(state): State<AppState>,
     Path(FeedbackLockPath { lock_token }): Path<FeedbackLockPath>,
 ) -> ApiResult<StatusCode> {
-    store::complete(&state.db, &lock_token).await?;
+    store::complete(&state.db, self::lock_token(&lock_token)?).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -129,7 +157,6 @@ async fn complete_feedback(
     params(FeedbackLockPath, ApiVersion),
     responses(
         (status = 204, description = "Abandoned"),
-        (status = 401, description = "Missing, invalid or insufficient token (401002)", body = ErrorBody),
         (status = 412, description = "DeviceMessageLockLost (412002): the lock token is unknown, expired or already settled", body = ErrorBody),
     ),
     security(("sas" = ["ServiceConnect"])))]
@@ -138,6 +165,11 @@ async fn abandon_feedback(
     State(state): State<AppState>,
     Path(FeedbackLockPath { lock_token }): Path<FeedbackLockPath>,
 ) -> ApiResult<StatusCode> {
-    store::abandon(&state.db, &state.config.c2d, &lock_token).await?;
+    store::abandon(
+        &state.db,
+        &state.config.feedback,
+        self::lock_token(&lock_token)?,
+    )
+    .await?;
     Ok(StatusCode::NO_CONTENT)
 }

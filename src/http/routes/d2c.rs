@@ -1,29 +1,36 @@
-//! D2C over HTTP: the device's send (IoT Hub's wire format) and the service's read API (an extension).
+//! D2C over HTTP: the device's send (IoT Hub's wire format, one message or a batch) and the service's read API
+//! (an extension): partitions, consumer groups with checkpoints, and the live stream ([`stream`]).
+
+mod stream;
 
 use std::collections::BTreeMap;
-use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
+use base64::engine::general_purpose::STANDARD as BASE64;
+use base64::Engine;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use super::model::{self, Event, MAX_MESSAGE_SIZE};
-use super::store;
+use crate::auth::DeviceCaller;
+use crate::d2c::consumer_groups::{self, ConsumerGroupName};
+use crate::d2c::model::{NewEvent, Properties, StoredEvent, ENQUEUED_TIME, MAX_MESSAGE_SIZE};
+use crate::d2c::{store, Error};
 use crate::http::casing::RequestNames;
-use crate::http::error::{ApiError, ApiResult, ErrorBody, ErrorCode};
+use crate::http::error::{ApiError, ApiResult, ErrorBody};
 use crate::http::extract::rights::ServiceConnect;
 use crate::http::extract::{Device, Json, Path, Query, Service};
+use crate::http::params::{LongPoll, PageSize};
+use crate::http::poll::{long_poll, Look};
 use crate::http::wire::format_time;
-use crate::http::ApiVersion;
+use crate::http::{ApiVersion, AppState};
 use crate::notify::channel;
-use crate::AppState;
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
@@ -34,7 +41,7 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(get_group, put_group, delete_group))
         .routes(routes!(read_group_partition))
         .routes(routes!(put_checkpoint))
-        .routes(routes!(super::stream::stream))
+        .routes(routes!(stream::stream))
 }
 
 #[derive(Deserialize, IntoParams)]
@@ -57,7 +64,7 @@ pub struct DeviceIdPath {
         ("iothub-contenttype" = Option<String>, Header, description = "The message's content type (not the HTTP Content-Type)"),
         ("iothub-contentencoding" = Option<String>, Header, description = "The message's content encoding; \
             application properties travel as `iothub-app-<name>` headers")),
-    request_body(content = Vec<model::BatchItem>, description = "The raw message body, or a batch (JSON array) with `Content-Type: application/vnd.microsoft.iothub.json`",
+    request_body(content = Vec<BatchItem>, description = "The raw message body, or a batch (JSON array) with `Content-Type: application/vnd.microsoft.iothub.json`",
         example = json!([{"body": "eyJ0IjoyMS41fQ==", "properties": {"iothub-app-alert": "high"}}])),
     responses(
         (status = 204, description = "Durably committed"),
@@ -76,22 +83,176 @@ async fn send_events(
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<StatusCode> {
     let body = body?;
-    let events = if model::is_batch(&headers) {
-        model::parse_batch(&caller, &body)?
+    let events = if is_batch(&headers) {
+        parse_batch(&caller, &body)?
     } else {
         if body.len() > MAX_MESSAGE_SIZE {
             return Err(ApiError::too_large(MAX_MESSAGE_SIZE));
         }
-        vec![model::parse_single(
-            &caller,
-            &headers,
-            &names,
-            body.to_vec(),
-        )?]
+        vec![parse_single(&caller, &headers, &names, body.to_vec())?]
     };
-    let partition = state.d2c.partition_of(&caller.device_id);
+    let partition = state.d2c.partition_of(caller.device_id.as_str());
     state.d2c.ingest.submit(partition, events).await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// The batch content type (parameters ignored).
+pub const BATCH_CONTENT_TYPE: &str = "application/vnd.microsoft.iothub.json";
+
+/// Whether a request's `Content-Type` makes it a batch.
+pub fn is_batch(headers: &HeaderMap) -> bool {
+    headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case(BATCH_CONTENT_TYPE))
+}
+
+/// One message sent as the request body with its properties in headers.
+pub fn parse_single(
+    caller: &DeviceCaller,
+    headers: &HeaderMap,
+    names: &RequestNames,
+    body: Vec<u8>,
+) -> Result<NewEvent, Error> {
+    let mut sent = Properties::default();
+    let mut seen: Vec<&str> = Vec::new();
+    for (name, value) in headers {
+        // The client's spelling: application property names are case-sensitive.
+        let occurrence = seen.iter().filter(|n| **n == name.as_str()).count();
+        seen.push(name.as_str());
+        let name = names.original(name.as_str(), occurrence);
+        if !(name.starts_with("iothub-") || name == "dt-subject") {
+            continue;
+        }
+        let value = value
+            .to_str()
+            .map_err(|_| Error::InvalidMessage(format!("Header {name} is not ASCII")))?;
+        sent.add(name, value)?;
+    }
+    sent.stamp(caller, body)
+}
+
+/// One element of a batch (spec §3.2).
+#[derive(Debug, Deserialize, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BatchItem {
+    /// Base64 of the payload, or the payload as a string when `base64Encoded` is false.
+    pub body: String,
+    /// Default true.
+    #[serde(default)]
+    pub base64_encoded: Option<bool>,
+    /// `iothub-app-{name}` keys are application properties; system-property header names are honoured too.
+    #[serde(default)]
+    pub properties: Option<BTreeMap<String, String>>,
+}
+
+/// A batch: a JSON array of [`BatchItem`]; one message per element, in order.
+pub fn parse_batch(caller: &DeviceCaller, body: &[u8]) -> Result<Vec<NewEvent>, Error> {
+    let items: Vec<BatchItem> = serde_json::from_slice(body)
+        .map_err(|e| Error::InvalidMessage(format!("Malformed batch: {e}")))?;
+    if items.is_empty() {
+        return Err(Error::InvalidMessage(
+            "A batch holds at least one message".into(),
+        ));
+    }
+    let mut total = 0usize;
+    let mut events = Vec::with_capacity(items.len());
+    for (index, item) in items.into_iter().enumerate() {
+        let payload = if item.base64_encoded.unwrap_or(true) {
+            BASE64.decode(item.body.trim()).map_err(|_| {
+                Error::InvalidMessage(format!("Batch element {index}: body is not valid base64"))
+            })?
+        } else {
+            item.body.into_bytes()
+        };
+        let mut sent = Properties::default();
+        for (name, value) in item.properties.iter().flatten() {
+            sent.add(name, value)?;
+        }
+        total += sent.size(&payload);
+        let event = sent.stamp(caller, payload)?;
+        if total > MAX_MESSAGE_SIZE {
+            return Err(Error::BatchTooLarge {
+                limit: MAX_MESSAGE_SIZE,
+            });
+        }
+        events.push(event);
+    }
+    Ok(events)
+}
+
+/// An event as readers get it.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+#[schema(example = json!({
+    "partitionId": "2", "sequenceNumber": 41, "offset": "41", "enqueuedTimeUtc": "2026-11-29T10:00:00.123Z",
+    "deviceId": "thermostat-1",
+    "systemProperties": {"iothub-connection-device-id": "thermostat-1", "iothub-contenttype": "application/json",
+        "iothub-enqueuedtime": "2026-11-29T10:00:00.123Z", "iothub-message-source": "Telemetry"},
+    "properties": {"alert": "high"}, "contentType": "application/json",
+    "body": "eyJ0IjoyMS41fQ==", "bodyJson": {"t": 21.5}}))]
+pub struct Event {
+    pub partition_id: String,
+    pub sequence_number: i64,
+    /// Opaque, increasing; the sequence number as a string.
+    pub offset: String,
+    pub enqueued_time_utc: String,
+    pub device_id: String,
+    pub system_properties: BTreeMap<String, String>,
+    pub properties: BTreeMap<String, String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub content_type: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub content_encoding: Option<String>,
+    /// The body, base64.
+    pub body: String,
+    /// The body parsed, when the content type is JSON and it parses.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub body_json: Option<serde_json::Value>,
+    /// The body as text, when the content type is text (or JSON) and it is UTF-8.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub body_text: Option<String>,
+}
+
+impl From<StoredEvent> for Event {
+    fn from(e: StoredEvent) -> Event {
+        let enqueued = crate::http::wire::format_time(e.enqueued_at);
+        let mut system = e.system_properties;
+        system.insert(ENQUEUED_TIME.into(), enqueued.clone());
+        let content_type = system.get("iothub-contenttype").cloned();
+        let content_encoding = system.get("iothub-contentencoding").cloned();
+        let media = content_type
+            .as_deref()
+            .and_then(|c| c.split(';').next())
+            .map(|c| c.trim().to_ascii_lowercase())
+            .unwrap_or_default();
+        let is_json = media == "application/json" || media.ends_with("+json");
+        let is_text = media.starts_with("text/") || is_json;
+        let text = is_text
+            .then(|| String::from_utf8(e.body.clone()).ok())
+            .flatten();
+        let body_json = if is_json {
+            serde_json::from_slice(&e.body).ok()
+        } else {
+            None
+        };
+        Event {
+            partition_id: e.partition_id.to_string(),
+            sequence_number: e.seq,
+            offset: e.seq.to_string(),
+            enqueued_time_utc: enqueued,
+            device_id: e.device_id,
+            system_properties: system,
+            properties: e.properties,
+            content_type,
+            content_encoding,
+            body: BASE64.encode(&e.body),
+            body_json,
+            body_text: text,
+        }
+    }
 }
 
 /// One partition in [`EndpointInfo`].
@@ -125,14 +286,13 @@ pub struct EndpointInfo {
             "partitionCount": 4, "partitionIds": ["0", "1", "2", "3"], "retentionTimeInDays": 1,
             "maxConsumerGroups": 20, "partitions": [{"partitionId": "0", "firstSequenceNumber": 0,
             "lastSequenceNumber": 41, "lastEnqueuedTimeUtc": "2026-11-29T10:00:00.123Z"}]})),
-        (status = 401, description = "Missing or insufficient token (401002)", body = ErrorBody),
     ),
     security(("sas" = ["ServiceConnect"])))]
 async fn endpoint_info(
     _caller: Service<ServiceConnect>,
     State(state): State<AppState>,
 ) -> ApiResult<Json<EndpointInfo>> {
-    let partitions = store::partitions(&state.db).await?;
+    let partitions = store::partitions(&state.db).await.map_err(Error::from)?;
     Ok(Json(EndpointInfo {
         partition_count: state.d2c.partitions,
         partition_ids: (0..state.d2c.partitions).map(|p| p.to_string()).collect(),
@@ -185,12 +345,12 @@ enum Position {
 
 struct ReadOptions {
     from: Option<Position>,
-    max: i64,
-    wait: Duration,
+    max: PageSize,
+    wait: LongPoll,
 }
 
 impl ReadQuery {
-    fn parse(&self) -> ApiResult<ReadOptions> {
+    fn parse(&self, state: &AppState) -> ApiResult<ReadOptions> {
         let given = [
             self.from_sequence_number.is_some(),
             self.from_enqueued_time.is_some(),
@@ -220,26 +380,10 @@ impl ReadQuery {
         } else {
             None
         };
-        let max = match &self.max_count {
-            None => 100,
-            Some(s) => s
-                .parse::<i64>()
-                .ok()
-                .filter(|n| (1..=1000).contains(n))
-                .ok_or_else(|| ApiError::invalid("max-count must be 1 to 1000"))?,
-        };
-        let wait = match &self.wait_ms {
-            None => 0,
-            Some(s) => s
-                .parse::<u64>()
-                .ok()
-                .filter(|n| *n <= 30_000)
-                .ok_or_else(|| ApiError::invalid("wait-ms must be 0 to 30000"))?,
-        };
         Ok(ReadOptions {
             from,
-            max,
-            wait: Duration::from_millis(wait),
+            max: PageSize::parse("max-count", self.max_count.as_deref(), 100)?,
+            wait: LongPoll::parse(self.wait_ms.as_deref(), state.config.request_timeout())?,
         })
     }
 }
@@ -255,28 +399,23 @@ pub struct EventPage {
 }
 
 /// A partition id from the path: 400 when it is not a number, 404 when the hub has no such partition.
-pub fn checked_partition(state: &AppState, p: &str) -> ApiResult<u32> {
+pub fn partition(state: &AppState, p: &str) -> ApiResult<u32> {
     let n: u32 = p
         .parse()
         .map_err(|_| ApiError::invalid(format!("Partition id '{p}' is not a number")))?;
-    if n >= state.d2c.partitions {
-        return Err(ApiError::new(
-            ErrorCode::NotFound,
-            format!(
-                "No partition {n}: the hub has {} partitions",
-                state.d2c.partitions
-            ),
-        ));
-    }
-    Ok(n)
+    Ok(state.d2c.partition(n)?)
 }
 
 async fn resolve(state: &AppState, partition: u32, from: Position) -> ApiResult<i64> {
     Ok(match from {
         Position::Seq(n) => n,
         Position::Start => 0,
-        Position::End => store::next_seq(&state.db, partition).await?,
-        Position::Time(t) => store::seq_at_time(&state.db, partition, t).await?,
+        Position::End => store::next_seq(&state.db, partition)
+            .await
+            .map_err(Error::from)?,
+        Position::Time(t) => store::seq_at_time(&state.db, partition, t)
+            .await
+            .map_err(Error::from)?,
     })
 }
 
@@ -286,38 +425,29 @@ async fn read_page(
     state: &AppState,
     partition: u32,
     from: i64,
-    max: i64,
-    wait: Duration,
+    max: PageSize,
+    wait: LongPoll,
 ) -> ApiResult<EventPage> {
-    // The request timeout bounds every request; end the wait a little before it.
-    let wait = wait.min(
-        state
-            .config
-            .request_timeout()
-            .saturating_sub(Duration::from_secs(2)),
-    );
-    let deadline = tokio::time::Instant::now() + wait;
-    // Subscribed before the first look, so a commit between the look and the wait still wakes us.
-    let mut sub = state
-        .notifier
-        .subscribe(channel::D2C, &partition.to_string());
-    let mut shutdown = state.shutdown.clone();
-    loop {
-        let events = store::read(&state.db, partition, from, max).await?;
-        if !events.is_empty() || tokio::time::Instant::now() >= deadline || *shutdown.borrow() {
-            let next = events.last().map_or(from, |e| e.seq + 1);
-            return Ok(EventPage {
-                partition_id: partition.to_string(),
-                events: events.into_iter().map(Event::from).collect(),
-                next_sequence_number: next,
-            });
-        }
-        tokio::select! {
-            _ = sub.changed() => {}
-            _ = tokio::time::sleep_until(deadline) => {}
-            _ = shutdown.changed() => {}
-        }
-    }
+    let key = partition.to_string();
+    let db = &state.db;
+    let found = long_poll(state, wait, channel::D2C, &key, || async move {
+        let events = store::read(db, partition, from, max.0)
+            .await
+            .map_err(Error::from)?;
+        Ok(if events.is_empty() {
+            Look::Empty { retry_in: None }
+        } else {
+            Look::Found(events)
+        })
+    })
+    .await?
+    .unwrap_or_default();
+    let next = found.last().map_or(from, |e| e.seq + 1);
+    Ok(EventPage {
+        partition_id: key,
+        events: found.into_iter().map(Event::from).collect(),
+        next_sequence_number: next,
+    })
 }
 
 #[derive(Deserialize, IntoParams)]
@@ -333,7 +463,6 @@ pub struct PartitionPath {
     responses(
         (status = 200, description = "Events in sequence order and where to continue", body = EventPage),
         (status = 400, description = "Bad query value or partition id (400004)", body = ErrorBody),
-        (status = 401, description = "Missing or insufficient token (401002)", body = ErrorBody),
         (status = 404, description = "No such partition (404000)", body = ErrorBody),
     ),
     security(("sas" = ["ServiceConnect"])))]
@@ -343,8 +472,8 @@ async fn read_partition(
     Path(PartitionPath { p }): Path<PartitionPath>,
     Query(query): Query<ReadQuery>,
 ) -> ApiResult<Json<EventPage>> {
-    let partition = checked_partition(&state, &p)?;
-    let options = query.parse()?;
+    let partition = partition(&state, &p)?;
+    let options = query.parse(&state)?;
     let from = resolve(&state, partition, options.from.unwrap_or(Position::Start)).await?;
     Ok(Json(
         read_page(&state, partition, from, options.max, options.wait).await?,
@@ -364,8 +493,8 @@ pub struct ConsumerGroup {
     pub checkpoints: BTreeMap<String, i64>,
 }
 
-impl From<store::ConsumerGroup> for ConsumerGroup {
-    fn from(g: store::ConsumerGroup) -> Self {
+impl From<consumer_groups::ConsumerGroup> for ConsumerGroup {
+    fn from(g: consumer_groups::ConsumerGroup) -> Self {
         ConsumerGroup {
             name: g.name,
             created_time_utc: format_time(g.created_at),
@@ -376,31 +505,6 @@ impl From<store::ConsumerGroup> for ConsumerGroup {
                 .collect(),
         }
     }
-}
-
-pub const DEFAULT_GROUP: &str = "$Default";
-
-/// Consumer group names: `$Default`, or 1–50 letters, digits, `-`, `.`, `_`.
-pub fn valid_group_name(name: &str) -> bool {
-    name == DEFAULT_GROUP
-        || ((1..=50).contains(&name.len())
-            && name
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_')))
-}
-
-fn checked_group(name: &str) -> ApiResult<&str> {
-    if valid_group_name(name) {
-        Ok(name)
-    } else {
-        Err(ApiError::invalid(format!(
-            "Consumer group name '{name}' is invalid: 1-50 letters, digits, '-', '.', '_'"
-        )))
-    }
-}
-
-fn group_not_found(name: &str) -> ApiError {
-    ApiError::new(ErrorCode::NotFound, format!("No consumer group {name}"))
 }
 
 #[derive(Deserialize, IntoParams)]
@@ -425,14 +529,15 @@ pub struct GroupPartitionPath {
     responses(
         (status = 200, description = "The groups", body = Vec<ConsumerGroup>, example = json!([
             {"name": "$Default", "createdTimeUtc": "2026-11-29T10:00:00.000Z", "checkpoints": {"0": 41}}])),
-        (status = 401, description = "Missing or insufficient token (401002)", body = ErrorBody),
     ),
     security(("sas" = ["ServiceConnect"])))]
 async fn list_groups(
     _caller: Service<ServiceConnect>,
     State(state): State<AppState>,
 ) -> ApiResult<Json<Vec<ConsumerGroup>>> {
-    let groups = store::list_groups(&state.db).await?;
+    let groups = consumer_groups::list(&state.db)
+        .await
+        .map_err(Error::from)?;
     Ok(Json(groups.into_iter().map(ConsumerGroup::from).collect()))
 }
 
@@ -442,7 +547,6 @@ async fn list_groups(
     responses(
         (status = 200, description = "The group", body = ConsumerGroup),
         (status = 400, description = "Invalid name (400004)", body = ErrorBody),
-        (status = 401, description = "Missing or insufficient token (401002)", body = ErrorBody),
         (status = 404, description = "No such group (404000)", body = ErrorBody),
     ),
     security(("sas" = ["ServiceConnect"])))]
@@ -451,9 +555,7 @@ async fn get_group(
     State(state): State<AppState>,
     Path(GroupPath { cg }): Path<GroupPath>,
 ) -> ApiResult<Json<ConsumerGroup>> {
-    let group = store::get_group(&state.db, checked_group(&cg)?)
-        .await?
-        .ok_or_else(|| group_not_found(&cg))?;
+    let group = consumer_groups::get(&state.db, &cg.parse()?).await?;
     Ok(Json(group.into()))
 }
 
@@ -464,7 +566,6 @@ async fn get_group(
         (status = 201, description = "Created", body = ConsumerGroup),
         (status = 200, description = "It existed already", body = ConsumerGroup),
         (status = 400, description = "Invalid name (400004)", body = ErrorBody),
-        (status = 401, description = "Missing or insufficient token (401002)", body = ErrorBody),
         (status = 403, description = "The hub has as many groups as it allows (403002)", body = ErrorBody),
     ),
     security(("sas" = ["ServiceConnect"])))]
@@ -473,11 +574,9 @@ async fn put_group(
     State(state): State<AppState>,
     Path(GroupPath { cg }): Path<GroupPath>,
 ) -> ApiResult<Response> {
-    let name = checked_group(&cg)?;
-    let created = store::create_group(&state.db, name, state.d2c.max_consumer_groups).await?;
-    let group = store::get_group(&state.db, name)
-        .await?
-        .ok_or_else(|| group_not_found(name))?;
+    let name: ConsumerGroupName = cg.parse()?;
+    let created = consumer_groups::create(&state.db, &name, state.d2c.max_consumer_groups).await?;
+    let group = consumer_groups::get(&state.db, &name).await?;
     let status = if created {
         StatusCode::CREATED
     } else {
@@ -492,7 +591,6 @@ async fn put_group(
     responses(
         (status = 204, description = "Deleted"),
         (status = 400, description = "Invalid name, or `$Default` (400004)", body = ErrorBody),
-        (status = 401, description = "Missing or insufficient token (401002)", body = ErrorBody),
         (status = 404, description = "No such group (404000)", body = ErrorBody),
     ),
     security(("sas" = ["ServiceConnect"])))]
@@ -501,15 +599,8 @@ async fn delete_group(
     State(state): State<AppState>,
     Path(GroupPath { cg }): Path<GroupPath>,
 ) -> ApiResult<StatusCode> {
-    let name = checked_group(&cg)?;
-    if name == DEFAULT_GROUP {
-        return Err(ApiError::invalid("$Default always exists"));
-    }
-    if store::delete_group(&state.db, name).await? {
-        Ok(StatusCode::NO_CONTENT)
-    } else {
-        Err(group_not_found(name))
-    }
+    consumer_groups::delete(&state.db, &cg.parse()?).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 /// A checkpoint: the last sequence number the group has processed in a partition.
@@ -536,7 +627,6 @@ pub struct Checkpoint {
     responses(
         (status = 200, description = "Stored", body = Checkpoint),
         (status = 400, description = "Bad body, or not a committed sequence number (400004)", body = ErrorBody),
-        (status = 401, description = "Missing or insufficient token (401002)", body = ErrorBody),
         (status = 404, description = "No such group or partition (404000)", body = ErrorBody),
     ),
     security(("sas" = ["ServiceConnect"])))]
@@ -546,9 +636,9 @@ async fn put_checkpoint(
     Path(GroupPartitionPath { cg, p }): Path<GroupPartitionPath>,
     Json(input): Json<CheckpointInput>,
 ) -> ApiResult<Json<Checkpoint>> {
-    let name = checked_group(&cg)?;
-    let partition = checked_partition(&state, &p)?;
-    store::set_checkpoint(&state.db, name, partition, input.sequence_number).await?;
+    let name: ConsumerGroupName = cg.parse()?;
+    let partition = partition(&state, &p)?;
+    consumer_groups::set_checkpoint(&state.db, &name, partition, input.sequence_number).await?;
     Ok(Json(Checkpoint {
         consumer_group: name.to_string(),
         partition_id: partition.to_string(),
@@ -563,7 +653,6 @@ async fn put_checkpoint(
     responses(
         (status = 200, description = "Events in sequence order and where to continue", body = EventPage),
         (status = 400, description = "Bad query value, group name or partition id (400004)", body = ErrorBody),
-        (status = 401, description = "Missing or insufficient token (401002)", body = ErrorBody),
         (status = 404, description = "No such group or partition (404000)", body = ErrorBody),
     ),
     security(("sas" = ["ServiceConnect"])))]
@@ -573,16 +662,15 @@ async fn read_group_partition(
     Path(GroupPartitionPath { cg, p }): Path<GroupPartitionPath>,
     Query(query): Query<ReadQuery>,
 ) -> ApiResult<Json<EventPage>> {
-    let name = checked_group(&cg)?;
-    let partition = checked_partition(&state, &p)?;
-    let options = query.parse()?;
-    store::get_group(&state.db, name)
-        .await?
-        .ok_or_else(|| group_not_found(name))?;
+    let name: ConsumerGroupName = cg.parse()?;
+    let partition = partition(&state, &p)?;
+    let options = query.parse(&state)?;
+    consumer_groups::get(&state.db, &name).await?;
     let from = match options.from {
         Some(from) => resolve(&state, partition, from).await?,
-        None => store::checkpoint(&state.db, name, partition)
-            .await?
+        None => consumer_groups::checkpoint(&state.db, &name, partition)
+            .await
+            .map_err(Error::from)?
             .map_or(0, |s| s + 1),
     };
     Ok(Json(
@@ -590,26 +678,87 @@ async fn read_group_partition(
     ))
 }
 
-pub(super) fn group_missing(name: &str) -> ApiError {
-    group_not_found(name)
-}
-
-pub(super) fn checked_group_name(name: &str) -> ApiResult<&str> {
-    checked_group(name)
-}
-
 #[cfg(test)]
 mod tests {
-    use super::valid_group_name;
+    use super::*;
+    use crate::auth::DeviceCredential;
+    use crate::d2c::model::{CONNECTION_AUTH_METHOD, CONNECTION_DEVICE_ID};
+
+    fn caller() -> DeviceCaller {
+        DeviceCaller {
+            device_id: "dev-1".parse().unwrap(),
+            generation_id: "638000000000000000".into(),
+            credential: DeviceCredential::DeviceKey,
+        }
+    }
 
     #[test]
-    fn group_names() {
-        assert!(valid_group_name("$Default"));
-        assert!(valid_group_name("analytics-1.v2_x"));
-        assert!(valid_group_name(&"a".repeat(50)));
-        assert!(!valid_group_name(&"a".repeat(51)));
-        assert!(!valid_group_name(""));
-        assert!(!valid_group_name("$Other"));
-        assert!(!valid_group_name("a b"));
+    fn single_message_headers_are_filed_and_stamps_win() {
+        let mut headers = HeaderMap::new();
+        headers.insert("iothub-messageid", "m1".parse().unwrap());
+        headers.insert("iothub-contenttype", "application/json".parse().unwrap());
+        headers.insert("content-type", "application/octet-stream".parse().unwrap());
+        headers.insert("iothub-app-alert", "high".parse().unwrap());
+        headers.insert(
+            "iothub-connection-device-id",
+            "someone-else".parse().unwrap(),
+        );
+        headers.insert(
+            "iothub-to",
+            "/devices/dev-1/messages/events".parse().unwrap(),
+        );
+        headers.insert("dt-subject", "thermostat1".parse().unwrap());
+        let event = parse_single(
+            &caller(),
+            &headers,
+            &RequestNames::default(),
+            b"{}".to_vec(),
+        )
+        .unwrap();
+        assert_eq!(event.system_properties["iothub-messageid"], "m1");
+        assert_eq!(
+            event.system_properties["iothub-contenttype"],
+            "application/json"
+        );
+        assert_eq!(event.system_properties["dt-subject"], "thermostat1");
+        assert_eq!(event.system_properties[CONNECTION_DEVICE_ID], "dev-1");
+        assert!(!event.system_properties.contains_key("iothub-to"));
+        // hyper hands header names over in lower case.
+        assert_eq!(event.properties["alert"], "high");
+        let method: serde_json::Value =
+            serde_json::from_str(&event.system_properties[CONNECTION_AUTH_METHOD]).unwrap();
+        assert_eq!(method["scope"], "device");
+    }
+
+    #[test]
+    fn batch_elements_and_size_accounting() {
+        let body = serde_json::json!([
+            {"body": BASE64.encode("a"), "properties": {"iothub-app-Kind": "x", "iothub-messageid": "b1"}},
+            {"body": "plain", "base64Encoded": false}
+        ]);
+        let events = parse_batch(&caller(), body.to_string().as_bytes()).unwrap();
+        assert_eq!(events.len(), 2);
+        assert_eq!(events[0].body, b"a");
+        assert_eq!(events[0].properties["Kind"], "x");
+        assert_eq!(events[0].system_properties["iothub-messageid"], "b1");
+        assert_eq!(events[1].body, b"plain");
+
+        let bad_name = serde_json::json!([{"body": "", "properties": {"iothub-app-a b": "x"}}]);
+        assert!(parse_batch(&caller(), bad_name.to_string().as_bytes()).is_err());
+        assert!(parse_batch(&caller(), b"{not json").is_err());
+        assert!(parse_batch(&caller(), b"[{\"body\": \"***\"}]").is_err());
+
+        // Exactly at the limit: body + property name + value.
+        let exact = serde_json::json!([{"body": "x".repeat(MAX_MESSAGE_SIZE - 5), "base64Encoded": false,
+            "properties": {"iothub-app-k": "1234"}}]);
+        assert!(parse_batch(&caller(), exact.to_string().as_bytes()).is_ok());
+        let over = serde_json::json!([{"body": "x".repeat(MAX_MESSAGE_SIZE - 4), "base64Encoded": false,
+            "properties": {"iothub-app-k": "1234"}}]);
+        let error = parse_batch(&caller(), over.to_string().as_bytes()).unwrap_err();
+        // Over the limit, as one message or as the batch: 413 either way.
+        assert!(matches!(
+            error,
+            Error::TooLarge { .. } | Error::BatchTooLarge { .. }
+        ));
     }
 }

@@ -1,34 +1,32 @@
 //! C2D over HTTP: the service's enqueue, queue, status and purge calls (an extension, and IoT Hub's purge), and the
 //! device's receive and settlement calls, wire-compatible with IoT Hub (spec §4.4–4.6). Thin handlers over
-//! [`super::store`].
-
-use std::time::Duration;
+//! [`crate::c2d::store`].
 
 use axum::body::Bytes;
 use axum::extract::{RawQuery, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use serde::Deserialize;
-use tokio::time::Instant;
-use utoipa::IntoParams;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 use uuid::Uuid;
 
-use super::model::*;
-use super::store::{self, Received};
-use crate::auth::sas::encode_component;
-use crate::http::casing::ExactNames;
-use crate::http::casing::RequestNames;
+use crate::c2d::model::{self as core, Ack, Expiry, MessageRow, NewMessage, SequenceNumber};
+use crate::c2d::store::{self, Received};
+use crate::http::casing::{ExactNames, RequestNames};
 use crate::http::error::{ApiError, ApiResult, ErrorBody, ErrorCode};
 use crate::http::extract::rights::ServiceConnect;
 use crate::http::extract::{Device, Json, Path, Query, Service};
 use crate::http::normalize::{query_has, query_value};
+use crate::http::params::{self, LongPoll, PageSize};
+use crate::http::poll::{long_poll, Look};
 use crate::http::wire::{self, format_time};
-use crate::http::ApiVersion;
+use crate::http::{ApiVersion, AppState};
+use crate::lock_token::LockToken;
 use crate::notify::channel;
-use crate::registry::valid_device_id;
-use crate::AppState;
+use crate::registry::DeviceId;
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
@@ -85,12 +83,12 @@ pub struct WaitParam {
     pub wait_ms: Option<String>,
 }
 
-fn checked_id(id: &str) -> ApiResult<&str> {
-    if valid_device_id(id) {
-        Ok(id)
-    } else {
-        Err(ApiError::invalid(format!("Device id '{id}' is invalid")))
-    }
+/// The `wait-ms` of a raw query (its name in any case, as IoT Hub's other parameters).
+pub fn wait(query: Option<&str>, state: &AppState) -> ApiResult<LongPoll> {
+    LongPoll::parse(
+        query_value(query, "wait-ms").as_deref(),
+        state.config.request_timeout(),
+    )
 }
 
 fn header_text<'h>(headers: &'h HeaderMap, name: &str) -> ApiResult<Option<&'h str>> {
@@ -113,8 +111,9 @@ fn id_header(headers: &HeaderMap, name: &str) -> ApiResult<Option<String>> {
     }
 }
 
-/// Reads a message to enqueue from the request's `iothub-*` headers and body.
-pub fn parse_message(
+/// The HTTP codec's conversion of a message to enqueue: its `iothub-*` headers and body into the core's
+/// [`NewMessage`]. Every property is parsed here, once; sizes count as IoT Hub counts them (spec §7.3).
+pub fn new_message(
     headers: &HeaderMap,
     names: &RequestNames,
     body: Bytes,
@@ -122,29 +121,72 @@ pub fn parse_message(
 ) -> ApiResult<NewMessage> {
     let message_id =
         id_header(headers, "iothub-messageid")?.unwrap_or_else(|| Uuid::new_v4().to_string());
-    let correlation_id = id_header(headers, "iothub-correlationid")?;
-    let user_id = id_header(headers, "iothub-userid")?;
-    let ack_text = header_text(headers, "iothub-ack")?;
-    let ack = match ack_text {
-        None => Ack::None,
+    let message = NewMessage {
+        correlation_id: id_header(headers, "iothub-correlationid")?,
+        user_id: id_header(headers, "iothub-userid")?,
+        ack: ack(header_text(headers, "iothub-ack")?)?,
+        expiry: expiry(headers, max_ttl_secs)?,
+        content_type: header_text(headers, "iothub-contenttype")?.map(String::from),
+        content_encoding: header_text(headers, "iothub-contentencoding")?.map(String::from),
+        app_properties: app_properties(headers, names)?,
+        body: body.to_vec(),
+        message_id,
+    };
+    // What counts is what was sent: the header texts, not their parsed values.
+    let sent: usize = ["iothub-ack", "iothub-expiry", "iothub-ttl"]
+        .iter()
+        .filter_map(|name| headers.get(*name))
+        .map(|v| v.len())
+        .sum();
+    let size = message.body.len()
+        + sent
+        + [
+            Some(message.message_id.as_str()),
+            message.correlation_id.as_deref(),
+            message.user_id.as_deref(),
+            message.content_type.as_deref(),
+            message.content_encoding.as_deref(),
+        ]
+        .iter()
+        .flatten()
+        .map(|v| v.len())
+        .sum::<usize>()
+        + message
+            .app_properties
+            .iter()
+            .map(|(n, v)| n.len() + v.len())
+            .sum::<usize>();
+    if size > MAX_MESSAGE_SIZE {
+        return Err(ApiError::too_large(MAX_MESSAGE_SIZE));
+    }
+    Ok(message)
+}
+
+fn ack(text: Option<&str>) -> ApiResult<Ack> {
+    match text {
+        None => Ok(Ack::None),
         Some(a) => Ack::parse(a).ok_or_else(|| {
             ApiError::invalid(format!(
                 "iothub-ack must be none, positive, negative or full, not '{a}'"
             ))
-        })?,
-    };
-    let expiry_text = header_text(headers, "iothub-expiry")?;
-    let ttl_text = header_text(headers, "iothub-ttl")?;
-    let expiry = match (expiry_text, ttl_text) {
+        }),
+    }
+}
+
+/// `iothub-expiry` (an RFC 3339 time) or `iothub-ttl` (seconds, 1 up to `max_ttl_secs`), not both.
+fn expiry(headers: &HeaderMap, max_ttl_secs: u32) -> ApiResult<Expiry> {
+    let at = header_text(headers, "iothub-expiry")?;
+    let ttl = header_text(headers, "iothub-ttl")?;
+    Ok(match (at, ttl) {
         (Some(_), Some(_)) => {
             return Err(ApiError::invalid(
                 "Send iothub-expiry or iothub-ttl, not both",
             ))
         }
         (Some(at), None) => Expiry::At(
-            chrono::DateTime::parse_from_rfc3339(at.trim())
+            DateTime::parse_from_rfc3339(at.trim())
                 .map_err(|_| ApiError::invalid("iothub-expiry must be an RFC 3339 date and time"))?
-                .with_timezone(&chrono::Utc),
+                .with_timezone(&Utc),
         ),
         (None, Some(ttl)) => match ttl.trim().parse::<u32>() {
             Ok(0) | Err(_) => {
@@ -161,16 +203,18 @@ pub fn parse_message(
             Ok(secs) => Expiry::Ttl(secs.into()),
         },
         (None, None) => Expiry::Default,
-    };
-    let content_type = header_text(headers, "iothub-contenttype")?.map(String::from);
-    let content_encoding = header_text(headers, "iothub-contentencoding")?.map(String::from);
-    let mut app_properties: Vec<(String, String)> = Vec::new();
+    })
+}
+
+/// `iothub-app-{name}` headers in the order sent, each name in the client's spelling (names are case-sensitive,
+/// but two that differ only in case are one property given twice).
+fn app_properties(headers: &HeaderMap, names: &RequestNames) -> ApiResult<Vec<(String, String)>> {
+    let mut properties: Vec<(String, String)> = Vec::new();
     let mut seen: Vec<&str> = Vec::new();
     for (name, value) in headers {
         if !name.as_str().starts_with(APP_PREFIX) {
             continue;
         }
-        // The client's spelling: property names are case-sensitive.
         let occurrence = seen.iter().filter(|n| **n == name.as_str()).count();
         seen.push(name.as_str());
         let original = names.original(name.as_str(), occurrence);
@@ -181,7 +225,7 @@ pub fn parse_message(
                 "An application property needs a name after iothub-app-",
             ));
         }
-        if app_properties
+        if properties
             .iter()
             .any(|(n, _)| n.eq_ignore_ascii_case(property))
         {
@@ -194,41 +238,9 @@ pub fn parse_message(
                 "Application property '{property}' must be visible ASCII"
             ))
         })?;
-        app_properties.push((property.to_string(), value.to_string()));
+        properties.push((property.to_string(), value.to_string()));
     }
-    let size = body.len()
-        + [
-            Some(message_id.as_str()),
-            correlation_id.as_deref(),
-            user_id.as_deref(),
-            ack_text,
-            expiry_text,
-            ttl_text,
-            content_type.as_deref(),
-            content_encoding.as_deref(),
-        ]
-        .iter()
-        .flatten()
-        .map(|v| v.len())
-        .sum::<usize>()
-        + app_properties
-            .iter()
-            .map(|(n, v)| n.len() + v.len())
-            .sum::<usize>();
-    if size > MAX_MESSAGE_SIZE {
-        return Err(ApiError::too_large(MAX_MESSAGE_SIZE));
-    }
-    Ok(NewMessage {
-        message_id,
-        correlation_id,
-        user_id,
-        ack,
-        expiry,
-        content_type,
-        content_encoding,
-        app_properties,
-        body: body.to_vec(),
-    })
+    Ok(properties)
 }
 
 /// Enqueue a cloud-to-device message for a device (extension).
@@ -253,9 +265,7 @@ pub fn parse_message(
         (status = 201, description = "Enqueued", body = Enqueued,
             headers(("Location" = String, description = "The message's status: /devices/{id}/commands/{sequenceNumber}"))),
         (status = 400, description = "Invalid header: ack, ttl, expiry format, property (400004)", body = ErrorBody),
-        (status = 401, description = "Missing, invalid or insufficient token (401002)", body = ErrorBody),
         (status = 403, description = "DeviceMaximumQueueDepthExceeded (403004), or InvalidMessageExpiryTime (403009): expiry not in the future or beyond the maximum TTL", body = ErrorBody),
-        (status = 404, description = "DeviceNotFound (404001)", body = ErrorBody),
         (status = 413, description = "MessageTooLarge (413001): over 64 KB", body = ErrorBody),
     ),
     security(("sas" = ["ServiceConnect"])))]
@@ -267,15 +277,15 @@ async fn enqueue(
     names: RequestNames,
     body: Bytes,
 ) -> ApiResult<Response> {
-    let id = checked_id(&id)?;
-    let message = parse_message(&headers, &names, body, state.config.c2d.c2d_max_ttl_secs)?;
-    let enqueued = store::enqueue(&state.db, &state.config.c2d, id, &message).await?;
+    let id: DeviceId = id.parse()?;
+    let message = new_message(&headers, &names, body, state.config.c2d.max_ttl_secs)?;
+    let enqueued = store::enqueue(&state.db, &state.config.c2d, &id, &message).await?;
     let location = format!(
-        "/devices/{}/commands/{}",
-        encode_component(id),
-        enqueued.sequence_number
+        "{}/commands/{}",
+        wire::device_path(id.as_str()),
+        enqueued.seq
     );
-    let mut response = (StatusCode::CREATED, Json(enqueued)).into_response();
+    let mut response = (StatusCode::CREATED, Json(Enqueued::from(enqueued))).into_response();
     if let Ok(value) = HeaderValue::from_str(&location) {
         response.headers_mut().insert(http::header::LOCATION, value);
     }
@@ -293,8 +303,6 @@ pub struct QueueParams {
     pub continuation_token: Option<String>,
 }
 
-const CONTINUATION: &str = "x-ms-continuation";
-
 /// List a device's queue (extension): its live messages in delivery order, with state and delivery count.
 ///
 /// When more messages follow, the answer has an `x-ms-continuation` header; send it back as
@@ -305,8 +313,6 @@ const CONTINUATION: &str = "x-ms-continuation";
         (status = 200, description = "A page of the device's live messages", body = [MessageStatus],
             headers(("x-ms-continuation" = String, description = "Present when more messages follow"))),
         (status = 400, description = "Invalid top or continuation (400004)", body = ErrorBody),
-        (status = 401, description = "Missing, invalid or insufficient token (401002)", body = ErrorBody),
-        (status = 404, description = "DeviceNotFound (404001)", body = ErrorBody),
     ),
     security(("sas" = ["ServiceConnect"])))]
 async fn list_queue(
@@ -316,42 +322,22 @@ async fn list_queue(
     Query(params): Query<QueueParams>,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
-    let id = checked_id(&id)?;
-    let top = match params.top.as_deref() {
-        None => 100,
-        Some(t) => match t.parse::<i64>() {
-            Ok(n) if (1..=1000).contains(&n) => n,
-            _ => {
-                return Err(ApiError::invalid(
-                    "top must be a whole number from 1 to 1000",
-                ))
-            }
-        },
-    };
-    let token = params.continuation_token.or_else(|| {
-        headers
-            .get(CONTINUATION)
-            .and_then(|v| v.to_str().ok())
-            .map(String::from)
-    });
-    let after = match token.filter(|t| !t.is_empty()) {
+    let id: DeviceId = id.parse()?;
+    let top = PageSize::parse("top", params.top.as_deref(), 100)?;
+    let after = match params::continuation(params.continuation_token, &headers)? {
         None => 0,
-        Some(t) => wire::decode_continuation(&t)
-            .and_then(|s| s.parse::<i64>().ok())
-            .ok_or_else(|| ApiError::invalid("Invalid continuation token"))?,
+        Some(key) => key
+            .parse::<i64>()
+            .map_err(|_| ApiError::invalid("Invalid continuation token"))?,
     };
-    let mut page = store::list(&state.db, id, after, top + 1).await?;
-    let more = page.len() as i64 > top;
-    page.truncate(top as usize);
-    let next = page
-        .last()
-        .filter(|_| more)
-        .map(|m| wire::encode_continuation(&m.sequence_number.to_string()));
-    let mut response = Json(page).into_response();
-    if let Some(next) = next.and_then(|n| HeaderValue::from_str(&n).ok()) {
-        response.headers_mut().insert(CONTINUATION, next);
-    }
-    Ok(response)
+    let found = store::list(&state.db, &id, after, top.0 + 1).await?;
+    let statuses: Vec<MessageStatus> = found
+        .into_iter()
+        .map(|m| MessageStatus::new(&id, m))
+        .collect();
+    Ok(params::page(statuses, top, |m| {
+        m.sequence_number.to_string()
+    }))
 }
 
 /// Purge a device's queue (IoT Hub's call): every live message ends with outcome `Purged`.
@@ -360,8 +346,6 @@ async fn list_queue(
     responses(
         (status = 200, description = "Purged", body = PurgeResult),
         (status = 400, description = "Invalid device id (400004)", body = ErrorBody),
-        (status = 401, description = "Missing, invalid or insufficient token (401002)", body = ErrorBody),
-        (status = 404, description = "DeviceNotFound (404001)", body = ErrorBody),
     ),
     security(("sas" = ["ServiceConnect"])))]
 async fn purge(
@@ -369,8 +353,13 @@ async fn purge(
     State(state): State<AppState>,
     Path(DevicePath { id }): Path<DevicePath>,
 ) -> ApiResult<Json<PurgeResult>> {
-    let id = checked_id(&id)?;
-    Ok(Json(store::purge(&state.db, &state.config.c2d, id).await?))
+    let id: DeviceId = id.parse()?;
+    let purged = store::purge(&state.db, &state.config.feedback, &id).await?;
+    Ok(Json(PurgeResult {
+        total_messages_purged: purged,
+        device_id: id.to_string(),
+        module_id: None,
+    }))
 }
 
 /// One message's state and outcome (extension); ended messages stay readable for the feedback TTL.
@@ -379,7 +368,6 @@ async fn purge(
     responses(
         (status = 200, description = "The message's status", body = MessageStatus),
         (status = 400, description = "Invalid device id or sequence number (400004)", body = ErrorBody),
-        (status = 401, description = "Missing, invalid or insufficient token (401002)", body = ErrorBody),
         (status = 404, description = "DeviceNotFound (404001), or no such message (404000)", body = ErrorBody),
     ),
     security(("sas" = ["ServiceConnect"])))]
@@ -391,29 +379,10 @@ async fn message_status(
         sequence_number,
     }): Path<MessagePath>,
 ) -> ApiResult<Json<MessageStatus>> {
-    let id = checked_id(&id)?;
-    let seq = sequence_number
-        .parse::<i64>()
-        .ok()
-        .filter(|s| *s >= 1)
-        .ok_or_else(|| {
-            ApiError::invalid("The sequence number must be a whole number, at least 1")
-        })?;
-    Ok(Json(store::status(&state.db, id, seq).await?))
-}
-
-/// The long-poll wait a request asks for; bounded by the request timeout so the answer always beats it.
-pub fn wait_param(query: Option<&str>, request_timeout: Duration) -> ApiResult<Option<Duration>> {
-    let Some(text) = query_value(query, "wait-ms") else {
-        return Ok(None);
-    };
-    let ms = text
-        .parse::<u64>()
-        .ok()
-        .filter(|ms| *ms <= super::MAX_WAIT_MS)
-        .ok_or_else(|| ApiError::invalid("wait-ms must be a whole number from 0 to 30000"))?;
-    let ceiling = request_timeout.saturating_sub(Duration::from_millis(500));
-    Ok(Some(Duration::from_millis(ms).min(ceiling)))
+    let id: DeviceId = id.parse()?;
+    let seq: SequenceNumber = sequence_number.parse()?;
+    let status = store::status(&state.db, &id, seq).await?;
+    Ok(Json(MessageStatus::new(&id, status)))
 }
 
 /// Receive the next C2D message (IoT Hub's device call), locked for this device until completed, rejected,
@@ -450,44 +419,31 @@ async fn receive(
     State(state): State<AppState>,
     RawQuery(query): RawQuery,
 ) -> ApiResult<Response> {
-    let wait = wait_param(query.as_deref(), state.config.request_timeout())?;
-    let device_id = caller.device_id;
-    let deadline = wait.map(|w| Instant::now() + w);
-    // Subscribe before looking, so an enqueue committed between the look and the wait still wakes us.
-    let mut subscription = deadline.map(|_| state.notifier.subscribe(channel::C2D, &device_id));
-    let mut shutdown = state.shutdown.clone();
-    loop {
-        let received = store::receive(
-            &state.db,
-            &state.config.c2d,
-            &device_id,
-            Uuid::new_v4(),
-            deadline.is_some(),
+    let wait = wait(query.as_deref(), &state)?;
+    let device = &caller.device_id;
+    let config = &state.config;
+    let db = &state.db;
+    let received = long_poll(&state, wait, channel::C2D, device.as_str(), || async move {
+        let found = store::receive(
+            db,
+            &config.c2d,
+            &config.feedback,
+            device,
+            LockToken::new(),
+            wait.waits(),
         )
         .await?;
-        let retry_in = match received {
-            Received::Message(row) => return Ok(delivery(&device_id, *row)),
-            Received::Empty { retry_in } => retry_in,
-        };
-        let (Some(deadline), Some(subscription)) = (deadline, subscription.as_mut()) else {
-            return Ok(StatusCode::NO_CONTENT.into_response());
-        };
-        let now = Instant::now();
-        if now >= deadline {
-            return Ok(StatusCode::NO_CONTENT.into_response());
-        }
-        // A locked message becomes receivable again when its lock runs out: look again then (the database said
-        // when), besides whenever an enqueue or abandon for this device commits.
-        let until = match retry_in {
-            Some(r) => deadline.min(now + r + Duration::from_millis(10)),
-            None => deadline,
-        };
-        tokio::select! {
-            _ = subscription.changed() => {}
-            _ = tokio::time::sleep_until(until) => {}
-            _ = shutdown.wait_for(|s| *s) => return Ok(StatusCode::NO_CONTENT.into_response()),
-        }
-    }
+        Ok(match found {
+            Received::Message(row) => Look::Found(row),
+            // A locked message becomes receivable again when its lock runs out: look again then.
+            Received::Empty { retry_in } => Look::Empty { retry_in },
+        })
+    })
+    .await?;
+    Ok(match received {
+        Some(row) => delivery(device.as_str(), *row),
+        None => StatusCode::NO_CONTENT.into_response(),
+    })
 }
 
 /// A received message in IoT Hub's wire form.
@@ -515,7 +471,7 @@ fn delivery(device_id: &str, row: MessageRow) -> Response {
         "iothub-to",
         &format!("/devices/{device_id}/messages/devicebound"),
     );
-    put("iothub-ack", &row.ack);
+    put("iothub-ack", row.ack.as_str());
     put(
         "iothub-expiry",
         &row.expiry_explicit.map(format_time).unwrap_or_default(),
@@ -541,8 +497,9 @@ fn delivery(device_id: &str, row: MessageRow) -> Response {
     response
 }
 
-fn lock_token(text: &str) -> Option<Uuid> {
-    Uuid::parse_str(text.trim().trim_matches('"')).ok()
+/// A lock token from the path: one this hub could not have issued is a lock that is lost.
+fn lock_token(text: &str) -> Result<LockToken, crate::c2d::Error> {
+    text.parse().map_err(|_| crate::c2d::Error::LockLost)
 }
 
 /// Complete a received message (IoT Hub's device call), or reject it with `?reject` (with or without a value).
@@ -568,9 +525,9 @@ async fn complete(
     let reject = query_has(query.as_deref(), "reject");
     store::settle(
         &state.db,
-        &state.config.c2d,
+        &state.config.feedback,
         &caller.device_id,
-        lock_token(&token),
+        lock_token(&token)?,
         reject,
     )
     .await?;
@@ -597,9 +554,95 @@ async fn abandon(
     store::abandon(
         &state.db,
         &state.config.c2d,
+        &state.config.feedback,
         &caller.device_id,
-        lock_token(&token),
+        lock_token(&token)?,
     )
     .await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// What `POST /devices/{id}/commands` answers.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+#[schema(example = json!({"messageId": "5f0d3c1e-7b9a-4c2e-9f3a-2a1b0c9d8e7f", "sequenceNumber": 1,
+    "enqueuedTimeUtc": "2026-11-29T10:00:00.000Z", "expiryTimeUtc": "2026-11-29T11:00:00.000Z"}))]
+pub struct Enqueued {
+    pub message_id: String,
+    pub sequence_number: i64,
+    pub enqueued_time_utc: String,
+    pub expiry_time_utc: String,
+}
+
+impl From<core::Enqueued> for Enqueued {
+    fn from(e: core::Enqueued) -> Enqueued {
+        Enqueued {
+            message_id: e.message_id,
+            sequence_number: e.seq,
+            enqueued_time_utc: format_time(e.enqueued_at),
+            expiry_time_utc: format_time(e.expires_at),
+        }
+    }
+}
+
+/// A message's state and outcome, as the service API shows it.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+#[schema(example = json!({"deviceId": "thermostat-1", "sequenceNumber": 3, "messageId": "order-17",
+    "correlationId": null, "userId": null, "ack": "full", "state": "Completed", "deliveryCount": 1,
+    "enqueuedTimeUtc": "2026-11-29T10:00:00.000Z", "expiryTimeUtc": "2026-11-29T11:00:00.000Z",
+    "lockedUntilUtc": null, "outcome": "Success", "outcomeTimeUtc": "2026-11-29T10:00:02.125Z", "size": 12}))]
+pub struct MessageStatus {
+    pub device_id: String,
+    pub sequence_number: i64,
+    pub message_id: String,
+    pub correlation_id: Option<String>,
+    pub user_id: Option<String>,
+    /// `none`, `positive`, `negative` or `full`.
+    pub ack: String,
+    /// `Enqueued`, `Invisible` (locked by a receive), `Completed`, `DeadLettered` or `Purged`.
+    pub state: String,
+    /// Deliveries so far (each receive counts, also when its lock ran out).
+    pub delivery_count: i32,
+    pub enqueued_time_utc: String,
+    pub expiry_time_utc: String,
+    /// While `Invisible`: when the lock runs out.
+    pub locked_until_utc: Option<String>,
+    /// Once ended: `Success`, `Rejected`, `Expired`, `DeliveryCountExceeded` or `Purged`.
+    pub outcome: Option<String>,
+    pub outcome_time_utc: Option<String>,
+    /// Body bytes.
+    pub size: usize,
+}
+
+impl MessageStatus {
+    fn new(device_id: &DeviceId, status: core::MessageStatus) -> MessageStatus {
+        let row = status.row;
+        MessageStatus {
+            device_id: device_id.to_string(),
+            sequence_number: row.seq,
+            message_id: row.message_id,
+            correlation_id: row.correlation_id,
+            user_id: row.user_id,
+            ack: row.ack.to_string(),
+            state: status.state.name().to_string(),
+            delivery_count: row.delivery_count,
+            enqueued_time_utc: format_time(row.enqueued_at),
+            expiry_time_utc: format_time(row.expires_at),
+            locked_until_utc: status.locked_until.map(format_time),
+            outcome: row.outcome.map(|o| o.to_string()),
+            outcome_time_utc: row.outcome_at.map(format_time),
+            size: row.body.len(),
+        }
+    }
+}
+
+/// IoT Hub's purge answer (spec §4.6).
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+#[schema(example = json!({"totalMessagesPurged": 3, "deviceId": "thermostat-1", "moduleId": null}))]
+pub struct PurgeResult {
+    pub total_messages_purged: i64,
+    pub device_id: String,
+    pub module_id: Option<String>,
 }

@@ -9,8 +9,8 @@ use axum::Router;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use super::error::{ApiError, ErrorBody, ErrorCode};
-use crate::AppState;
+use crate::http::error::{ApiError, ErrorBody, ErrorCode};
+use crate::http::AppState;
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
@@ -61,7 +61,7 @@ async fn metrics_text(State(state): State<AppState>) -> Response {
     (
         StatusCode::OK,
         [(http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        super::metrics::render(&state.db),
+        crate::http::metrics::render(&state.db),
     )
         .into_response()
 }

@@ -6,7 +6,7 @@ use anyhow::{bail, Context};
 use clap::Args;
 use serde_json::{json, Value};
 
-use crate::client::{ConnectionString, API_VERSION};
+use super::client::{ConnectionString, API_VERSION};
 
 #[derive(Args, Debug, Clone)]
 pub struct MonitorArgs {
@@ -65,10 +65,7 @@ pub async fn send(base: &str, credentials: ConnectionString, args: SendArgs) -> 
         .clone()
         .context("sending needs a device's connection string")?;
     let http = reqwest::Client::new();
-    let path = format!(
-        "/devices/{}/messages/events",
-        crate::auth::sas::encode_component(&id)
-    );
+    let path = format!("{}/messages/events", crate::http::wire::device_path(&id));
     for n in 0..args.count {
         let mut request = http
             .post(url(base, &path))
@@ -127,6 +124,51 @@ pub fn render(event: &Value, with_properties: bool) -> Value {
     json!({"event": out})
 }
 
+/// Every partition's last sequence number, in the stream's `Last-Event-ID` form: a stream from there starts at the
+/// end.
+async fn end_position(
+    http: &reqwest::Client,
+    base: &str,
+    credentials: &ConnectionString,
+) -> anyhow::Result<String> {
+    let info: Value = http
+        .get(url(base, "/messages/events"))
+        .header("Authorization", credentials.token(3600)?)
+        .send()
+        .await
+        .with_context(|| format!("cannot reach the hub at {base}"))?
+        .error_for_status()?
+        .json()
+        .await?;
+    let positions: Vec<String> = info["partitions"]
+        .as_array()
+        .context("unexpected endpoint answer")?
+        .iter()
+        .map(|p| {
+            format!(
+                "{}:{}",
+                p["partitionId"].as_str().unwrap_or("0"),
+                p["lastSequenceNumber"].as_i64().unwrap_or(-1)
+            )
+        })
+        .collect();
+    Ok(positions.join(","))
+}
+
+/// One Server-Sent Events frame: its id (when it has one) and its data parsed as JSON (when it parses).
+fn parse_frame(frame: &str) -> (Option<String>, Option<Value>) {
+    let mut id = None;
+    let mut data = None;
+    for line in frame.lines() {
+        if let Some(i) = line.strip_prefix("id:") {
+            id = Some(i.trim().to_string());
+        } else if let Some(d) = line.strip_prefix("data:") {
+            data = serde_json::from_str::<Value>(d.trim()).ok();
+        }
+    }
+    (id, data)
+}
+
 /// Prints events from the consumer group's Server-Sent Events stream until interrupted (or `count` events).
 pub async fn monitor(
     base: &str,
@@ -134,42 +176,18 @@ pub async fn monitor(
     args: MonitorArgs,
 ) -> anyhow::Result<()> {
     let http = reqwest::Client::new();
-    let mut last_event_id: Option<String> = None;
-    if !args.from_checkpoint {
-        // Start at the end: every partition's last sequence number, in the stream's Last-Event-ID form.
-        let info: Value = http
-            .get(url(base, "/messages/events"))
-            .header("Authorization", credentials.token(3600)?)
-            .send()
-            .await
-            .with_context(|| format!("cannot reach the hub at {base}"))?
-            .error_for_status()?
-            .json()
-            .await?;
-        let positions: Vec<String> = info["partitions"]
-            .as_array()
-            .context("unexpected endpoint answer")?
-            .iter()
-            .map(|p| {
-                format!(
-                    "{}:{}",
-                    p["partitionId"].as_str().unwrap_or("0"),
-                    p["lastSequenceNumber"].as_i64().unwrap_or(-1)
-                )
-            })
-            .collect();
-        last_event_id = Some(positions.join(","));
-    }
+    let mut last_event_id = match args.from_checkpoint {
+        true => None,
+        false => Some(end_position(&http, base, &credentials).await?),
+    };
     eprintln!("Starting event monitor, use ctrl-c to stop...");
     let mut printed = 0u64;
+    let group = crate::auth::sas::encode_component(&args.consumer_group);
+    let path = format!("/messages/events/consumerGroups/{group}/stream");
     // Reconnects with the last id seen when the connection drops (e.g. the hub restarts).
     loop {
-        let group = crate::auth::sas::encode_component(&args.consumer_group);
         let mut request = http
-            .get(url(
-                base,
-                &format!("/messages/events/consumerGroups/{group}/stream"),
-            ))
+            .get(url(base, &path))
             .header("Authorization", credentials.token(3600)?);
         if let Some(id) = &last_event_id {
             request = request.header("Last-Event-ID", id.as_str());
@@ -188,17 +206,9 @@ pub async fn monitor(
             buffer.push_str(&String::from_utf8_lossy(&chunk));
             while let Some(end) = buffer.find("\n\n") {
                 let frame: String = buffer.drain(..end + 2).collect();
-                let mut data = None;
-                for line in frame.lines() {
-                    if let Some(id) = line.strip_prefix("id:") {
-                        last_event_id = Some(id.trim().to_string());
-                    } else if let Some(d) = line.strip_prefix("data:") {
-                        data = Some(d.trim().to_string());
-                    }
-                }
-                let Some(event) = data.and_then(|d| serde_json::from_str::<Value>(&d).ok()) else {
-                    continue;
-                };
+                let (id, event) = parse_frame(&frame);
+                last_event_id = id.or(last_event_id);
+                let Some(event) = event else { continue };
                 if args
                     .device
                     .as_ref()

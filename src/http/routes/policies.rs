@@ -10,13 +10,13 @@ use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use super::policies::{self, Policy};
-use super::{sas, PolicyCaller, Rights};
+use crate::auth::policies::{self, Policy};
+use crate::auth::{PolicyCaller, Rights};
 use crate::http::error::{ApiError, ApiResult, ErrorBody};
 use crate::http::extract::rights::RegistryWrite;
 use crate::http::extract::{Json, Path, Service};
-use crate::http::ApiVersion;
-use crate::AppState;
+use crate::http::{ApiVersion, AppState};
+use crate::keys;
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
@@ -64,7 +64,6 @@ pub struct PolicyNamePath {
     params(ApiVersion),
     responses(
         (status = 200, description = "The policies", body = [PolicyView]),
-        (status = 401, description = "Missing, invalid or insufficient token (401002)", body = ErrorBody),
     ),
     security(("sas" = ["RegistryWrite"])))]
 async fn list_policies(
@@ -101,14 +100,13 @@ fn checked_name(name: &str) -> ApiResult<&str> {
     }
 }
 
-fn forbid_escalation(caller: &PolicyCaller, rights: Rights) -> ApiResult<()> {
-    if caller.rights.covers(rights) {
-        Ok(())
-    } else {
-        Err(ApiError::unauthorized(
-            "A policy can only manage policies whose rights it holds itself",
-        ))
-    }
+/// The policy named `name`, when the caller may manage it.
+async fn managed(state: &AppState, caller: &PolicyCaller, name: &str) -> ApiResult<Policy> {
+    let existing = policies::get(&state.db, name)
+        .await?
+        .ok_or_else(|| crate::auth::Error::PolicyNotFound(name.to_string()))?;
+    caller.may_manage(existing.rights)?;
+    Ok(existing)
 }
 
 /// Create a policy, or change an existing one's rights (and keys, when given).
@@ -118,7 +116,6 @@ fn forbid_escalation(caller: &PolicyCaller, rights: Rights) -> ApiResult<()> {
     responses(
         (status = 200, description = "The policy", body = PolicyView),
         (status = 400, description = "Invalid name, rights or key (400004)", body = ErrorBody),
-        (status = 401, description = "Missing, invalid or insufficient token (401002)", body = ErrorBody),
     ),
     security(("sas" = ["RegistryWrite"])))]
 async fn put_policy(
@@ -137,16 +134,16 @@ async fn put_policy(
         .into_iter()
         .flatten()
     {
-        if !sas::valid_key(key) {
+        if !keys::valid_key(key) {
             return Err(ApiError::invalid(
                 "Keys must be base64 encodings of 16 to 64 bytes",
             ));
         }
     }
-    forbid_escalation(&caller.caller, rights)?;
+    caller.caller.may_manage(rights)?;
     let policy = match policies::get(&state.db, name).await? {
         Some(existing) => {
-            forbid_escalation(&caller.caller, existing.rights)?;
+            caller.caller.may_manage(existing.rights)?;
             policies::update(
                 &state.db,
                 name,
@@ -162,8 +159,8 @@ async fn put_policy(
                 &Policy {
                     name: name.to_string(),
                     rights,
-                    primary_key: input.primary_key.unwrap_or_else(sas::generate_key),
-                    secondary_key: input.secondary_key.unwrap_or_else(sas::generate_key),
+                    primary_key: input.primary_key.unwrap_or_else(keys::generate_key),
+                    secondary_key: input.secondary_key.unwrap_or_else(keys::generate_key),
                 },
             )
             .await?
@@ -179,7 +176,6 @@ async fn put_policy(
     responses(
         (status = 204, description = "Deleted"),
         (status = 400, description = "It is the last policy with RegistryWrite (400004)", body = ErrorBody),
-        (status = 401, description = "Missing, invalid or insufficient token (401002)", body = ErrorBody),
         (status = 404, description = "No such policy", body = ErrorBody),
     ),
     security(("sas" = ["RegistryWrite"])))]
@@ -188,10 +184,7 @@ async fn delete_policy(
     State(state): State<AppState>,
     Path(PolicyNamePath { name }): Path<PolicyNamePath>,
 ) -> ApiResult<StatusCode> {
-    let existing = policies::get(&state.db, &name)
-        .await?
-        .ok_or_else(|| policies::not_found(&name))?;
-    forbid_escalation(&caller.caller, existing.rights)?;
+    managed(&state, &caller.caller, &name).await?;
     policies::delete(&state.db, &name).await?;
     state.credentials.forget_policy(&name);
     Ok(StatusCode::NO_CONTENT)
@@ -212,7 +205,6 @@ pub struct RegenerateKey {
     responses(
         (status = 200, description = "The policy with its new key", body = PolicyView),
         (status = 400, description = "Unknown key choice (400004)", body = ErrorBody),
-        (status = 401, description = "Missing, invalid or insufficient token (401002)", body = ErrorBody),
         (status = 404, description = "No such policy", body = ErrorBody),
     ),
     security(("sas" = ["RegistryWrite"])))]
@@ -223,15 +215,12 @@ async fn regenerate_key(
     Json(input): Json<RegenerateKey>,
 ) -> ApiResult<Json<PolicyView>> {
     let (primary, secondary) = match input.key.to_ascii_lowercase().as_str() {
-        "primary" => (Some(sas::generate_key()), None),
-        "secondary" => (None, Some(sas::generate_key())),
-        "both" => (Some(sas::generate_key()), Some(sas::generate_key())),
+        "primary" => (Some(keys::generate_key()), None),
+        "secondary" => (None, Some(keys::generate_key())),
+        "both" => (Some(keys::generate_key()), Some(keys::generate_key())),
         _ => return Err(ApiError::invalid("key must be primary, secondary or both")),
     };
-    let existing = policies::get(&state.db, &name)
-        .await?
-        .ok_or_else(|| policies::not_found(&name))?;
-    forbid_escalation(&caller.caller, existing.rights)?;
+    let existing = managed(&state, &caller.caller, &name).await?;
     let policy = policies::update(
         &state.db,
         &name,

@@ -5,7 +5,7 @@ use anyhow::{bail, Context};
 use reqwest::{Method, StatusCode};
 
 use crate::auth::sas;
-use crate::registry::model::Device;
+use crate::http::routes::registry::Device;
 
 pub const API_VERSION: &str = "2021-04-12";
 
@@ -79,7 +79,7 @@ impl HubClient {
     }
 
     pub fn device_path(id: &str) -> String {
-        format!("/devices/{}", sas::encode_component(id))
+        crate::http::wire::device_path(id)
     }
 
     /// Sends a request and returns the status and body text; errors only when the hub cannot be reached.
