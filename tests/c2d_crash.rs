@@ -59,7 +59,10 @@ fn assert_no_overlapping_leases(leases: &[Lease]) {
                 pair[0],
                 pair[1]
             );
-            assert_ne!(pair[0].lock, pair[1].lock, "message {id}: a lock token reused");
+            assert_ne!(
+                pair[0].lock, pair[1].lock,
+                "message {id}: a lock token reused"
+            );
         }
     }
 }

@@ -342,7 +342,10 @@ impl Traffic {
                     if matches!(&completion, Ok(r) if r.status() == 204) {
                         ledger.lock().unwrap().completed.push(key);
                     } else {
-                        assert!(fault_answer(&completion), "completion of {seq}: {completion:?}");
+                        assert!(
+                            fault_answer(&completion),
+                            "completion of {seq}: {completion:?}"
+                        );
                         if maybe_committed(&completion) {
                             ledger.lock().unwrap().completion_unanswered.insert(key);
                         }
@@ -439,7 +442,10 @@ impl Traffic {
             *completions.entry(key).or_default() += 1;
         }
         for (key, answers) in &completions {
-            assert_eq!(*answers, 1, "completion of {key:?} acknowledged {answers} times");
+            assert_eq!(
+                *answers, 1,
+                "completion of {key:?} acknowledged {answers} times"
+            );
         }
         for (device, seq, id, _) in &rows {
             let key = (device.clone(), *seq);
@@ -538,7 +544,11 @@ async fn drain_feedback(
         .send()
         .await
         .unwrap();
-    assert_eq!(more.status(), 204, "no feedback beyond one record per command");
+    assert_eq!(
+        more.status(),
+        204,
+        "no feedback beyond one record per command"
+    );
     records
 }
 
@@ -752,10 +762,9 @@ async fn one_of_two_hub_processes_killed_under_load_loses_nothing() {
         traffic.telemetry_acknowledged() >= 100
     })
     .await;
-    let (held_lock, held_id, held_count) =
-        receive_one(&http, &doomed.base, &held_token, "held", 0)
-            .await
-            .expect("the held command is delivered through the doomed process");
+    let (held_lock, held_id, held_count) = receive_one(&http, &doomed.base, &held_token, "held", 0)
+        .await
+        .expect("the held command is delivered through the doomed process");
     assert_eq!((held_id.as_str(), held_count.as_str()), ("held-1", "0"));
     doomed.kill().await;
 
@@ -783,7 +792,9 @@ async fn one_of_two_hub_processes_killed_under_load_loses_nothing() {
     assert_eq!(done.status(), 204);
 
     let extra = [("held".to_string(), held_seq, "held-1".to_string())];
-    let figures = traffic.account(&ends, &survivor_base, 300, 40, &extra).await;
+    let figures = traffic
+        .account(&ends, &survivor_base, 300, 40, &extra)
+        .await;
     eprintln!("two hubs, one killed: {figures}");
     survivor.kill().await;
     pool.close().await;
