@@ -352,12 +352,24 @@ pub struct HubProcess {
 impl HubProcess {
     /// The real `iothub serve` on `url`, with short C2D locks and sweeps (tests wait for them).
     pub async fn start(url: &str, data_dir: &std::path::Path) -> HubProcess {
+        Self::start_with(url, data_dir, &[], None).await
+    }
+
+    /// As [`HubProcess::start`], with more (or overriding) environment variables, and standard error written to
+    /// `stderr` when given (inherited otherwise).
+    pub async fn start_with(
+        url: &str,
+        data_dir: &std::path::Path,
+        env: &[(&str, &str)],
+        stderr: Option<&std::path::Path>,
+    ) -> HubProcess {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
             .unwrap()
             .port();
-        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_iothub"))
+        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_iothub"));
+        command
             .arg("serve")
             .env("DATABASE_URL", url)
             .env("IOTHUB_LISTEN", format!("127.0.0.1:{port}"))
@@ -366,10 +378,13 @@ impl HubProcess {
             .env("IOTHUB_C2D_LOCK_SECS", "5")
             .env("IOTHUB_C2D_SWEEP_INTERVAL_MS", "200")
             .env("RUST_LOG", "warn")
+            .envs(env.iter().copied())
             .stdout(std::process::Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("start the hub binary");
+            .kill_on_drop(true);
+        if let Some(path) = stderr {
+            command.stderr(std::fs::File::create(path).expect("a file for the hub's log"));
+        }
+        let mut child = command.spawn().expect("start the hub binary");
         let base = format!("http://127.0.0.1:{port}");
         let http = reqwest::Client::new();
         let start = std::time::Instant::now();
@@ -378,6 +393,9 @@ impl HubProcess {
                 if r.status().is_success() {
                     break;
                 }
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("the hub exited while starting: {status}");
             }
             assert!(
                 start.elapsed() < std::time::Duration::from_secs(30),
@@ -388,9 +406,29 @@ impl HubProcess {
         HubProcess { child, base }
     }
 
+    /// The address the hub listens on.
+    pub fn addr(&self) -> std::net::SocketAddr {
+        self.base.trim_start_matches("http://").parse().unwrap()
+    }
+
     /// SIGKILL, and wait for the process to be gone.
     pub async fn kill(mut self) {
         self.child.start_kill().unwrap();
         self.child.wait().await.unwrap();
+    }
+
+    /// Sends SIGTERM (graceful shutdown) without waiting.
+    pub fn terminate(&self) {
+        let pid = self.child.id().expect("the hub is running") as libc::pid_t;
+        // SAFETY: kill(2) on the process this harness started and has not reaped.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    }
+
+    /// Waits for the process to exit by itself, at most `limit`; its exit status.
+    pub async fn exit_status(mut self, limit: Duration) -> std::process::ExitStatus {
+        tokio::time::timeout(limit, self.child.wait())
+            .await
+            .expect("the hub exits")
+            .unwrap()
     }
 }
