@@ -5,6 +5,8 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+use chrono::Duration as Span;
+
 use common::*;
 use reqwest::{Method, Response};
 use serde_json::Value;
@@ -124,22 +126,19 @@ impl C2d {
             .unwrap()
     }
 
-    /// Waits (up to `limit`) until `check` holds for the message's status.
-    async fn wait_status(
-        &self,
-        id: &str,
-        seq: i64,
-        limit: Duration,
-        check: impl Fn(&Value) -> bool,
-    ) -> Value {
-        let start = Instant::now();
+    /// Waits until `check` holds for the message's status (read on the database's clock); returns that status.
+    async fn wait_status(&self, id: &str, seq: i64, check: impl Fn(&Value) -> bool) -> Value {
+        let deadline = tokio::time::Instant::now() + LIVENESS;
         loop {
             let status = self.status(id, seq).await;
             if check(&status) {
                 return status;
             }
-            assert!(start.elapsed() < limit, "status never matched: {status}");
-            tokio::time::sleep(Duration::from_millis(200)).await;
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "waited {LIVENESS:?}; the status is still {status}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
@@ -696,15 +695,12 @@ async fn an_unsettled_message_comes_back_after_its_lock_and_counts_a_delivery() 
     t.enqueue("dev-1", &[], "x").await;
     let (first, headers, _) = t.take("dev-1", &token).await;
     assert_eq!(header(&headers, "iothub-deliverycount"), "0");
+    let locked_until = api_time(&t.status("dev-1", 1).await["lockedUntilUtc"]);
     assert_eq!(t.receive("dev-1", &token).await.status(), 204);
-    // A long poll wakes when the lock runs out (the database says when), with no enqueue to wake it.
-    let start = Instant::now();
-    let response = t.receive_query("dev-1", &token, "?wait-ms=10000").await;
+    // A long poll wakes when the lock runs out (the database says when), with no enqueue to wake it: without that
+    // wake it would answer 204 when its 30 s ran out.
+    let response = t.receive_query("dev-1", &token, "?wait-ms=30000").await;
     assert_eq!(response.status(), 200);
-    assert!(
-        start.elapsed() >= Duration::from_secs(3),
-        "not before the lock ran out"
-    );
     assert_eq!(header(response.headers(), "iothub-deliverycount"), "1");
     let second = response.headers()["etag"]
         .to_str()
@@ -712,6 +708,14 @@ async fn an_unsettled_message_comes_back_after_its_lock_and_counts_a_delivery() 
         .trim_matches('"')
         .to_string();
     assert_ne!(first, second);
+    // Not before the lock ran out, on the database's clock: the new lock started (5 s before it ends) no earlier
+    // than the old one ended.
+    let relocked_until = api_time(&t.status("dev-1", 1).await["lockedUntilUtc"]);
+    assert!(
+        relocked_until - Span::seconds(5) >= locked_until,
+        "redelivered at {} while locked until {locked_until}",
+        relocked_until - Span::seconds(5)
+    );
     assert_error(
         t.settle("dev-1", &token, &first, "complete").await,
         412,
@@ -777,13 +781,13 @@ async fn a_lapsed_last_delivery_is_dead_lettered_even_if_the_device_never_polls_
     )
     .await;
     let (_lock, _, _) = t.take("dev-1", &token).await;
-    // Never settled, never polled again: the sweeper ends it after the lock ran out.
+    let locked_until = api_time(&t.status("dev-1", 1).await["lockedUntilUtc"]);
+    // Never settled, never polled again: the sweeper ends it after the lock ran out (and not before).
     let status = t
-        .wait_status("dev-1", 1, Duration::from_secs(10), |s| {
-            s["state"] == "DeadLettered"
-        })
+        .wait_status("dev-1", 1, |s| s["state"] == "DeadLettered")
         .await;
     assert_eq!(status["outcome"], "DeliveryCountExceeded");
+    assert!(api_time(&status["outcomeTimeUtc"]) >= locked_until);
     let feedback = t.drain_feedback().await;
     assert_eq!(feedback.len(), 1);
     assert_eq!(feedback[0]["statusCode"], "DeliveryCountExceeded");
@@ -805,7 +809,9 @@ async fn a_lapsed_last_delivery_is_dead_lettered_at_the_next_receive() {
     t.enqueue("dev-1", &[], "second").await;
     let (_lock, _, body) = t.take("dev-1", &token).await;
     assert_eq!(body, "first");
-    tokio::time::sleep(Duration::from_millis(5200)).await;
+    // Until the lock runs out on the database's clock (the status reads it), "first" is merely locked.
+    t.wait_status("dev-1", 1, |s| s["state"] == "Enqueued")
+        .await;
     let (_, headers, body) = t.take("dev-1", &token).await;
     assert_eq!(
         body, "second",
@@ -823,18 +829,24 @@ async fn a_lapsed_last_delivery_is_dead_lettered_at_the_next_receive() {
 async fn an_expired_message_is_never_delivered_and_is_reported() {
     let t = C2d::start_with(|c| c.c2d.c2d_sweep_interval_ms = 60_000).await;
     let token = t.device("dev-1").await;
-    t.enqueue(
-        "dev-1",
-        &[
-            ("iothub-ttl", "1"),
-            ("iothub-ack", "negative"),
-            ("iothub-messageid", "old"),
-        ],
-        "x",
+    let old = t
+        .enqueue(
+            "dev-1",
+            &[
+                ("iothub-ttl", "1"),
+                ("iothub-ack", "negative"),
+                ("iothub-messageid", "old"),
+            ],
+            "x",
+        )
+        .await;
+    t.enqueue("dev-1", &[("iothub-ack", "full")], "fresh").await;
+    // Until the database's clock passes the expiry (reported to the millisecond, stored below the next one).
+    wait_for_db_time(
+        &t.hub.db,
+        api_time(&old["expiryTimeUtc"]) + Span::milliseconds(1),
     )
     .await;
-    t.enqueue("dev-1", &[("iothub-ack", "full")], "fresh").await;
-    tokio::time::sleep(Duration::from_millis(1300)).await;
     let (_, _, body) = t.take("dev-1", &token).await;
     assert_eq!(body, "fresh");
     let status = t.status("dev-1", 1).await;
@@ -853,11 +865,11 @@ async fn the_sweeper_expires_messages_of_devices_that_never_poll() {
     t.enqueue("dev-1", &[("iothub-ttl", "1"), ("iothub-ack", "full")], "x")
         .await;
     let status = t
-        .wait_status("dev-1", 1, Duration::from_secs(5), |s| {
-            s["state"] == "DeadLettered"
-        })
+        .wait_status("dev-1", 1, |s| s["state"] == "DeadLettered")
         .await;
     assert_eq!(status["outcome"], "Expired");
+    // Not before it expired, on the database's clock.
+    assert!(api_time(&status["outcomeTimeUtc"]) >= api_time(&status["expiryTimeUtc"]));
     let feedback = t.drain_feedback().await;
     assert_eq!(feedback.len(), 1);
     assert_eq!(feedback[0]["statusCode"], "Expired");
@@ -1004,15 +1016,24 @@ async fn ended_messages_are_deleted_after_the_feedback_ttl() {
         t.settle("dev-1", &token, &lock, "complete").await.status(),
         204
     );
+    let status = t.status("dev-1", 1).await;
+    assert_eq!(status["outcome"], "Success");
+    let ended = api_time(&status["outcomeTimeUtc"]);
+    // Kept while the TTL runs: halfway through it on the database's clock (five sweeps later) it is still there.
+    wait_for_db_time(&t.hub.db, ended + Span::seconds(1)).await;
     assert_eq!(t.status("dev-1", 1).await["outcome"], "Success");
-    tokio::time::sleep(Duration::from_millis(3000)).await;
-    let response = t
-        .hub
-        .request(Method::GET, "/devices/dev-1/commands/1", &t.service)
-        .send()
-        .await
-        .unwrap();
-    assert_error(response, 404, "NotFound").await;
+    // Then deleted by the sweeper.
+    let look = || {
+        t.hub
+            .request(Method::GET, "/devices/dev-1/commands/1", &t.service)
+            .send()
+    };
+    wait_until("the ended message to be deleted", || {
+        let looking = look();
+        async move { looking.await.unwrap().status() == 404 }
+    })
+    .await;
+    assert_error(look().await.unwrap(), 404, "NotFound").await;
     let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM c2d_messages")
         .fetch_one(&t.hub.db)
         .await
@@ -1026,37 +1047,35 @@ async fn ended_messages_are_deleted_after_the_feedback_ttl() {
 async fn a_long_poll_answers_the_moment_a_message_is_enqueued() {
     let t = std::sync::Arc::new(C2d::start().await);
     let token = t.device("dev-1").await;
-    t.device("dev-2").await;
-    let poller = {
+    let other_token = t.device("dev-2").await;
+    let poll = |id: &'static str, token: String| {
         let t = t.clone();
-        let token = token.clone();
         tokio::spawn(async move {
-            let response = t.receive_query("dev-1", &token, "?wait-ms=20000").await;
-            (
-                Instant::now(),
-                response.status(),
-                response.text().await.unwrap(),
-            )
+            let response = t.receive_query(id, &token, "?wait-ms=30000").await;
+            (response.status(), response.text().await.unwrap())
         })
     };
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    // A message for another device does not answer it.
+    let poller = poll("dev-1", token.clone());
+    let other = poll("dev-2", other_token);
+    // Both polls are in the hub, registered for their device's wake-ups, before anything is enqueued: an answer
+    // with the message can then only come from the enqueue's wake-up (without it, 204 after 30 s).
+    t.hub.wait_for_polls(Wake::C2d("dev-1"), 1).await;
+    t.hub.wait_for_polls(Wake::C2d("dev-2"), 1).await;
+    // A message for another device answers that device's poll, and leaves this one waiting.
     t.enqueue("dev-2", &[], "not yours").await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(!poller.is_finished(), "woken by another device's message");
-    let sent = Instant::now();
+    let (status, body) = other.await.unwrap();
+    assert_eq!((status.as_u16(), body.as_str()), (200, "not yours"));
+    assert_eq!(
+        t.hub.polls_waiting(Wake::C2d("dev-1")),
+        1,
+        "dev-1's poll ended on another device's message"
+    );
     t.enqueue("dev-1", &[], "now").await;
-    let (answered, status, body) = poller.await.unwrap();
+    let (status, body) = poller.await.unwrap();
     assert_eq!(status, 200);
     assert_eq!(body, "now");
-    assert!(answered >= sent, "answered before the enqueue");
-    let latency = answered - sent;
-    assert!(
-        latency < Duration::from_secs(1),
-        "long poll took {latency:?}"
-    );
 
-    // An empty wait ends with 204 after about the time asked for.
+    // An empty wait ends with 204, not before the time asked for (the monotonic clock cannot run short).
     let start = Instant::now();
     assert_eq!(
         t.receive_query("dev-1", &token, "?wait-ms=300")
@@ -1084,7 +1103,7 @@ async fn long_polls_end_when_the_hub_shuts_down() {
     let t = C2d::start().await;
     let token = t.device("dev-1").await;
     let url = format!(
-        "{}/devices/dev-1/messages/deviceBound?api-version=2021-04-12&wait-ms=25000",
+        "{}/devices/dev-1/messages/deviceBound?api-version=2021-04-12&wait-ms=30000",
         t.hub.base
     );
     let http = t.hub.http.clone();
@@ -1097,14 +1116,17 @@ async fn long_polls_end_when_the_hub_shuts_down() {
             .unwrap();
         response.status()
     });
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let start = Instant::now();
-    t.hub.shutdown().await;
-    assert!(
-        start.elapsed() < Duration::from_secs(5),
-        "shutdown waited for the long poll"
-    );
-    assert_eq!(poller.await.unwrap(), 204);
+    t.hub.wait_for_polls(Wake::C2d("dev-1"), 1).await;
+    // Shutdown ends the wait: the poll is answered and the hub stops, both well before the 30 s the poll asked for
+    // (a liveness deadline of 20 s, which a shutdown that waited for the poll cannot meet).
+    let stop = async {
+        t.hub.shutdown().await;
+        poller.await.unwrap()
+    };
+    let status = tokio::time::timeout(Duration::from_secs(20), stop)
+        .await
+        .expect("shutdown waited for the long poll");
+    assert_eq!(status, 204);
 }
 
 #[tokio::test]
@@ -1198,14 +1220,12 @@ async fn two_hub_processes_on_one_database_behave_as_one_hub() {
             }
         }
     };
-    // A long poll on the second hub wakes on an enqueue through the first.
+    // A long poll on the second hub wakes on an enqueue through the first (without the wake: 204 after 20 s).
     let poller = tokio::spawn(receive_on_other());
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let sent = Instant::now();
+    wait_for_polls(&other, Wake::C2d("dev-1"), 1).await;
     t.enqueue("dev-1", &[], "one").await;
     let response = poller.await.unwrap();
     assert_eq!(response.status(), 200);
-    assert!(sent.elapsed() < Duration::from_secs(1));
     let lock = response.headers()["etag"]
         .to_str()
         .unwrap()
