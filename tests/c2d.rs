@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use chrono::Duration as Span;
 
 use common::*;
+use iothub::auth::sas;
 use reqwest::{Method, Response};
 use serde_json::Value;
 
@@ -1300,4 +1301,202 @@ async fn the_cli_sends_lists_reports_purges_and_watches_feedback() {
     assert_eq!(record["statusCode"], "Purged");
     // The batch was completed: nothing left to receive.
     assert!(t.drain_feedback().await.is_empty());
+}
+
+/// libfaketime, which shifts the clock of the process it is preloaded into (`.ci/run` installs it).
+fn libfaketime() -> std::path::PathBuf {
+    std::fs::read_dir("/usr/lib")
+        .unwrap()
+        .filter_map(|entry| Some(entry.ok()?.path().join("faketime/libfaketime.so.1")))
+        .find(|path| path.exists())
+        .expect("libfaketime is installed (apt-get install libfaketime; .ci/run does)")
+}
+
+/// The clock of a hub process, as its HTTP `Date` header shows it.
+async fn hub_clock(base: &str) -> chrono::DateTime<chrono::Utc> {
+    let response = reqwest::get(format!("{base}/health/ready")).await.unwrap();
+    let date = response.headers()["date"].to_str().unwrap().to_string();
+    chrono::DateTime::parse_from_rfc2822(&date)
+        .unwrap_or_else(|e| panic!("Date: {date}: {e}"))
+        .with_timezone(&chrono::Utc)
+}
+
+/// Two hub processes on one database, one with its clock two hours ahead of the database's and one two hours
+/// behind, agree on every C2D time rule, and with the database: enqueue's expiry check, the times the API reports,
+/// expiry at delivery and the lock's length. A hub that reasoned with its own clock fails each step below in the
+/// way its comment says. What this cannot show: which clock a rule reads when both clocks agree.
+#[tokio::test]
+async fn expiry_and_locks_follow_the_databases_clock_not_the_hubs() {
+    let database = TestDb::create().await;
+    let db = database.pool().await;
+    let data_dir =
+        std::env::temp_dir().join(format!("iothub-clocks-{}", uuid::Uuid::new_v4().simple()));
+    let lib = libfaketime();
+    let shifted = |offset: &'static str| {
+        let (url, data_dir, lib) = (database.url(), data_dir.clone(), lib.clone());
+        async move {
+            HubProcess::start_with_env(
+                &url,
+                &data_dir,
+                &[
+                    ("LD_PRELOAD", lib.to_str().unwrap()),
+                    ("FAKETIME", offset),
+                    ("FAKETIME_DONT_FAKE_MONOTONIC", "1"),
+                ],
+            )
+            .await
+        }
+    };
+    let ahead = shifted("+2h").await;
+    let behind = shifted("-2h").await;
+    // The shift is in effect: otherwise this test would show nothing.
+    let now = db_now(&db).await;
+    let off = |hub: chrono::DateTime<chrono::Utc>, by: i64| (hub - now - Span::hours(by)).abs();
+    assert!(off(hub_clock(&ahead.base).await, 2) < Span::minutes(1));
+    assert!(off(hub_clock(&behind.base).await, -2) < Span::minutes(1));
+
+    // Tokens valid for the shifted clocks too; the shared default policies.
+    let key = |name: &'static str| {
+        let db = db.clone();
+        async move {
+            iothub::auth::policies::get(&db, name)
+                .await
+                .unwrap()
+                .unwrap()
+                .primary_key
+        }
+    };
+    let expiry = now.timestamp() + 3 * 3600;
+    let owner = sas::sign(HOST, &key("iothubowner").await, Some("iothubowner"), expiry).unwrap();
+    let service = sas::sign(HOST, &key("service").await, Some("service"), expiry).unwrap();
+    let http = reqwest::Client::new();
+    let call = |base: &str, method: Method, path: &str, token: &str| {
+        http.request(method, format!("{base}{path}?api-version=2021-04-12"))
+            .header("Authorization", token)
+    };
+    let mut devices = std::collections::HashMap::new();
+    for id in ["dev-a", "dev-b", "dev-c"] {
+        let created: Value = call(&ahead.base, Method::PUT, &device_path(id), &owner)
+            .json(&serde_json::json!({"deviceId": id}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let token = sas::sign(
+            &format!("{HOST}/devices/{id}"),
+            &primary_key(&created),
+            None,
+            expiry,
+        )
+        .unwrap();
+        devices.insert(id, token);
+    }
+    let enqueue = |base: &str, id: &str, header: (&'static str, String)| {
+        call(
+            base,
+            Method::POST,
+            &format!("/devices/{id}/commands"),
+            &service,
+        )
+        .header(header.0, header.1)
+        .body(id.to_string())
+        .send()
+    };
+    let receive = |base: &str, id: &str| {
+        call(
+            base,
+            Method::GET,
+            &format!("/devices/{id}/messages/deviceBound"),
+            &devices[id],
+        )
+        .send()
+    };
+    let status = |id: &str, seq: i64| {
+        let request = call(
+            &ahead.base,
+            Method::GET,
+            &format!("/devices/{id}/commands/{seq}"),
+            &service,
+        );
+        async move { request.send().await.unwrap().json::<Value>().await.unwrap() }
+    };
+    let rfc3339 =
+        |t: chrono::DateTime<chrono::Utc>| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+
+    // Ahead: an absolute expiry 10 minutes away on the database's clock is accepted (on the hub's own clock it
+    // passed 1 h 50 min ago: 403), and the message is delivered, not expired.
+    let at = db_now(&db).await + Span::minutes(10);
+    let response = enqueue(&ahead.base, "dev-a", ("iothub-expiry", rfc3339(at)))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 201);
+    let before = db_now(&db).await;
+    let response = receive(&ahead.base, "dev-a").await.unwrap();
+    let after = db_now(&db).await;
+    assert_eq!(response.status(), 200);
+    // The lock runs 5 s (IOTHUB_C2D_LOCK_SECS) from the database's now(), not from the hub's.
+    let locked_until = api_time(&status("dev-a", 1).await["lockedUntilUtc"]);
+    assert!(
+        locked_until >= before + Span::seconds(5) - Span::milliseconds(1)
+            && locked_until <= after + Span::seconds(5),
+        "locked until {locked_until}, received between {before} and {after}"
+    );
+    // ... and holds: on the ahead hub's clock it ran out long ago, yet the message stays locked.
+    assert_eq!(receive(&ahead.base, "dev-a").await.unwrap().status(), 204);
+
+    // Ahead: a TTL counts from the database's now(), and so does the reported enqueue time.
+    let before = db_now(&db).await;
+    let enqueued: Value = enqueue(&ahead.base, "dev-b", ("iothub-ttl", "600".into()))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let after = db_now(&db).await;
+    let enqueued_at = api_time(&enqueued["enqueuedTimeUtc"]);
+    assert!(
+        enqueued_at >= before - Span::milliseconds(1) && enqueued_at <= after,
+        "enqueued at {enqueued_at}, sent between {before} and {after}"
+    );
+    assert_eq!(
+        api_time(&enqueued["expiryTimeUtc"]) - enqueued_at,
+        Span::seconds(600)
+    );
+
+    // Behind: an absolute expiry 10 minutes past on the database's clock is refused (on the hub's own clock it
+    // is 1 h 50 min away: accepted).
+    let past = db_now(&db).await - Span::minutes(10);
+    let response = enqueue(&behind.base, "dev-c", ("iothub-expiry", rfc3339(past)))
+        .await
+        .unwrap();
+    assert_error(response, 403, "InvalidMessageExpiryTime").await;
+    // Behind: a message expired on the database's clock is not delivered (on the hub's own clock it has two hours
+    // left).
+    let stale: Value = enqueue(&behind.base, "dev-c", ("iothub-ttl", "1".into()))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    wait_for_db_time(
+        &db,
+        api_time(&stale["expiryTimeUtc"]) + Span::milliseconds(1),
+    )
+    .await;
+    assert_eq!(receive(&behind.base, "dev-c").await.unwrap().status(), 204);
+    let seq = stale["sequenceNumber"].as_i64().unwrap();
+    assert_eq!(status("dev-c", seq).await["outcome"], "Expired");
+
+    // Behind: the lock taken through the other hub runs out on the database's clock (on the hub's own clock it
+    // has two hours left), and the message is delivered again.
+    wait_for_db_time(&db, locked_until + Span::milliseconds(1)).await;
+    let response = receive(&behind.base, "dev-a").await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(header(response.headers(), "iothub-deliverycount"), "1");
+
+    ahead.kill().await;
+    behind.kill().await;
+    let _ = std::fs::remove_dir_all(&data_dir);
 }
