@@ -523,13 +523,12 @@ async fn long_poll_wakes_when_an_event_commits() {
     let poll = hub
         .request(
             Method::GET,
-            &format!("/messages/events/partitions/{p}?from=end&wait-ms=30000"),
+            &format!("/messages/events/partitions/{p}?from=end&wait-ms={LONG_POLL_MS}"),
             &token,
         )
         .send();
-    // The send commits once the poll is in the hub and registered for the partition's wake-ups: an answer with
-    // the event can then only come from the commit's wake-up (without it, an empty page after 30 s).
-    let (response, _) = tokio::join!(poll, async {
+    // The send commits once the poll is in the hub and registered for the partition's wake-ups.
+    let (response, _) = tokio::join!(woken(poll), async {
         hub.wait_for_polls(Wake::D2c(p), 1).await;
         assert_eq!(send(&hub, &dev, "wake up", &[]).await.status(), 204);
     });

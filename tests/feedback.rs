@@ -377,9 +377,8 @@ async fn an_unsettled_batch_comes_back_after_its_lock_and_is_discarded_after_max
     let (lock, records, _) = t.batch().await;
     assert_eq!(records.len(), 1);
     let locked_until = t.batch_locked_until().await;
-    // Lock runs out: a long poll wakes when it does (nothing else would wake it: without that, 204 after 30 s),
-    // and the batch comes back counted.
-    let response = t.receive("?wait-ms=30000").await;
+    // Lock runs out: a long poll wakes when it does (nothing else would wake it), and the batch comes back counted.
+    let response = woken(t.receive(&format!("?wait-ms={LONG_POLL_MS}"))).await;
     assert_eq!(response.status(), 200);
     assert_eq!(response.headers()["iothub-deliverycount"], "1");
     // Not before the lease ran out, on the database's clock: the new 5 s lease began no earlier than the old one
@@ -419,12 +418,11 @@ async fn a_feedback_long_poll_answers_when_an_outcome_commits() {
     let poller = {
         let t = t.clone();
         tokio::spawn(async move {
-            let response = t.receive("?wait-ms=30000").await;
+            let response = t.receive(&format!("?wait-ms={LONG_POLL_MS}")).await;
             (response.status(), response.text().await.unwrap())
         })
     };
-    // The poll is in the hub and registered for wake-ups before the outcome commits: a batch can then only come
-    // from the completion's wake-up (without it, 204 after 30 s).
+    // The poll is in the hub and registered for wake-ups before the outcome commits.
     t.hub.wait_for_polls(Wake::Feedback, 1).await;
     t.device_call(
         Method::DELETE,
@@ -432,7 +430,7 @@ async fn a_feedback_long_poll_answers_when_an_outcome_commits() {
         &token,
     )
     .await;
-    let (status, body) = poller.await.unwrap();
+    let (status, body) = woken(poller).await.unwrap();
     assert_eq!(status, 200);
     let records: Vec<Value> = serde_json::from_str(&body).unwrap();
     assert_eq!(records[0]["originalMessageId"], "ok");

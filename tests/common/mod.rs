@@ -317,6 +317,19 @@ impl Drop for TestHub {
 /// Generous on purpose: it is a liveness deadline for a loaded machine, not a speed claim.
 pub const LIVENESS: Duration = Duration::from_secs(60);
 
+/// The wait tests ask of a long poll, as `wait-ms`.
+pub const LONG_POLL_MS: u64 = 30_000;
+
+/// Awaits a long poll's answer for half its wait at most. A poll that is woken answers at once; one whose wake-up
+/// is lost still answers, with the same message, when its wait runs out (it looks a last time). Only this deadline
+/// tells the two apart; it is a liveness deadline, not a speed claim.
+pub async fn woken<T>(answer: impl std::future::Future<Output = T>) -> T {
+    let half = Duration::from_millis(LONG_POLL_MS / 2);
+    tokio::time::timeout(half, answer)
+        .await
+        .unwrap_or_else(|_| panic!("a long poll was not woken within {half:?}"))
+}
+
 /// Polls `check` every few milliseconds until it holds; fails naming `what` after [`LIVENESS`].
 pub async fn wait_until<F, Fut>(what: &str, mut check: F)
 where
