@@ -1020,21 +1020,32 @@ async fn ended_messages_are_deleted_after_the_feedback_ttl() {
     let status = t.status("dev-1", 1).await;
     assert_eq!(status["outcome"], "Success");
     let ended = api_time(&status["outcomeTimeUtc"]);
-    // Kept while the TTL runs: halfway through it on the database's clock (five sweeps later) it is still there.
-    wait_for_db_time(&t.hub.db, ended + Span::seconds(1)).await;
-    assert_eq!(t.status("dev-1", 1).await["outcome"], "Success");
-    // Then deleted by the sweeper.
-    let look = || {
-        t.hub
+    // Kept for the TTL, then deleted by the sweeper. Each look reads the database's clock after its answer: a
+    // look that found the message gone while that clock was still short of the TTL shows an early delete.
+    let kept_until = ended + Span::seconds(2);
+    let deadline = tokio::time::Instant::now() + LIVENESS;
+    loop {
+        let response = t
+            .hub
             .request(Method::GET, "/devices/dev-1/commands/1", &t.service)
             .send()
-    };
-    wait_until("the ended message to be deleted", || {
-        let looking = look();
-        async move { looking.await.unwrap().status() == 404 }
-    })
-    .await;
-    assert_error(look().await.unwrap(), 404, "NotFound").await;
+            .await
+            .unwrap();
+        let after = t.hub.db_now().await;
+        if response.status() != 200 {
+            assert!(
+                after >= kept_until,
+                "deleted before its feedback TTL ran out: gone at {after}, kept until {kept_until}"
+            );
+            assert_error(response, 404, "NotFound").await;
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not deleted within {LIVENESS:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM c2d_messages")
         .fetch_one(&t.hub.db)
         .await
