@@ -41,9 +41,22 @@ pub struct RunningHub {
     pub tls_addr: Option<SocketAddr>,
     pub metrics_addr: Option<SocketAddr>,
     tasks: JoinSet<anyhow::Result<()>>,
+    state: AppState,
 }
 
 impl RunningHub {
+    /// Requests of this process waiting for a wake-up on `channel` ([`notify::channel`]) and `key` (a device id,
+    /// a partition id, or "" for feedback). A test waits for it instead of sleeping before it commits what a long
+    /// poll waits for.
+    pub fn waiting(&self, channel: &str, key: &str) -> usize {
+        self.state.notifier.waiting(channel, key)
+    }
+
+    /// Telemetry sends queued for `partition`'s writer in this process, not yet in a transaction.
+    pub fn d2c_queued(&self, partition: u32) -> usize {
+        self.state.d2c.ingest.queued(partition)
+    }
+
     /// Waits until every task of the hub has stopped: listeners (after the shutdown future resolved and requests
     /// drained), the sweeper, the stream writers and maintenance.
     pub async fn wait(mut self) -> anyhow::Result<()> {
@@ -98,6 +111,7 @@ pub async fn launch(
         tls_addr: addrs.tls,
         metrics_addr: addrs.metrics,
         tasks,
+        state,
     })
 }
 

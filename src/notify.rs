@@ -87,6 +87,15 @@ impl Notifier {
         }
     }
 
+    /// Subscriptions on (channel, key) right now: requests registered for a wake-up that have not answered yet.
+    /// Tests read it to know a long poll is waiting before they commit what it waits for.
+    pub fn waiting(&self, channel: &str, key: &str) -> usize {
+        let waiters = self.waiters.lock().unwrap();
+        waiters
+            .get(&(channel.to_string(), key.to_string()))
+            .map_or(0, |sender| sender.receiver_count())
+    }
+
     fn wake(&self, channel: &str, key: &str) {
         let waiters = self.waiters.lock().unwrap();
         if let Some(sender) = waiters.get(&(channel.to_string(), key.to_string())) {
@@ -169,7 +178,10 @@ mod tests {
         tokio::time::timeout(Duration::from_millis(100), b.changed())
             .await
             .expect("b woken by reconnect");
+        assert_eq!(notifier.waiting(channel::C2D, "a"), 1);
+        assert_eq!(notifier.waiting(channel::C2D, "c"), 0);
         drop(a);
+        assert_eq!(notifier.waiting(channel::C2D, "a"), 0);
         drop(b);
         assert!(notifier.waiters.lock().unwrap().is_empty());
     }

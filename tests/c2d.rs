@@ -5,7 +5,10 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+use chrono::Duration as Span;
+
 use common::*;
+use iothub::auth::sas;
 use reqwest::{Method, Response};
 use serde_json::Value;
 
@@ -124,22 +127,19 @@ impl C2d {
             .unwrap()
     }
 
-    /// Waits (up to `limit`) until `check` holds for the message's status.
-    async fn wait_status(
-        &self,
-        id: &str,
-        seq: i64,
-        limit: Duration,
-        check: impl Fn(&Value) -> bool,
-    ) -> Value {
-        let start = Instant::now();
+    /// Waits until `check` holds for the message's status (read on the database's clock); returns that status.
+    async fn wait_status(&self, id: &str, seq: i64, check: impl Fn(&Value) -> bool) -> Value {
+        let deadline = tokio::time::Instant::now() + LIVENESS;
         loop {
             let status = self.status(id, seq).await;
             if check(&status) {
                 return status;
             }
-            assert!(start.elapsed() < limit, "status never matched: {status}");
-            tokio::time::sleep(Duration::from_millis(200)).await;
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "waited {LIVENESS:?}; the status is still {status}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
@@ -696,15 +696,12 @@ async fn an_unsettled_message_comes_back_after_its_lock_and_counts_a_delivery() 
     t.enqueue("dev-1", &[], "x").await;
     let (first, headers, _) = t.take("dev-1", &token).await;
     assert_eq!(header(&headers, "iothub-deliverycount"), "0");
+    let locked_until = api_time(&t.status("dev-1", 1).await["lockedUntilUtc"]);
     assert_eq!(t.receive("dev-1", &token).await.status(), 204);
     // A long poll wakes when the lock runs out (the database says when), with no enqueue to wake it.
-    let start = Instant::now();
-    let response = t.receive_query("dev-1", &token, "?wait-ms=10000").await;
+    let response =
+        woken(t.receive_query("dev-1", &token, &format!("?wait-ms={LONG_POLL_MS}"))).await;
     assert_eq!(response.status(), 200);
-    assert!(
-        start.elapsed() >= Duration::from_secs(3),
-        "not before the lock ran out"
-    );
     assert_eq!(header(response.headers(), "iothub-deliverycount"), "1");
     let second = response.headers()["etag"]
         .to_str()
@@ -712,6 +709,14 @@ async fn an_unsettled_message_comes_back_after_its_lock_and_counts_a_delivery() 
         .trim_matches('"')
         .to_string();
     assert_ne!(first, second);
+    // Not before the lock ran out, on the database's clock: the new lock started (5 s before it ends) no earlier
+    // than the old one ended.
+    let relocked_until = api_time(&t.status("dev-1", 1).await["lockedUntilUtc"]);
+    assert!(
+        relocked_until - Span::seconds(5) >= locked_until,
+        "redelivered at {} while locked until {locked_until}",
+        relocked_until - Span::seconds(5)
+    );
     assert_error(
         t.settle("dev-1", &token, &first, "complete").await,
         412,
@@ -777,13 +782,13 @@ async fn a_lapsed_last_delivery_is_dead_lettered_even_if_the_device_never_polls_
     )
     .await;
     let (_lock, _, _) = t.take("dev-1", &token).await;
-    // Never settled, never polled again: the sweeper ends it after the lock ran out.
+    let locked_until = api_time(&t.status("dev-1", 1).await["lockedUntilUtc"]);
+    // Never settled, never polled again: the sweeper ends it after the lock ran out (and not before).
     let status = t
-        .wait_status("dev-1", 1, Duration::from_secs(10), |s| {
-            s["state"] == "DeadLettered"
-        })
+        .wait_status("dev-1", 1, |s| s["state"] == "DeadLettered")
         .await;
     assert_eq!(status["outcome"], "DeliveryCountExceeded");
+    assert!(api_time(&status["outcomeTimeUtc"]) >= locked_until);
     let feedback = t.drain_feedback().await;
     assert_eq!(feedback.len(), 1);
     assert_eq!(feedback[0]["statusCode"], "DeliveryCountExceeded");
@@ -805,7 +810,9 @@ async fn a_lapsed_last_delivery_is_dead_lettered_at_the_next_receive() {
     t.enqueue("dev-1", &[], "second").await;
     let (_lock, _, body) = t.take("dev-1", &token).await;
     assert_eq!(body, "first");
-    tokio::time::sleep(Duration::from_millis(5200)).await;
+    // Until the lock runs out on the database's clock (the status reads it), "first" is merely locked.
+    t.wait_status("dev-1", 1, |s| s["state"] == "Enqueued")
+        .await;
     let (_, headers, body) = t.take("dev-1", &token).await;
     assert_eq!(
         body, "second",
@@ -823,18 +830,24 @@ async fn a_lapsed_last_delivery_is_dead_lettered_at_the_next_receive() {
 async fn an_expired_message_is_never_delivered_and_is_reported() {
     let t = C2d::start_with(|c| c.c2d.sweep_interval_ms = 60_000).await;
     let token = t.device("dev-1").await;
-    t.enqueue(
-        "dev-1",
-        &[
-            ("iothub-ttl", "1"),
-            ("iothub-ack", "negative"),
-            ("iothub-messageid", "old"),
-        ],
-        "x",
+    let old = t
+        .enqueue(
+            "dev-1",
+            &[
+                ("iothub-ttl", "1"),
+                ("iothub-ack", "negative"),
+                ("iothub-messageid", "old"),
+            ],
+            "x",
+        )
+        .await;
+    t.enqueue("dev-1", &[("iothub-ack", "full")], "fresh").await;
+    // Until the database's clock passes the expiry (reported to the millisecond, stored below the next one).
+    wait_for_db_time(
+        &t.hub.db,
+        api_time(&old["expiryTimeUtc"]) + Span::milliseconds(1),
     )
     .await;
-    t.enqueue("dev-1", &[("iothub-ack", "full")], "fresh").await;
-    tokio::time::sleep(Duration::from_millis(1300)).await;
     let (_, _, body) = t.take("dev-1", &token).await;
     assert_eq!(body, "fresh");
     let status = t.status("dev-1", 1).await;
@@ -853,11 +866,11 @@ async fn the_sweeper_expires_messages_of_devices_that_never_poll() {
     t.enqueue("dev-1", &[("iothub-ttl", "1"), ("iothub-ack", "full")], "x")
         .await;
     let status = t
-        .wait_status("dev-1", 1, Duration::from_secs(5), |s| {
-            s["state"] == "DeadLettered"
-        })
+        .wait_status("dev-1", 1, |s| s["state"] == "DeadLettered")
         .await;
     assert_eq!(status["outcome"], "Expired");
+    // Not before it expired, on the database's clock.
+    assert!(api_time(&status["outcomeTimeUtc"]) >= api_time(&status["expiryTimeUtc"]));
     let feedback = t.drain_feedback().await;
     assert_eq!(feedback.len(), 1);
     assert_eq!(feedback[0]["statusCode"], "Expired");
@@ -1004,15 +1017,35 @@ async fn ended_messages_are_deleted_after_the_feedback_ttl() {
         t.settle("dev-1", &token, &lock, "complete").await.status(),
         204
     );
-    assert_eq!(t.status("dev-1", 1).await["outcome"], "Success");
-    tokio::time::sleep(Duration::from_millis(3000)).await;
-    let response = t
-        .hub
-        .request(Method::GET, "/devices/dev-1/commands/1", &t.service)
-        .send()
-        .await
-        .unwrap();
-    assert_error(response, 404, "NotFound").await;
+    let status = t.status("dev-1", 1).await;
+    assert_eq!(status["outcome"], "Success");
+    let ended = api_time(&status["outcomeTimeUtc"]);
+    // Kept for the TTL, then deleted by the sweeper. Each look reads the database's clock after its answer: a
+    // look that found the message gone while that clock was still short of the TTL shows an early delete.
+    let kept_until = ended + Span::seconds(2);
+    let deadline = tokio::time::Instant::now() + LIVENESS;
+    loop {
+        let response = t
+            .hub
+            .request(Method::GET, "/devices/dev-1/commands/1", &t.service)
+            .send()
+            .await
+            .unwrap();
+        let after = t.hub.db_now().await;
+        if response.status() != 200 {
+            assert!(
+                after >= kept_until,
+                "deleted before its feedback TTL ran out: gone at {after}, kept until {kept_until}"
+            );
+            assert_error(response, 404, "NotFound").await;
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not deleted within {LIVENESS:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM c2d_messages")
         .fetch_one(&t.hub.db)
         .await
@@ -1026,37 +1059,35 @@ async fn ended_messages_are_deleted_after_the_feedback_ttl() {
 async fn a_long_poll_answers_the_moment_a_message_is_enqueued() {
     let t = std::sync::Arc::new(C2d::start().await);
     let token = t.device("dev-1").await;
-    t.device("dev-2").await;
-    let poller = {
+    let other_token = t.device("dev-2").await;
+    let poll = |id: &'static str, token: String| {
         let t = t.clone();
-        let token = token.clone();
         tokio::spawn(async move {
-            let response = t.receive_query("dev-1", &token, "?wait-ms=20000").await;
-            (
-                Instant::now(),
-                response.status(),
-                response.text().await.unwrap(),
-            )
+            let wait = format!("?wait-ms={LONG_POLL_MS}");
+            let response = t.receive_query(id, &token, &wait).await;
+            (response.status(), response.text().await.unwrap())
         })
     };
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    // A message for another device does not answer it.
+    let poller = poll("dev-1", token.clone());
+    let other = poll("dev-2", other_token);
+    // Both polls are in the hub, registered for their device's wake-ups, before anything is enqueued.
+    t.hub.wait_for_polls(Wake::C2d("dev-1"), 1).await;
+    t.hub.wait_for_polls(Wake::C2d("dev-2"), 1).await;
+    // A message for another device answers that device's poll, and leaves this one waiting.
     t.enqueue("dev-2", &[], "not yours").await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(!poller.is_finished(), "woken by another device's message");
-    let sent = Instant::now();
+    let (status, body) = woken(other).await.unwrap();
+    assert_eq!((status.as_u16(), body.as_str()), (200, "not yours"));
+    assert_eq!(
+        t.hub.polls_waiting(Wake::C2d("dev-1")),
+        1,
+        "dev-1's poll ended on another device's message"
+    );
     t.enqueue("dev-1", &[], "now").await;
-    let (answered, status, body) = poller.await.unwrap();
+    let (status, body) = woken(poller).await.unwrap();
     assert_eq!(status, 200);
     assert_eq!(body, "now");
-    assert!(answered >= sent, "answered before the enqueue");
-    let latency = answered - sent;
-    assert!(
-        latency < Duration::from_secs(1),
-        "long poll took {latency:?}"
-    );
 
-    // An empty wait ends with 204 after about the time asked for.
+    // An empty wait ends with 204, not before the time asked for (the monotonic clock cannot run short).
     let start = Instant::now();
     assert_eq!(
         t.receive_query("dev-1", &token, "?wait-ms=300")
@@ -1084,7 +1115,7 @@ async fn long_polls_end_when_the_hub_shuts_down() {
     let t = C2d::start().await;
     let token = t.device("dev-1").await;
     let url = format!(
-        "{}/devices/dev-1/messages/deviceBound?api-version=2021-04-12&wait-ms=25000",
+        "{}/devices/dev-1/messages/deviceBound?api-version=2021-04-12&wait-ms={LONG_POLL_MS}",
         t.hub.base
     );
     let http = t.hub.http.clone();
@@ -1097,14 +1128,14 @@ async fn long_polls_end_when_the_hub_shuts_down() {
             .unwrap();
         response.status()
     });
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let start = Instant::now();
-    t.hub.shutdown().await;
-    assert!(
-        start.elapsed() < Duration::from_secs(5),
-        "shutdown waited for the long poll"
-    );
-    assert_eq!(poller.await.unwrap(), 204);
+    t.hub.wait_for_polls(Wake::C2d("dev-1"), 1).await;
+    // Shutdown ends the wait: the poll is answered and the hub stops, both before the poll's wait runs out.
+    let stop = async {
+        t.hub.shutdown().await;
+        poller.await.unwrap()
+    };
+    let status = woken(stop).await;
+    assert_eq!(status, 204);
 }
 
 #[tokio::test]
@@ -1184,7 +1215,7 @@ async fn two_hub_processes_on_one_database_behave_as_one_hub() {
     let receive_on_other = {
         let http = t.hub.http.clone();
         let url = format!(
-            "{other_base}/devices/dev-1/messages/deviceBound?api-version=2021-04-12&wait-ms=20000"
+            "{other_base}/devices/dev-1/messages/deviceBound?api-version=2021-04-12&wait-ms={LONG_POLL_MS}"
         );
         let token = token.clone();
         move || {
@@ -1200,12 +1231,10 @@ async fn two_hub_processes_on_one_database_behave_as_one_hub() {
     };
     // A long poll on the second hub wakes on an enqueue through the first.
     let poller = tokio::spawn(receive_on_other());
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let sent = Instant::now();
+    wait_for_polls(&other, Wake::C2d("dev-1"), 1).await;
     t.enqueue("dev-1", &[], "one").await;
-    let response = poller.await.unwrap();
+    let response = woken(poller).await.unwrap();
     assert_eq!(response.status(), 200);
-    assert!(sent.elapsed() < Duration::from_secs(1));
     let lock = response.headers()["etag"]
         .to_str()
         .unwrap()
@@ -1280,4 +1309,203 @@ async fn the_cli_sends_lists_reports_purges_and_watches_feedback() {
     assert_eq!(record["statusCode"], "Purged");
     // The batch was completed: nothing left to receive.
     assert!(t.drain_feedback().await.is_empty());
+}
+
+/// libfaketime, which shifts the clock of the process it is preloaded into (`.ci/run` installs it).
+fn libfaketime() -> std::path::PathBuf {
+    std::fs::read_dir("/usr/lib")
+        .unwrap()
+        .filter_map(|entry| Some(entry.ok()?.path().join("faketime/libfaketime.so.1")))
+        .find(|path| path.exists())
+        .expect("libfaketime is installed (apt-get install libfaketime; .ci/run does)")
+}
+
+/// The clock of a hub process, as its HTTP `Date` header shows it.
+async fn hub_clock(base: &str) -> chrono::DateTime<chrono::Utc> {
+    let response = reqwest::get(format!("{base}/health/ready")).await.unwrap();
+    let date = response.headers()["date"].to_str().unwrap().to_string();
+    chrono::DateTime::parse_from_rfc2822(&date)
+        .unwrap_or_else(|e| panic!("Date: {date}: {e}"))
+        .with_timezone(&chrono::Utc)
+}
+
+/// Two hub processes on one database, one with its clock two hours ahead of the database's and one two hours
+/// behind, agree on every C2D time rule, and with the database: enqueue's expiry check, the times the API reports,
+/// expiry at delivery and the lock's length. A hub that reasoned with its own clock fails each step below in the
+/// way its comment says. What this cannot show: which clock a rule reads when both clocks agree.
+#[tokio::test]
+async fn expiry_and_locks_follow_the_databases_clock_not_the_hubs() {
+    let database = TestDb::create().await;
+    let db = database.pool().await;
+    let data_dir =
+        std::env::temp_dir().join(format!("iothub-clocks-{}", uuid::Uuid::new_v4().simple()));
+    let lib = libfaketime();
+    let shifted = |offset: &'static str| {
+        let (url, data_dir, lib) = (database.url(), data_dir.clone(), lib.clone());
+        async move {
+            HubProcess::start_with(
+                &url,
+                &data_dir,
+                &[
+                    ("LD_PRELOAD", lib.to_str().unwrap()),
+                    ("FAKETIME", offset),
+                    ("FAKETIME_DONT_FAKE_MONOTONIC", "1"),
+                ],
+                None,
+            )
+            .await
+        }
+    };
+    let ahead = shifted("+2h").await;
+    let behind = shifted("-2h").await;
+    // The shift is in effect: otherwise this test would show nothing.
+    let now = db_now(&db).await;
+    let off = |hub: chrono::DateTime<chrono::Utc>, by: i64| (hub - now - Span::hours(by)).abs();
+    assert!(off(hub_clock(&ahead.base).await, 2) < Span::minutes(1));
+    assert!(off(hub_clock(&behind.base).await, -2) < Span::minutes(1));
+
+    // Tokens valid for the shifted clocks too; the shared default policies.
+    let key = |name: &'static str| {
+        let db = db.clone();
+        async move {
+            iothub::auth::policies::get(&db, name)
+                .await
+                .unwrap()
+                .unwrap()
+                .primary_key
+        }
+    };
+    let expiry = now.timestamp() + 3 * 3600;
+    let owner = sas::sign(HOST, &key("iothubowner").await, Some("iothubowner"), expiry).unwrap();
+    let service = sas::sign(HOST, &key("service").await, Some("service"), expiry).unwrap();
+    let http = reqwest::Client::new();
+    let call = |base: &str, method: Method, path: &str, token: &str| {
+        http.request(method, format!("{base}{path}?api-version=2021-04-12"))
+            .header("Authorization", token)
+    };
+    let mut devices = std::collections::HashMap::new();
+    for id in ["dev-a", "dev-b", "dev-c"] {
+        let created: Value = call(&ahead.base, Method::PUT, &device_path(id), &owner)
+            .json(&serde_json::json!({"deviceId": id}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let token = sas::sign(
+            &format!("{HOST}/devices/{id}"),
+            &primary_key(&created),
+            None,
+            expiry,
+        )
+        .unwrap();
+        devices.insert(id, token);
+    }
+    let enqueue = |base: &str, id: &str, header: (&'static str, String)| {
+        call(
+            base,
+            Method::POST,
+            &format!("/devices/{id}/commands"),
+            &service,
+        )
+        .header(header.0, header.1)
+        .body(id.to_string())
+        .send()
+    };
+    let receive = |base: &str, id: &str| {
+        call(
+            base,
+            Method::GET,
+            &format!("/devices/{id}/messages/deviceBound"),
+            &devices[id],
+        )
+        .send()
+    };
+    let status = |id: &str, seq: i64| {
+        let request = call(
+            &ahead.base,
+            Method::GET,
+            &format!("/devices/{id}/commands/{seq}"),
+            &service,
+        );
+        async move { request.send().await.unwrap().json::<Value>().await.unwrap() }
+    };
+    let rfc3339 =
+        |t: chrono::DateTime<chrono::Utc>| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+
+    // Ahead: an absolute expiry 10 minutes away on the database's clock is accepted (on the hub's own clock it
+    // passed 1 h 50 min ago: 403), and the message is delivered, not expired.
+    let at = db_now(&db).await + Span::minutes(10);
+    let response = enqueue(&ahead.base, "dev-a", ("iothub-expiry", rfc3339(at)))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 201);
+    let before = db_now(&db).await;
+    let response = receive(&ahead.base, "dev-a").await.unwrap();
+    let after = db_now(&db).await;
+    assert_eq!(response.status(), 200);
+    // The lock runs 5 s (IOTHUB_C2D_LOCK_SECS) from the database's now(), not from the hub's.
+    let locked_until = api_time(&status("dev-a", 1).await["lockedUntilUtc"]);
+    assert!(
+        locked_until >= before + Span::seconds(5) - Span::milliseconds(1)
+            && locked_until <= after + Span::seconds(5),
+        "locked until {locked_until}, received between {before} and {after}"
+    );
+    // ... and holds: on the ahead hub's clock it ran out long ago, yet the message stays locked.
+    assert_eq!(receive(&ahead.base, "dev-a").await.unwrap().status(), 204);
+
+    // Ahead: a TTL counts from the database's now(), and so does the reported enqueue time.
+    let before = db_now(&db).await;
+    let enqueued: Value = enqueue(&ahead.base, "dev-b", ("iothub-ttl", "600".into()))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let after = db_now(&db).await;
+    let enqueued_at = api_time(&enqueued["enqueuedTimeUtc"]);
+    assert!(
+        enqueued_at >= before - Span::milliseconds(1) && enqueued_at <= after,
+        "enqueued at {enqueued_at}, sent between {before} and {after}"
+    );
+    assert_eq!(
+        api_time(&enqueued["expiryTimeUtc"]) - enqueued_at,
+        Span::seconds(600)
+    );
+
+    // Behind: an absolute expiry 10 minutes past on the database's clock is refused (on the hub's own clock it
+    // is 1 h 50 min away: accepted).
+    let past = db_now(&db).await - Span::minutes(10);
+    let response = enqueue(&behind.base, "dev-c", ("iothub-expiry", rfc3339(past)))
+        .await
+        .unwrap();
+    assert_error(response, 403, "InvalidMessageExpiryTime").await;
+    // Behind: a message expired on the database's clock is not delivered (on the hub's own clock it has two hours
+    // left).
+    let stale: Value = enqueue(&behind.base, "dev-c", ("iothub-ttl", "1".into()))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    wait_for_db_time(
+        &db,
+        api_time(&stale["expiryTimeUtc"]) + Span::milliseconds(1),
+    )
+    .await;
+    assert_eq!(receive(&behind.base, "dev-c").await.unwrap().status(), 204);
+    let seq = stale["sequenceNumber"].as_i64().unwrap();
+    assert_eq!(status("dev-c", seq).await["outcome"], "Expired");
+
+    // Behind: the lock taken through the other hub runs out on the database's clock (on the hub's own clock it
+    // has two hours left), and the message is delivered again.
+    wait_for_db_time(&db, locked_until + Span::milliseconds(1)).await;
+    let response = receive(&behind.base, "dev-a").await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(header(response.headers(), "iothub-deliverycount"), "1");
+
+    ahead.kill().await;
+    behind.kill().await;
+    let _ = std::fs::remove_dir_all(&data_dir);
 }

@@ -5,6 +5,8 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+use futures::StreamExt;
+
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine;
 use common::*;
@@ -67,6 +69,26 @@ async fn partition_events(hub: &TestHub, device_id: &str) -> Vec<Value> {
     )
     .await;
     page["events"].as_array().unwrap().clone()
+}
+
+/// Transactions of this test's database waiting for a lock (a partition writer blocked behind the test's own).
+async fn lock_waiters(hub: &TestHub) -> i64 {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM pg_stat_activity
+         WHERE datname = current_database() AND wait_event_type = 'Lock'",
+    )
+    .fetch_one(&hub.db)
+    .await
+    .unwrap()
+}
+
+/// Waits until a partition writer's transaction waits for the partition row the test holds.
+async fn wait_for_blocked_writer(hub: &TestHub) {
+    wait_until(
+        "a writer's transaction to wait for the held row",
+        move || async move { lock_waiters(hub).await == 1 },
+    )
+    .await
 }
 
 fn of_device<'a>(events: &'a [Value], id: &str) -> Vec<&'a Value> {
@@ -386,10 +408,20 @@ async fn read_api_positions_limits_and_errors() {
     let hub = TestHub::start().await;
     let dev = device(&hub, "reader-src").await;
     let p = iothub::d2c::partition_for("reader-src", 4);
-    for n in 0..5 {
+    let base = format!("/messages/events/partitions/{p}");
+    for n in 0..3 {
         assert_eq!(send(&hub, &dev, &format!("m{n}"), &[]).await.status(), 204);
     }
-    let base = format!("/messages/events/partitions/{p}");
+    // A time strictly between the first three events and the last two: after the third's enqueued time (reported
+    // to the millisecond, stored below the next one), and passed on the database's clock before the fourth is sent.
+    let third = get_json(&hub, &format!("{base}?from-sequence-number=2")).await["events"][0]
+        ["enqueuedTimeUtc"]
+        .clone();
+    let boundary = api_time(&third) + chrono::Duration::milliseconds(1);
+    wait_for_db_time(&hub.db, boundary).await;
+    for n in 3..5 {
+        assert_eq!(send(&hub, &dev, &format!("m{n}"), &[]).await.status(), 204);
+    }
     let page = get_json(&hub, &format!("{base}?from-sequence-number=2&max-count=2")).await;
     let seqs: Vec<i64> = page["events"]
         .as_array()
@@ -405,13 +437,28 @@ async fn read_api_positions_limits_and_errors() {
     assert!(end["events"].as_array().unwrap().is_empty());
     assert_eq!(end["nextSequenceNumber"], 5);
 
-    let first_time = get_json(&hub, &format!("{base}?from-sequence-number=3")).await["events"][0]
-        ["enqueuedTimeUtc"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let by_time = get_json(&hub, &format!("{base}?from-enqueued-time={first_time}")).await;
-    assert!(by_time["events"][0]["sequenceNumber"].as_i64().unwrap() <= 3);
+    // All five are in the stream; from the boundary on, only the last two.
+    let seqs_of = |page: &Value| -> Vec<i64> {
+        page["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["sequenceNumber"].as_i64().unwrap())
+            .collect()
+    };
+    assert_eq!(
+        seqs_of(&get_json(&hub, &format!("{base}?from=start")).await),
+        vec![0, 1, 2, 3, 4]
+    );
+    let boundary = boundary.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    let by_time = get_json(&hub, &format!("{base}?from-enqueued-time={boundary}")).await;
+    assert_eq!(seqs_of(&by_time), vec![3, 4], "from {boundary}");
+    assert_eq!(
+        BASE64
+            .decode(by_time["events"][0]["body"].as_str().unwrap())
+            .unwrap(),
+        b"m3"
+    );
     let future = get_json(
         &hub,
         &format!("{base}?from-enqueued-time=2999-01-01T00:00:00Z"),
@@ -476,24 +523,21 @@ async fn long_poll_wakes_when_an_event_commits() {
     let poll = hub
         .request(
             Method::GET,
-            &format!("/messages/events/partitions/{p}?from=end&wait-ms=20000"),
+            &format!("/messages/events/partitions/{p}?from=end&wait-ms={LONG_POLL_MS}"),
             &token,
         )
         .send();
-    let started = Instant::now();
-    let (response, _) = tokio::join!(poll, async {
-        tokio::time::sleep(Duration::from_millis(300)).await;
+    // The send commits once the poll is in the hub and registered for the partition's wake-ups.
+    let (response, _) = tokio::join!(woken(poll), async {
+        hub.wait_for_polls(Wake::D2c(p), 1).await;
         assert_eq!(send(&hub, &dev, "wake up", &[]).await.status(), 204);
     });
     let page: Value = response.unwrap().json().await.unwrap();
     assert_eq!(page["events"].as_array().unwrap().len(), 1);
     assert_eq!(page["events"][0]["deviceId"], "waker");
-    assert!(
-        started.elapsed() < Duration::from_secs(5),
-        "woken promptly, not at the end of the wait"
-    );
 
-    // With nothing coming, the poll answers empty when the wait ends.
+    // With nothing coming, the poll answers empty when the wait ends, not before (the monotonic clock cannot run
+    // short).
     let started = Instant::now();
     let page = get_json(
         &hub,
@@ -855,32 +899,40 @@ async fn concurrent_sends_share_a_transaction() {
     for id in &ids {
         devs.push(device(&hub, id).await);
     }
-    // Hold partition 0's counter row: the writer's first transaction waits on it while the other sends queue up.
+    // Hold partition 0's counter row: the writer's transaction with the first send waits on it, and the other nine
+    // sends queue up behind it, each seen in the hub before the row is let go.
     let mut blocker = hub.db.begin().await.unwrap();
     sqlx::query("SELECT 1 FROM d2c_partitions WHERE partition_id = 0 FOR UPDATE")
         .execute(&mut *blocker)
         .await
         .unwrap();
-    let sends = futures::future::join_all(devs.iter().map(|d| send(&hub, d, "x", &[])));
-    let release = async {
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        blocker.commit().await.unwrap();
-    };
-    let (responses, _) = tokio::join!(sends, release);
-    assert!(responses.iter().all(|r| r.status() == 204));
-    // Events committed together share their transaction's enqueued time: ten sends, at most two transactions.
+    let (first, rest) = tokio::join!(send(&hub, &devs[0], "x", &[]), async {
+        wait_for_blocked_writer(&hub).await;
+        let sends = futures::future::join_all(devs[1..].iter().map(|d| send(&hub, d, "x", &[])));
+        let release = async {
+            wait_until("nine sends queued behind the blocked transaction", || {
+                std::future::ready(hub.running().d2c_queued(0) == 9)
+            })
+            .await;
+            blocker.commit().await.unwrap();
+        };
+        tokio::join!(sends, release).0
+    });
+    assert_eq!(first.status(), 204);
+    assert!(rest.iter().all(|r| r.status() == 204));
+    // Events committed together share their transaction's enqueued time: the first send alone, then all nine that
+    // waited in one transaction.
     let page = get_json(&hub, "/messages/events/partitions/0?max-count=1000").await;
-    let times: std::collections::HashSet<String> = page["events"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["enqueuedTimeUtc"].as_str().unwrap().to_string())
-        .collect();
-    assert_eq!(page["events"].as_array().unwrap().len(), 10);
-    assert!(
-        times.len() <= 2,
-        "{} transactions for 10 sends",
-        times.len()
+    let mut per_time = std::collections::BTreeMap::<String, usize>::new();
+    for event in page["events"].as_array().unwrap() {
+        *per_time
+            .entry(event["enqueuedTimeUtc"].as_str().unwrap().to_string())
+            .or_default() += 1;
+    }
+    assert_eq!(
+        per_time.into_values().collect::<Vec<_>>(),
+        vec![1, 9],
+        "events per transaction, in order"
     );
 }
 
@@ -901,30 +953,30 @@ async fn a_full_queue_pushes_back_with_503_instead_of_growing() {
         .execute(&mut *blocker)
         .await
         .unwrap();
-    let sends = futures::future::join_all(devs.iter().map(|d| send(&hub, d, "x", &[])));
-    let release = async {
-        tokio::time::sleep(Duration::from_millis(1500)).await;
-        blocker.commit().await.unwrap();
-    };
-    let (responses, _) = tokio::join!(sends, release);
-    let mut accepted = 0;
-    let mut refused = 0;
-    for response in responses {
-        match response.status().as_u16() {
-            204 => accepted += 1,
-            503 => {
-                assert_eq!(response.headers()["retry-after"], "1");
-                assert_error(response, 503, "ServiceUnavailable").await;
-                refused += 1;
-            }
-            other => panic!("unexpected status {other}"),
+    // The writer's transaction holds the first send and waits on the row; of the fifteen sends after it, two fit
+    // in the queue and thirteen wait 300 ms for room and are refused rather than held in memory. Nothing can
+    // commit meanwhile, so the first thirteen answers are all refusals; then the row is let go.
+    let (first, rest) = tokio::join!(send(&hub, &devs[0], "x", &[]), async {
+        wait_for_blocked_writer(&hub).await;
+        let mut sends: futures::stream::FuturesUnordered<_> =
+            devs[1..].iter().map(|d| send(&hub, d, "x", &[])).collect();
+        for _ in 0..13 {
+            let response = sends.next().await.unwrap();
+            assert_eq!(response.headers()["retry-after"], "1");
+            assert_error(response, 503, "ServiceUnavailable").await;
         }
-    }
-    // The blocked transaction holds what had queued when it started, two more wait in the queue; the rest waited
-    // 300 ms for room and were refused rather than held in memory. Exactly the accepted ones are stored.
-    assert_eq!(accepted + refused, 16);
-    assert!(refused >= 1, "nothing was refused");
-    assert!(accepted >= 3);
+        assert_eq!(
+            hub.running().d2c_queued(1),
+            2,
+            "two sends wait in the queue"
+        );
+        blocker.commit().await.unwrap();
+        sends.collect::<Vec<_>>().await
+    });
+    // The three admitted ones commit, and exactly they are stored.
+    assert_eq!(first.status(), 204);
+    assert_eq!(rest.len(), 2);
+    assert!(rest.iter().all(|r| r.status() == 204));
     let page = get_json(&hub, "/messages/events/partitions/1?max-count=1000").await;
-    assert_eq!(page["events"].as_array().unwrap().len(), accepted);
+    assert_eq!(page["events"].as_array().unwrap().len(), 3);
 }

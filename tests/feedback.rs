@@ -3,8 +3,8 @@
 
 mod common;
 
+use chrono::{DateTime, Duration as Span, Utc};
 use std::collections::BTreeSet;
-use std::time::{Duration, Instant};
 
 use common::*;
 use reqwest::{Method, Response};
@@ -44,6 +44,38 @@ impl Hub {
             request = request.header(*name, *value);
         }
         assert_eq!(request.send().await.unwrap().status(), 201);
+    }
+
+    async fn status(&self, id: &str, seq: i64) -> Value {
+        let response = self
+            .hub
+            .request(
+                Method::GET,
+                &format!("/devices/{id}/commands/{seq}"),
+                &self.service,
+            )
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200, "status of {id}/{seq}");
+        response.json().await.unwrap()
+    }
+
+    /// Waits until the sweeper (the only one to end messages of a device that never polls) dead-lettered `seq`.
+    async fn wait_dead_lettered(&self, id: &str, seq: i64) {
+        wait_until(
+            &format!("{id}/{seq} to be dead-lettered"),
+            move || async move { self.status(id, seq).await["state"] == "DeadLettered" },
+        )
+        .await
+    }
+
+    /// The feedback queue's lease on its one batch, on the database's clock.
+    async fn batch_locked_until(&self) -> DateTime<Utc> {
+        sqlx::query_scalar("SELECT locked_until FROM feedback_batches")
+            .fetch_one(&self.hub.db)
+            .await
+            .unwrap()
     }
 
     async fn take(&self, id: &str, token: &str) -> String {
@@ -206,9 +238,10 @@ async fn each_ack_mode_hears_exactly_the_outcomes_it_asks_for() {
     }
     t.device_call(Method::DELETE, "/devices/Purged/commands", &t.service)
         .await;
-    // Expiry comes from the sweeper.
-    let start = Instant::now();
-    let mut records = Vec::new();
+    // Expiry comes from the sweeper: wait until it ended the four (one per ack mode).
+    for seq in 1..=acks.len() as i64 {
+        t.wait_dead_lettered("Expired", seq).await;
+    }
     let expected: BTreeSet<(String, String)> = acks
         .iter()
         .flat_map(|ack| {
@@ -223,13 +256,7 @@ async fn each_ack_mode_hears_exactly_the_outcomes_it_asks_for() {
             })
         })
         .collect();
-    loop {
-        records.extend(t.drain().await);
-        if records.len() >= expected.len() || start.elapsed() > Duration::from_secs(8) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let records = t.drain().await;
     let got: BTreeSet<(String, String)> = records
         .iter()
         .map(|r| {
@@ -258,8 +285,11 @@ async fn each_ack_mode_hears_exactly_the_outcomes_it_asks_for() {
                 .is_ok()
         );
     }
-    // Nothing more arrives later.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Nothing more arrives later: a sweep that ran after the drain (it dead-lettered a message that expired after
+    // it) added no record.
+    t.device("canary").await;
+    t.enqueue("canary", &[("iothub-ttl", "1")]).await;
+    t.wait_dead_lettered("canary", 1).await;
     assert!(t.drain().await.is_empty());
 }
 
@@ -346,12 +376,19 @@ async fn an_unsettled_batch_comes_back_after_its_lock_and_is_discarded_after_max
         .await;
     let (lock, records, _) = t.batch().await;
     assert_eq!(records.len(), 1);
-    // Lock runs out: a long poll wakes when it does, and the batch comes back counted.
-    let start = Instant::now();
-    let response = t.receive("?wait-ms=10000").await;
+    let locked_until = t.batch_locked_until().await;
+    // Lock runs out: a long poll wakes when it does (nothing else would wake it), and the batch comes back counted.
+    let response = woken(t.receive(&format!("?wait-ms={LONG_POLL_MS}"))).await;
     assert_eq!(response.status(), 200);
-    assert!(start.elapsed() >= Duration::from_secs(3));
     assert_eq!(response.headers()["iothub-deliverycount"], "1");
+    // Not before the lease ran out, on the database's clock: the new 5 s lease began no earlier than the old one
+    // ended.
+    let relocked_until = t.batch_locked_until().await;
+    assert!(
+        relocked_until - Span::seconds(5) >= locked_until,
+        "received again at {} while leased until {locked_until}",
+        relocked_until - Span::seconds(5)
+    );
     let second = response.headers()["etag"]
         .to_str()
         .unwrap()
@@ -381,31 +418,20 @@ async fn a_feedback_long_poll_answers_when_an_outcome_commits() {
     let poller = {
         let t = t.clone();
         tokio::spawn(async move {
-            let response = t.receive("?wait-ms=20000").await;
-            (
-                Instant::now(),
-                response.status(),
-                response.text().await.unwrap(),
-            )
+            let response = t.receive(&format!("?wait-ms={LONG_POLL_MS}")).await;
+            (response.status(), response.text().await.unwrap())
         })
     };
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert!(!poller.is_finished());
-    let completed = Instant::now();
+    // The poll is in the hub and registered for wake-ups before the outcome commits.
+    t.hub.wait_for_polls(Wake::Feedback, 1).await;
     t.device_call(
         Method::DELETE,
         &format!("/devices/d1/messages/deviceBound/{lock}"),
         &token,
     )
     .await;
-    let (answered, status, body) = poller.await.unwrap();
+    let (status, body) = woken(poller).await.unwrap();
     assert_eq!(status, 200);
-    assert!(answered >= completed);
-    assert!(
-        answered - completed < Duration::from_secs(1),
-        "took {:?}",
-        answered - completed
-    );
     let records: Vec<Value> = serde_json::from_str(&body).unwrap();
     assert_eq!(records[0]["originalMessageId"], "ok");
     assert_eq!(records[0]["statusCode"], "Success");

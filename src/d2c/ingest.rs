@@ -63,6 +63,14 @@ impl Ingest {
         }
     }
 
+    /// Sends waiting in partition `partition`'s queue, not yet taken into a transaction. Tests read it to know
+    /// sends have arrived before they let the writer go on.
+    pub fn queued(&self, partition: u32) -> usize {
+        self.queues
+            .get(partition as usize)
+            .map_or(0, |queue| queue.max_capacity() - queue.capacity())
+    }
+
     /// Appends `events` (one device's, so one partition's) atomically; returns the first sequence number once
     /// the transaction that holds them has committed.
     pub async fn submit(&self, partition: u32, events: Vec<NewEvent>) -> Result<i64> {

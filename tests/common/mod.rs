@@ -274,6 +274,23 @@ impl TestHub {
         events
     }
 
+    /// The database's clock: the clock every time-based rule of the hub reads.
+    pub async fn db_now(&self) -> chrono::DateTime<chrono::Utc> {
+        db_now(&self.db).await
+    }
+
+    /// Waits until exactly `n` long polls of this hub wait on `on`: such a poll has been received and registered
+    /// for wake-ups (it registers before it looks), so whatever commits from now on reaches it. A test produces
+    /// the event after this, instead of after a sleep that cannot tell "waiting" from "not sent yet".
+    pub async fn wait_for_polls(&self, on: Wake<'_>, n: usize) {
+        wait_for_polls(self.running(), on, n).await
+    }
+
+    /// Long polls of this hub waiting on `on` right now.
+    pub fn polls_waiting(&self, on: Wake<'_>) -> usize {
+        on.count(self.running())
+    }
+
     /// Creates a device with generated keys; returns its JSON.
     pub async fn create_device(&self, id: &str) -> Value {
         let token = self.owner().await;
@@ -294,6 +311,95 @@ impl Drop for TestHub {
             let _ = stop.send(());
         }
     }
+}
+
+/// How long a test waits for something that should happen at once, or at a time it has set, before it fails.
+/// Generous on purpose: it is a liveness deadline for a loaded machine, not a speed claim.
+pub const LIVENESS: Duration = Duration::from_secs(60);
+
+/// The wait tests ask of a long poll, as `wait-ms`.
+pub const LONG_POLL_MS: u64 = 30_000;
+
+/// Awaits a long poll's answer for half its wait at most. A poll that is woken answers at once; one whose wake-up
+/// is lost still answers, with the same message, when its wait runs out (it looks a last time). Only this deadline
+/// tells the two apart; it is a liveness deadline, not a speed claim.
+pub async fn woken<T>(answer: impl std::future::Future<Output = T>) -> T {
+    let half = Duration::from_millis(LONG_POLL_MS / 2);
+    tokio::time::timeout(half, answer)
+        .await
+        .unwrap_or_else(|_| panic!("a long poll was not woken within {half:?}"))
+}
+
+/// Polls `check` every few milliseconds until it holds; fails naming `what` after [`LIVENESS`].
+pub async fn wait_until<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + LIVENESS;
+    while !check().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "waited {LIVENESS:?} for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// What a long poll waits for.
+#[derive(Clone, Copy, Debug)]
+pub enum Wake<'a> {
+    /// A device's C2D receive (`wait-ms`).
+    C2d(&'a str),
+    /// The service's feedback receive.
+    Feedback,
+    /// A read of one D2C partition.
+    D2c(u32),
+}
+
+impl Wake<'_> {
+    fn count(self, hub: &iothub::RunningHub) -> usize {
+        use iothub::notify::channel;
+        match self {
+            Wake::C2d(device) => hub.waiting(channel::C2D, device),
+            Wake::Feedback => hub.waiting(channel::FEEDBACK, ""),
+            Wake::D2c(partition) => hub.waiting(channel::D2C, &partition.to_string()),
+        }
+    }
+}
+
+/// Waits until exactly `n` long polls of `hub` (in this test process) wait on `on`.
+pub async fn wait_for_polls(hub: &iothub::RunningHub, on: Wake<'_>, n: usize) {
+    wait_until(&format!("{n} long poll(s) waiting on {on:?}"), || {
+        std::future::ready(on.count(hub) == n)
+    })
+    .await
+}
+
+/// `now()` of the database.
+pub async fn db_now(db: &PgPool) -> chrono::DateTime<chrono::Utc> {
+    sqlx::query_scalar("SELECT now()")
+        .fetch_one(db)
+        .await
+        .unwrap()
+}
+
+/// Waits until the database's clock is past `at`.
+pub async fn wait_for_db_time(db: &PgPool, at: chrono::DateTime<chrono::Utc>) {
+    wait_until(
+        &format!("the database's clock to pass {at}"),
+        move || async move { db_now(db).await > at },
+    )
+    .await
+}
+
+/// Parses a time the API reports (RFC 3339).
+pub fn api_time(value: &Value) -> chrono::DateTime<chrono::Utc> {
+    chrono::DateTime::parse_from_rfc3339(
+        value.as_str().unwrap_or_else(|| panic!("a time: {value}")),
+    )
+    .unwrap_or_else(|e| panic!("a time: {value}: {e}"))
+    .with_timezone(&chrono::Utc)
 }
 
 pub fn now() -> i64 {
