@@ -21,7 +21,7 @@ RUN cargo build --release --locked --bin iothub \
 FROM debian:bookworm-slim AS runtime
 # No packages are added: the binary needs only glibc (TLS is rustls, with its own roots for the CLI's client).
 # A numeric user, so that orchestrators can verify it is not root (Kubernetes' runAsNonRoot).
-RUN useradd --system --uid 10001 --user-group --home-dir /var/lib/iothub --no-create-home \
+RUN useradd --uid 10001 --user-group --home-dir /var/lib/iothub --no-create-home \
         --shell /usr/sbin/nologin iothub \
     && mkdir -p /var/lib/iothub/data /etc/iothub/tls \
     && chown -R 10001:10001 /var/lib/iothub
