@@ -60,6 +60,8 @@ enum Command {
     },
     /// Print the OpenAPI document.
     Openapi,
+    /// Exit 0 when a running hub answers /health/ready, 1 otherwise (the container image's health check).
+    Health(HealthArgs),
     /// Print device-to-cloud events as they arrive, like `az iot hub monitor-events`.
     Monitor {
         #[command(flatten)]
@@ -130,6 +132,23 @@ struct HubArgs {
     connection_string: Option<String>,
     #[command(flatten)]
     db: DbArgs,
+}
+
+#[derive(Args)]
+struct HealthArgs {
+    /// The hub's base URL. Default: the plain HTTP listener IOTHUB_LISTEN names, on loopback if it is a wildcard.
+    #[arg(long, env = "IOTHUB_URL")]
+    url: Option<String>,
+    #[arg(
+        long,
+        env = "IOTHUB_LISTEN",
+        default_value = "127.0.0.1:8080",
+        hide = true
+    )]
+    listen: std::net::SocketAddr,
+    /// Seconds to wait for the answer.
+    #[arg(long, default_value_t = 5)]
+    timeout: u64,
 }
 
 #[derive(Subcommand)]
@@ -241,6 +260,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let credentials = device_credentials(&hub, &args).await?;
             iothub::cli::d2c::send(&hub.url, credentials, args).await
         }
+        Command::Health(args) => health(args).await,
         Command::Openapi => {
             println!("{}", iothub::http::openapi().to_pretty_json()?);
             Ok(())
@@ -288,6 +308,39 @@ async fn token_command(args: TokenArgs) -> anyhow::Result<()> {
     println!("{token}");
     pool.close().await;
     release(cluster).await
+}
+
+/// Asks a running hub whether it is ready: `Ok` on 200 from `/health/ready`, an error (exit status 1) otherwise.
+async fn health(args: HealthArgs) -> anyhow::Result<()> {
+    let url = match args.url {
+        Some(url) => url,
+        None => {
+            // A hub listening on every interface is reached on loopback.
+            let mut addr = args.listen;
+            if addr.ip().is_unspecified() {
+                addr.set_ip(match addr {
+                    std::net::SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+                    std::net::SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+                });
+            }
+            format!("http://{addr}")
+        }
+    };
+    let url = format!("{}/health/ready", url.trim_end_matches('/'));
+    let response = reqwest::Client::builder()
+        .timeout(Duration::from_secs(args.timeout))
+        .build()?
+        .get(&url)
+        .send()
+        .await
+        .with_context(|| format!("{url} does not answer"))?;
+    let status = response.status();
+    if status != reqwest::StatusCode::OK {
+        let body = response.text().await.unwrap_or_default();
+        bail!("{url} answered {status}: {body}");
+    }
+    println!("ready");
+    Ok(())
 }
 
 /// Stops the managed cluster only if this command started it (a running hub keeps its own).
