@@ -86,11 +86,13 @@ pub async fn launch(
     prepare_database(&db).await?;
     http::metrics::handle();
     let (stop_tx, stop) = watch::channel(false);
+    // Telemetry writers outlive the listeners: a send still in flight when shutdown begins gets its commit.
+    let (drained_tx, drained) = watch::channel(false);
     let mut tasks = JoinSet::new();
     let state = AppState(Arc::new(AppInner {
         throttle: throttle::Throttle::new(&config.throttle)?,
         notifier: notify::Notifier::start(db.clone(), stop.clone(), &mut tasks).await?,
-        d2c: d2c::D2c::start(&db, &config.d2c, stop.clone(), &mut tasks).await?,
+        d2c: d2c::D2c::start(&db, &config.d2c, drained, &mut tasks).await?,
         credentials: auth::Credentials::new(db.clone(), config.auth_cache()),
         shutdown: stop.clone(),
         config: config.clone(),
@@ -98,7 +100,9 @@ pub async fn launch(
     }));
     tasks.spawn(forget_idle_buckets(state.clone(), stop.clone()));
     tasks.spawn(sweep(db, config.clone(), stop.clone()));
-    let addrs = http::serve::start(&state, listeners, &mut tasks)?;
+    let mut serving = JoinSet::new();
+    let addrs = http::serve::start(&state, listeners, &mut serving)?;
+    tasks.spawn(drain(serving, drained_tx));
     tokio::spawn(async move {
         shutdown.await;
         tracing::info!("shutting down");
@@ -113,6 +117,22 @@ pub async fn launch(
         tasks,
         state,
     })
+}
+
+/// Waits for the listeners to stop (each after its requests in flight have answered), then lets the writers stop.
+async fn drain(
+    mut serving: JoinSet<anyhow::Result<()>>,
+    drained: watch::Sender<bool>,
+) -> anyhow::Result<()> {
+    let mut outcome = Ok(());
+    while let Some(result) = serving.join_next().await {
+        let result = result.context("a listener task panicked").and_then(|r| r);
+        if outcome.is_ok() {
+            outcome = result;
+        }
+    }
+    let _ = drained.send(true);
+    outcome
 }
 
 /// Lets the throttle forget devices whose buckets are full again, once a minute.

@@ -1,5 +1,5 @@
 //! A hub process's life around its requests, with the real binary: several processes migrating one fresh database
-//! at once, the periodic retention tasks dropping what has expired, and SIGTERM letting a request in flight finish.
+//! at once, the periodic retention tasks dropping what has expired, and SIGTERM letting requests in flight finish.
 
 mod common;
 
@@ -347,8 +347,40 @@ async fn read_until(stream: &mut tokio::net::TcpStream, marker: &str) -> String 
     text
 }
 
+/// Opens a connection to `addr` and sends `path`'s head (with `Expect: 100-continue`) and the first half of its
+/// body; returns once the hub has said "100 Continue", so its handler is surely reading the body.
+async fn half_sent(
+    addr: std::net::SocketAddr,
+    path: &str,
+    token: &str,
+    body: &str,
+) -> tokio::net::TcpStream {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let head = format!(
+        "POST {path}?{API} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: {token}\r\n\
+         iothub-messageid: in-flight\r\nContent-Length: {}\r\nExpect: 100-continue\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    read_until(&mut stream, "100 Continue\r\n\r\n").await;
+    stream
+        .write_all(&body.as_bytes()[..body.len() / 2])
+        .await
+        .unwrap();
+    stream
+}
+
+/// Sends the rest of `body` on a `half_sent` stream; the answer's head.
+async fn finish(stream: &mut tokio::net::TcpStream, body: &str) -> String {
+    stream
+        .write_all(&body.as_bytes()[body.len() / 2..])
+        .await
+        .unwrap();
+    read_until(stream, "\r\n\r\n").await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_lets_a_request_in_flight_finish() {
+async fn sigterm_lets_requests_in_flight_finish() {
     let db = TestDb::create().await;
     let url = db.url();
     let dir = data_dir(&db);
@@ -356,21 +388,19 @@ async fn sigterm_lets_a_request_in_flight_finish() {
     let pool = db.pool().await;
     let http = reqwest::Client::new();
     let owner = owner(&pool).await;
-    device(&http, &hub.base, &owner, "slow").await;
+    let device_token = device(&http, &hub.base, &owner, "slow").await;
 
-    // A slow sender: the request's head and half its body, then a pause. `Expect: 100-continue` makes the hub
-    // say when the handler has started reading the body, so the request is surely in flight.
+    // Two slow senders, a back-end enqueuing a command and the device sending telemetry: each has sent its head
+    // and half its body when SIGTERM arrives.
     let body = "x".repeat(64);
-    let mut stream = tokio::net::TcpStream::connect(hub.addr()).await.unwrap();
-    let head = format!(
-        "POST /devices/slow/commands?{API} HTTP/1.1\r\nHost: {}\r\nAuthorization: {owner}\r\n\
-         iothub-messageid: in-flight\r\nContent-Length: {}\r\nExpect: 100-continue\r\n\r\n",
+    let mut command = half_sent(hub.addr(), "/devices/slow/commands", &owner, &body).await;
+    let mut telemetry = half_sent(
         hub.addr(),
-        body.len()
-    );
-    stream.write_all(head.as_bytes()).await.unwrap();
-    read_until(&mut stream, "100 Continue\r\n\r\n").await;
-    stream.write_all(&body.as_bytes()[..32]).await.unwrap();
+        "/devices/slow/messages/events",
+        &device_token,
+        &body,
+    )
+    .await;
 
     hub.terminate();
     // New connections are refused once the hub stops accepting...
@@ -381,16 +411,23 @@ async fn sigterm_lets_a_request_in_flight_finish() {
         move || async move { tokio::net::TcpStream::connect(addr).await.is_err() },
     )
     .await;
-    // ...while the request in flight still gets its normal answer, and is stored.
-    stream.write_all(&body.as_bytes()[32..]).await.unwrap();
-    let answer = read_until(&mut stream, "\r\n\r\n").await;
-    assert!(answer.starts_with("HTTP/1.1 201"), "{answer}");
+    // ...while the requests in flight still get their normal answers, and are stored.
+    let answer = finish(&mut command, &body).await;
+    assert!(answer.starts_with("HTTP/1.1 201"), "command: {answer}");
+    let answer = finish(&mut telemetry, &body).await;
+    assert!(answer.starts_with("HTTP/1.1 204"), "telemetry: {answer}");
     let stored: i64 =
         sqlx::query_scalar("SELECT count(*) FROM c2d_messages WHERE message_id = 'in-flight'")
             .fetch_one(&pool)
             .await
             .unwrap();
-    assert_eq!(stored, 1);
+    assert_eq!(stored, 1, "the command is stored");
+    let stored: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM d2c_events WHERE device_id = 'slow'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(stored, 1, "the telemetry is stored");
 
     let status = hub.exit_status(Duration::from_secs(60)).await;
     assert!(status.success(), "a clean exit after SIGTERM: {status}");
