@@ -980,3 +980,33 @@ async fn a_full_queue_pushes_back_with_503_instead_of_growing() {
     let page = get_json(&hub, "/messages/events/partitions/1?max-count=1000").await;
     assert_eq!(page["events"].as_array().unwrap().len(), 3);
 }
+
+/// Header names are case-insensitive: `IoTHub-App-Kind` is the application property `Kind`, as `iothub-app-Kind`
+/// is (a client such as Python's urllib capitalises header names). Sent on raw bytes, since HTTP client crates
+/// lower-case names.
+#[tokio::test]
+async fn application_properties_are_found_whatever_the_case_of_their_prefix() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let hub = TestHub::start().await;
+    let dev = device(&hub, "capitals").await;
+    let mut stream = tokio::net::TcpStream::connect(hub.running().http_addr)
+        .await
+        .unwrap();
+    let request = format!(
+        "POST {}?api-version={} HTTP/1.1\r\nHost: localhost\r\nAuthorization: {}\r\n\
+         IoTHub-App-Kind: x\r\nIOTHUB-APP-LEVEL: 2\r\nIotHub-MessageId: m-1\r\nContent-Length: 2\r\n\
+         Connection: close\r\n\r\nhi",
+        events_path(&dev.id),
+        iothub::cli::client::API_VERSION,
+        dev.token
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 204"), "{answer}");
+
+    let events = partition_events(&hub, "capitals").await;
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0]["properties"], json!({"Kind": "x", "LEVEL": "2"}));
+    assert_eq!(events[0]["systemProperties"]["iothub-messageid"], "m-1");
+}

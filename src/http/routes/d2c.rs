@@ -118,13 +118,14 @@ pub fn parse_single(
     let mut sent = Properties::default();
     let mut seen: Vec<&str> = Vec::new();
     for (name, value) in headers {
-        // The client's spelling: application property names are case-sensitive.
+        // Header names are case-insensitive (hyper gives them in lower case); property names are not, so the
+        // client's spelling is what is stored.
+        if !(name.as_str().starts_with("iothub-") || name.as_str() == "dt-subject") {
+            continue;
+        }
         let occurrence = seen.iter().filter(|n| **n == name.as_str()).count();
         seen.push(name.as_str());
         let name = names.original(name.as_str(), occurrence);
-        if !(name.starts_with("iothub-") || name == "dt-subject") {
-            continue;
-        }
         let value = value
             .to_str()
             .map_err(|_| Error::InvalidMessage(format!("Header {name} is not ASCII")))?;
