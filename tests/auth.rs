@@ -335,10 +335,59 @@ async fn device_ids_encoded_twice_in_the_scope_are_accepted() {
     .unwrap();
 }
 
+/// A device call that authenticates through the hub's credential cache: a C2D receive, 204 when nothing is queued.
+async fn device_call(base: &str, id: &str, token: &str) -> reqwest::Response {
+    reqwest::Client::new()
+        .get(format!(
+            "{base}{}/messages/deviceBound?api-version={}",
+            device_path(id),
+            iothub::cli::client::API_VERSION
+        ))
+        .header("Authorization", token)
+        .send()
+        .await
+        .unwrap()
+}
+
+/// Polls `call` until it answers `status`, for at most 30 s (other hub processes see a change within their
+/// credential cache's lifetime, 1 s by default).
+async fn eventually_answers<F, Fut>(status: u16, what: &str, mut call: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = reqwest::Response>,
+{
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let got = call().await.status().as_u16();
+        if got == status {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}: still {got}, not {status}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+/// A second hub process on the test hub's database, with its own credential cache.
+async fn other_process(hub: &TestHub, name: &str) -> HubProcess {
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("{name}-{}", uuid::Uuid::new_v4()));
+    HubProcess::start(&hub.database_url(), &dir).await
+}
+
 #[tokio::test]
 async fn rotating_a_key_invalidates_tokens_signed_with_the_old_one() {
     let hub = TestHub::start().await;
     let old_primary = hub.owner().await;
+    // In use, so the policy's keys are in the credential cache.
+    let response = hub
+        .request(Method::GET, "/devices", &old_primary)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
     let key = iothub::auth::policies::get(&hub.db, "iothubowner")
         .await
         .unwrap()
@@ -375,19 +424,19 @@ async fn rotating_a_key_invalidates_tokens_signed_with_the_old_one() {
         .unwrap();
     assert_eq!(response.status(), 200);
 
-    // Device keys too: new keys through the registry invalidate the old device tokens.
+    // Device keys too, through the credential cache of this process and of another one: both serve the old
+    // token (so its keys are cached), new keys are written through this process, and the old token is refused
+    // here at once and there within the cache's lifetime, while a token signed with the new key is served.
     let device = hub.create_device("rot").await;
     let old_device_token = device_token("rot", &primary_key(&device));
-    let target = vec!["devices".to_string(), "rot".to_string()];
-    authorize_device(
-        &Credentials::uncached(hub.db.clone()),
-        HOST,
-        Some(&old_device_token),
-        "rot",
-        &target,
-    )
-    .await
-    .unwrap();
+    let other = other_process(&hub, "rotation").await;
+    for base in [&hub.base, &other.base] {
+        assert_eq!(
+            device_call(base, "rot", &old_device_token).await.status(),
+            204,
+            "{base}"
+        );
+    }
     let new_key = sas::generate_key();
     let response = hub
         .request(Method::PUT, "/devices/rot", &fresh)
@@ -397,24 +446,81 @@ async fn rotating_a_key_invalidates_tokens_signed_with_the_old_one() {
         .await
         .unwrap();
     assert_eq!(response.status(), 200);
-    assert!(authorize_device(
-        &Credentials::uncached(hub.db.clone()),
-        HOST,
-        Some(&old_device_token),
-        "rot",
-        &target
+    let new_device_token = device_token("rot", &new_key);
+    assert_error(
+        device_call(&hub.base, "rot", &old_device_token).await,
+        401,
+        "IotHubUnauthorizedAccess",
     )
-    .await
-    .is_err());
-    authorize_device(
-        &Credentials::uncached(hub.db.clone()),
-        HOST,
-        Some(&device_token("rot", &new_key)),
-        "rot",
-        &target,
+    .await;
+    assert_eq!(
+        device_call(&hub.base, "rot", &new_device_token)
+            .await
+            .status(),
+        204
+    );
+    eventually_answers(401, "the other process, old token", || {
+        device_call(&other.base, "rot", &old_device_token)
+    })
+    .await;
+    eventually_answers(204, "the other process, new token", || {
+        device_call(&other.base, "rot", &new_device_token)
+    })
+    .await;
+    other.kill().await;
+}
+
+#[tokio::test]
+async fn a_deleted_devices_token_is_refused_even_when_its_id_is_reused() {
+    let hub = TestHub::start().await;
+    let owner = hub.owner().await;
+    let first = hub.create_device("gone").await;
+    let old = device_token("gone", &primary_key(&first));
+    let other = other_process(&hub, "deleted").await;
+    for base in [&hub.base, &other.base] {
+        assert_eq!(
+            device_call(base, "gone", &old).await.status(),
+            204,
+            "{base}"
+        );
+    }
+
+    let response = hub
+        .request(Method::DELETE, "/devices/gone", &owner)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 204);
+    assert_error(
+        device_call(&hub.base, "gone", &old).await,
+        401,
+        "IotHubUnauthorizedAccess",
     )
-    .await
-    .unwrap();
+    .await;
+    eventually_answers(401, "the other process, deleted device", || {
+        device_call(&other.base, "gone", &old)
+    })
+    .await;
+
+    // The same id again, with new keys: the old token stays refused, in both processes, and the new one works.
+    let second = hub.create_device("gone").await;
+    assert_ne!(primary_key(&first), primary_key(&second));
+    assert_ne!(secondary_key(&first), secondary_key(&second));
+    let new = device_token("gone", &primary_key(&second));
+    for base in [&hub.base, &other.base] {
+        assert_error(
+            device_call(base, "gone", &old).await,
+            401,
+            "IotHubUnauthorizedAccess",
+        )
+        .await;
+        assert_eq!(
+            device_call(base, "gone", &new).await.status(),
+            204,
+            "{base}"
+        );
+    }
+    other.kill().await;
 }
 
 #[tokio::test]

@@ -116,7 +116,21 @@ fn a_missing_or_bad_certificate_is_a_clear_error() {
     std::fs::write(dir.join("junk.pem"), "not a certificate").unwrap();
     let junk =
         iothub::http::tls::server_config(&dir.join("junk.pem"), &dir.join("junk.pem")).unwrap_err();
-    assert!(!format!("{junk:#}").is_empty());
+    assert_eq!(
+        format!("{junk:#}"),
+        format!("{} holds no certificate", dir.join("junk.pem").display())
+    );
+    // A good certificate with a key file that holds no key names the key file.
+    let pki = make_pki(&dir.join("good"));
+    let no_key =
+        iothub::http::tls::server_config(&pki.cert_path, &dir.join("junk.pem")).unwrap_err();
+    assert!(
+        format!("{no_key:#}").starts_with(&format!(
+            "cannot read a PEM private key from {}",
+            dir.join("junk.pem").display()
+        )),
+        "{no_key:#}"
+    );
     let _ = std::fs::remove_dir_all(dir);
 }
 
@@ -190,5 +204,139 @@ async fn header_case_is_kept_both_ways_over_tls() {
     )
     .await;
     assert!(read.contains("\r\nETag: \""), "{read}");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// A hub with an HTTPS listener; its address and the folder of its certificate.
+async fn tls_hub(name: &str) -> (TestHub, std::net::SocketAddr, std::path::PathBuf) {
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("{name}-{}", uuid::Uuid::new_v4()));
+    let pki = make_pki(&dir);
+    let hub = TestHub::start_with(|c| {
+        c.tls_listen = Some("127.0.0.1:0".parse().unwrap());
+        c.tls_cert = Some(pki.cert_path.clone());
+        c.tls_key = Some(pki.key_path.clone());
+    })
+    .await;
+    let addr = hub.running().tls_addr.unwrap();
+    (hub, addr, dir)
+}
+
+/// A TLS ClientHello record as a client of the given protocol writes it: `legacy_version` in the hello, and
+/// when `supported_versions` is given, that extension (how TLS 1.3 clients list versions). Everything else is
+/// what a TLS 1.2 client needs to get an answer from the hub's ECDSA certificate, so only the version differs.
+fn client_hello(legacy_version: u16, supported_versions: Option<&[u16]>) -> Vec<u8> {
+    fn extension(kind: u16, body: &[u8]) -> Vec<u8> {
+        let mut out = kind.to_be_bytes().to_vec();
+        out.extend((body.len() as u16).to_be_bytes());
+        out.extend(body);
+        out
+    }
+    fn list16(items: &[u16]) -> Vec<u8> {
+        let mut out = ((items.len() * 2) as u16).to_be_bytes().to_vec();
+        for item in items {
+            out.extend(item.to_be_bytes());
+        }
+        out
+    }
+    let mut extensions = Vec::new();
+    extensions.extend(extension(0x000a, &list16(&[0x001d, 0x0017]))); // supported_groups: x25519, P-256
+    extensions.extend(extension(0x000b, &[1, 0])); // ec_point_formats: uncompressed
+    extensions.extend(extension(0x000d, &list16(&[0x0403, 0x0804, 0x0401]))); // signature_algorithms
+    extensions.extend(extension(0x0017, &[])); // extended_master_secret
+    extensions.extend(extension(0xff01, &[0])); // renegotiation_info
+    if let Some(versions) = supported_versions {
+        let mut body = vec![(versions.len() * 2) as u8];
+        for version in versions {
+            body.extend(version.to_be_bytes());
+        }
+        extensions.extend(extension(0x002b, &body));
+    }
+    let mut hello = legacy_version.to_be_bytes().to_vec();
+    hello.extend([7u8; 32]); // random
+    hello.push(0); // no session id
+                   // ECDHE-ECDSA and ECDHE-RSA with AES-GCM (TLS 1.2), and the CBC suites TLS 1.0 and 1.1 clients offer.
+    hello.extend(list16(&[0xc02b, 0xc02f, 0xc009, 0xc013, 0x002f]));
+    hello.extend([1, 0]); // compression: none
+    hello.extend((extensions.len() as u16).to_be_bytes());
+    hello.extend(extensions);
+    let mut handshake = vec![1u8]; // ClientHello
+    handshake.extend(&(hello.len() as u32).to_be_bytes()[1..]);
+    handshake.extend(hello);
+    let mut record = vec![0x16, 0x03, 0x01]; // handshake record, as every client's first record is labelled
+    record.extend((handshake.len() as u16).to_be_bytes());
+    record.extend(handshake);
+    record
+}
+
+/// Sends `hello` on a fresh connection; the first record the hub answers with (type, and its first two bytes).
+async fn first_record(addr: std::net::SocketAddr, hello: &[u8]) -> (u8, [u8; 2]) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(hello).await.unwrap();
+    let mut header = [0u8; 7];
+    tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        tcp.read_exact(&mut header),
+    )
+    .await
+    .expect("the hub answers the hello")
+    .expect("a whole record header and two bytes");
+    (header[0], [header[5], header[6]])
+}
+
+const HANDSHAKE: u8 = 0x16;
+const SERVER_HELLO: u8 = 2;
+const ALERT: u8 = 0x15;
+const FATAL: u8 = 2;
+const PROTOCOL_VERSION: u8 = 70;
+
+#[tokio::test]
+async fn tls_1_0_and_1_1_handshakes_are_refused() {
+    let (_hub, addr, dir) = tls_hub("tls-old").await;
+    // The same hello as TLS 1.2 gets a ServerHello: what follows is refused for its version alone.
+    let (kind, body) = first_record(addr, &client_hello(0x0303, None)).await;
+    assert_eq!((kind, body[0]), (HANDSHAKE, SERVER_HELLO), "TLS 1.2");
+    for (name, hello) in [
+        ("TLS 1.0", client_hello(0x0301, None)),
+        ("TLS 1.1", client_hello(0x0302, None)),
+        // A client listing versions the TLS 1.3 way, but only old ones.
+        (
+            "TLS 1.1 and 1.0 listed",
+            client_hello(0x0303, Some(&[0x0302, 0x0301])),
+        ),
+    ] {
+        let (kind, body) = first_record(addr, &hello).await;
+        assert_eq!(
+            (kind, body),
+            (ALERT, [FATAL, PROTOCOL_VERSION]),
+            "{name}: a fatal protocol_version alert"
+        );
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[tokio::test]
+async fn a_client_that_never_starts_the_handshake_is_cut_off() {
+    use tokio::io::AsyncReadExt;
+    let (hub, addr, dir) = tls_hub("tls-silent").await;
+    // TCP open, no ClientHello: the hub closes the connection after its handshake timeout (10 s).
+    let mut silent = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut out = Vec::new();
+    let closed = tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        silent.read_to_end(&mut out),
+    )
+    .await;
+    assert!(closed.is_ok(), "the silent connection was not closed");
+    assert!(out.is_empty(), "{out:?}");
+    // Others are served meanwhile and after.
+    let response = hub
+        .http
+        .get(format!("{}/health/live", hub.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
     let _ = std::fs::remove_dir_all(dir);
 }

@@ -109,11 +109,98 @@ async fn parse_with_hyper(names: &[&str]) -> Option<Extensions> {
 mod tests {
     use super::*;
 
+    use tokio::io::AsyncReadExt;
+
+    /// Serves one `GET /` with `service` over an in-memory HTTP/1.1 connection; the response head as written.
+    async fn written_head<S>(service: S) -> String
+    where
+        S: hyper::service::Service<
+            hyper::Request<hyper::body::Incoming>,
+            Response = hyper::Response<axum::body::Body>,
+            Error = std::convert::Infallible,
+        >,
+        S::Future: Send + 'static,
+    {
+        let (mut client, server) = tokio::io::duplex(64 * 1024);
+        let connection = hyper::server::conn::http1::Builder::new()
+            .preserve_header_case(true)
+            .serve_connection(TokioIo::new(server), service);
+        let exchange = async move {
+            client
+                .write_all(b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+                .await
+                .unwrap();
+            let mut raw = Vec::new();
+            client.read_to_end(&mut raw).await.unwrap();
+            String::from_utf8(raw).unwrap()
+        };
+        let (raw, _) = tokio::join!(exchange, connection);
+        raw.split("\r\n\r\n").next().unwrap().to_string()
+    }
+
+    /// A response with lower-case `etag` and `iothub-app-myprop` headers, carrying `extensions`.
+    async fn head_with(extensions: Option<Extensions>) -> String {
+        let extensions = Arc::new(Mutex::new(extensions));
+        written_head(hyper::service::service_fn(move |_| {
+            let mut response = hyper::Response::new(axum::body::Body::empty());
+            response
+                .headers_mut()
+                .insert("etag", http::HeaderValue::from_static("\"1\""));
+            response
+                .headers_mut()
+                .insert("iothub-app-myprop", http::HeaderValue::from_static("v"));
+            if let Some(map) = extensions.lock().unwrap().take() {
+                *response.extensions_mut() = map;
+            }
+            async move { Ok::<_, std::convert::Infallible>(response) }
+        }))
+        .await
+    }
+
     #[tokio::test]
-    async fn hyper_hands_back_a_case_map() {
-        let map = parse_with_hyper(&["ETag", "iothub-app-MyProp"]).await;
-        assert!(map.is_some());
-        assert!(!map.unwrap().is_empty());
+    async fn the_case_map_hyper_hands_back_spells_each_name_exactly() {
+        let map = parse_with_hyper(&["ETag", "iothub-app-MyProp"])
+            .await
+            .unwrap();
+        let head = head_with(Some(map)).await;
+        assert!(head.contains("\r\nETag: \"1\""), "{head}");
+        assert!(head.contains("\r\niothub-app-MyProp: v"), "{head}");
+        // Without the map hyper writes lower case: the check above tells the two apart.
+        let head = head_with(None).await;
+        assert!(head.contains("\r\netag: \"1\""), "{head}");
+        assert!(head.contains("\r\niothub-app-myprop: v"), "{head}");
+    }
+
+    #[tokio::test]
+    async fn the_middleware_writes_every_fixed_name_and_a_handlers_extra_names_exactly() {
+        let app = axum::Router::new()
+            .route(
+                "/",
+                axum::routing::get(|| async {
+                    let mut response = Response::new(axum::body::Body::empty());
+                    for name in FIXED {
+                        let lower = http::HeaderName::from_bytes(name.as_bytes()).unwrap();
+                        response
+                            .headers_mut()
+                            .insert(lower, http::HeaderValue::from_static("v"));
+                    }
+                    response
+                        .headers_mut()
+                        .insert("iothub-app-roomname", http::HeaderValue::from_static("v"));
+                    response
+                        .extensions_mut()
+                        .insert(ExactNames(vec!["iothub-app-RoomName".to_string()]));
+                    response
+                }),
+            )
+            .layer(axum::middleware::from_fn(exact_header_case));
+        let head = written_head(hyper_util::service::TowerToHyperService::new(app)).await;
+        for name in FIXED.iter().chain(&["iothub-app-RoomName"]) {
+            assert!(head.contains(&format!("\r\n{name}: v")), "{name} in {head}");
+        }
+        for name in ["ContentEncoding", "Location", "Retry-After"] {
+            assert!(FIXED.contains(&name), "{name} is written in exact case");
+        }
     }
 }
 

@@ -76,7 +76,9 @@ pub fn canonical_path(path: &str) -> Option<String> {
         let matches = pattern
             .iter()
             .zip(&segments)
-            .all(|(p, s)| *p == "*" || p.eq_ignore_ascii_case(s));
+            // A variable segment is never empty: `/feedback//` is not a lock token's route (and, taken for one,
+            // would normalise to `/feedback/`, which normalises again to `/feedback`).
+            .all(|(p, s)| (*p == "*" && !s.is_empty()) || p.eq_ignore_ascii_case(s));
         if matches {
             let rewritten: Vec<&str> = pattern
                 .iter()
@@ -172,6 +174,7 @@ mod tests {
         );
         assert_eq!(canonical_path("/nothing/here"), None);
         assert_eq!(canonical_path("/devices/").as_deref(), Some("/devices"));
+        assert_eq!(canonical_path("/messages/serviceBound/feedback//"), None);
     }
 
     #[test]
