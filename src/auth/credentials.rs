@@ -51,6 +51,53 @@ impl<T> Map<T> {
     }
 }
 
+/// What carries the database's clock as of when it was read.
+trait ReadAt {
+    fn db_now(&self) -> i64;
+}
+
+impl ReadAt for DeviceCredentials {
+    fn db_now(&self) -> i64 {
+        self.db_now
+    }
+}
+
+impl ReadAt for PolicyKeys {
+    fn db_now(&self) -> i64 {
+        self.db_now
+    }
+}
+
+/// `key`'s entry of `map` while younger than `ttl` (its clock moved on by its age), else what `read` finds, cached
+/// when it exists.
+async fn cached<T: ReadAt, F, Fut>(
+    map: &Map<T>,
+    key: &str,
+    ttl: Duration,
+    read: F,
+) -> Result<Fresh<T>, sqlx::Error>
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = Result<Option<T>, sqlx::Error>>,
+{
+    if let Some((value, age)) = map.get(key, ttl) {
+        if let Some(found) = value.as_ref() {
+            let db_now = found.db_now() + age.as_secs() as i64;
+            return Ok(Fresh { value, db_now });
+        }
+    }
+    let read = read().await?;
+    let db_now = match &read {
+        Some(found) => found.db_now(),
+        None => chrono::Utc::now().timestamp(),
+    };
+    let value = Arc::new(read);
+    if value.is_some() {
+        map.put(key, value.clone());
+    }
+    Ok(Fresh { value, db_now })
+}
+
 /// Keys and statuses of devices and policies, with the database's clock as of when they were read.
 pub struct Credentials {
     db: PgPool,
@@ -81,41 +128,17 @@ impl Credentials {
     }
 
     pub async fn device(&self, device_id: &str) -> Result<Fresh<DeviceCredentials>, sqlx::Error> {
-        if let Some((value, age)) = self.devices.get(device_id, self.ttl) {
-            if let Some(device) = value.as_ref() {
-                let db_now = device.db_now + age.as_secs() as i64;
-                return Ok(Fresh { value, db_now });
-            }
-        }
-        let read = store::credentials(&self.db, device_id).await?;
-        let db_now = match &read {
-            Some(device) => device.db_now,
-            None => chrono::Utc::now().timestamp(),
-        };
-        let value = Arc::new(read);
-        if value.is_some() {
-            self.devices.put(device_id, value.clone());
-        }
-        Ok(Fresh { value, db_now })
+        cached(&self.devices, device_id, self.ttl, || {
+            store::credentials(&self.db, device_id)
+        })
+        .await
     }
 
     pub async fn policy(&self, name: &str) -> Result<Fresh<PolicyKeys>, sqlx::Error> {
-        if let Some((value, age)) = self.policies.get(name, self.ttl) {
-            if let Some(policy) = value.as_ref() {
-                let db_now = policy.db_now + age.as_secs() as i64;
-                return Ok(Fresh { value, db_now });
-            }
-        }
-        let read = policies::keys(&self.db, name).await?;
-        let db_now = match &read {
-            Some(policy) => policy.db_now,
-            None => chrono::Utc::now().timestamp(),
-        };
-        let value = Arc::new(read);
-        if value.is_some() {
-            self.policies.put(name, value.clone());
-        }
-        Ok(Fresh { value, db_now })
+        cached(&self.policies, name, self.ttl, || {
+            policies::keys(&self.db, name)
+        })
+        .await
     }
 
     pub fn forget_device(&self, device_id: &str) {

@@ -182,28 +182,10 @@ pub async fn authorize_policy(
     let Some(name) = token.key_name.clone() else {
         return Err(refuse("a device token cannot call service endpoints"));
     };
-    let fresh = credentials.policy(&name).await?;
-    let policy = fresh
-        .value
-        .as_ref()
-        .as_ref()
-        .ok_or_else(|| refuse("unknown shared access policy"))?;
-    check_token(
-        &token,
-        &policy.primary_key,
-        &policy.secondary_key,
-        fresh.db_now,
-    )?;
-    check_scope(&token, hostname, target)?;
-    if !policy.rights.allows(right) {
-        return Err(refuse(&format!(
-            "the policy {name} does not grant {}",
-            right.name()
-        )));
-    }
+    let rights = check_policy_token(credentials, hostname, &token, &name, target, right).await?;
     Ok(PolicyCaller {
         policy: name,
-        rights: policy.rights,
+        rights,
     })
 }
 
@@ -240,24 +222,8 @@ pub async fn authorize_device(
             DeviceCredential::DeviceKey
         }
         Some(name) => {
-            let fresh_policy = credentials.policy(name).await?;
-            let policy = fresh_policy
-                .value
-                .as_ref()
-                .as_ref()
-                .ok_or_else(|| refuse("unknown shared access policy"))?;
-            check_token(
-                &token,
-                &policy.primary_key,
-                &policy.secondary_key,
-                fresh_policy.db_now,
-            )?;
-            check_scope(&token, hostname, target)?;
-            if !policy.rights.allows(Right::DeviceConnect) {
-                return Err(refuse(&format!(
-                    "the policy {name} does not grant DeviceConnect"
-                )));
-            }
+            let right = Right::DeviceConnect;
+            check_policy_token(credentials, hostname, &token, name, target, right).await?;
             DeviceCredential::Policy(name.clone())
         }
     };
@@ -274,6 +240,37 @@ pub async fn authorize_device(
         generation_id: device.generation_id.clone(),
         credential,
     })
+}
+
+/// Checks `token`, signed with the key of the policy `name`, for `right` over `target`; returns the policy's rights.
+async fn check_policy_token(
+    credentials: &Credentials,
+    hostname: &str,
+    token: &SasToken,
+    name: &str,
+    target: &[String],
+    right: Right,
+) -> Result<Rights> {
+    let fresh = credentials.policy(name).await?;
+    let policy = fresh
+        .value
+        .as_ref()
+        .as_ref()
+        .ok_or_else(|| refuse("unknown shared access policy"))?;
+    check_token(
+        token,
+        &policy.primary_key,
+        &policy.secondary_key,
+        fresh.db_now,
+    )?;
+    check_scope(token, hostname, target)?;
+    if !policy.rights.allows(right) {
+        return Err(refuse(&format!(
+            "the policy {name} does not grant {}",
+            right.name()
+        )));
+    }
+    Ok(policy.rights)
 }
 
 fn check_token(token: &SasToken, primary: &str, secondary: &str, db_now: i64) -> Result<()> {

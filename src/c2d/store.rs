@@ -237,6 +237,17 @@ fn claim_sql() -> String {
     )
 }
 
+/// Commits `tx`; when it wrote feedback records, feedback receivers are told as it commits.
+async fn commit_telling_feedback(
+    mut tx: Transaction<'_, Postgres>,
+    written: i64,
+) -> Result<(), sqlx::Error> {
+    if written > 0 {
+        notify::notify(&mut tx, channel::FEEDBACK, "").await?;
+    }
+    tx.commit().await
+}
+
 /// Tells feedback receivers that records committed (by statements that were their own transactions).
 async fn wake_feedback(db: &PgPool) -> Result<()> {
     let mut tx = db.begin().await?;
@@ -266,16 +277,11 @@ pub async fn settle(
     } else {
         (State::Completed, Outcome::Success)
     };
-    let sql = format!(
-        "WITH settled AS (
-             UPDATE c2d_messages SET state = $3, outcome = $4, outcome_at = now(),
-                 lock_token = NULL, locked_until = NULL
-             WHERE device_id = $1 AND {LIVE} AND state = 'invisible' AND lock_token = $2
-               AND locked_until > now()
-             RETURNING *
-         ), feedback AS ({feedback})
-         SELECT (SELECT count(*) FROM settled), (SELECT count(*) FROM feedback)",
-        feedback = record_outcomes("settled", "$5")
+    let sql = end_sql(
+        "$3",
+        "$4",
+        "state = 'invisible' AND lock_token = $2 AND locked_until > now()",
+        "$5",
     );
     // One statement: the outcome and its feedback record commit together.
     let (settled, written): (i64, i64) = sqlx::query_as(&sql)
@@ -293,6 +299,22 @@ pub async fn settle(
         wake_feedback(db).await?;
     }
     Ok(())
+}
+
+/// One statement that ends the device's (`$1`) live messages that `condition` selects, with `state` and `outcome`
+/// (SQL expressions), and writes their feedback, kept `ttl_param` seconds: the outcome and its feedback record
+/// commit together. It answers how many ended and how many feedback records were written.
+fn end_sql(state: &str, outcome: &str, condition: &str, ttl_param: &str) -> String {
+    format!(
+        "WITH ended AS (
+             UPDATE c2d_messages SET state = {state}, outcome = {outcome}, outcome_at = now(),
+                 lock_token = NULL, locked_until = NULL
+             WHERE device_id = $1 AND {LIVE} AND {condition}
+             RETURNING *
+         ), feedback AS ({feedback})
+         SELECT (SELECT count(*) FROM ended), (SELECT count(*) FROM feedback)",
+        feedback = record_outcomes("ended", ttl_param)
+    )
 }
 
 /// Abandons the message held under `lock_token`: it is receivable again, or dead-lettered when it has already been
@@ -344,25 +366,13 @@ pub async fn abandon(
 pub async fn purge(db: &PgPool, feedback: &FeedbackSettings, device_id: &DeviceId) -> Result<i64> {
     let mut tx = db.begin().await?;
     lock_device(&mut tx, device_id).await?;
-    let sql = format!(
-        "WITH purged AS (
-             UPDATE c2d_messages SET state = 'purged', outcome = 'Purged', outcome_at = now(),
-                 lock_token = NULL, locked_until = NULL
-             WHERE device_id = $1 AND {LIVE} AND expires_at > now()
-             RETURNING *
-         ), feedback AS ({feedback})
-         SELECT (SELECT count(*) FROM purged), (SELECT count(*) FROM feedback)",
-        feedback = record_outcomes("purged", "$2")
-    );
+    let sql = end_sql("'purged'", "'Purged'", "expires_at > now()", "$2");
     let (purged, written): (i64, i64) = sqlx::query_as(&sql)
         .bind(device_id.as_str())
         .bind(feedback.ttl_secs as i32)
         .fetch_one(&mut *tx)
         .await?;
-    if written > 0 {
-        notify::notify(&mut tx, channel::FEEDBACK, "").await?;
-    }
-    tx.commit().await?;
+    commit_telling_feedback(tx, written).await?;
     Ok(purged)
 }
 
@@ -475,10 +485,7 @@ pub async fn dead_letter_due(
         .bind(feedback.ttl_secs as i32)
         .fetch_one(&mut *tx)
         .await?;
-    if written > 0 {
-        notify::notify(&mut tx, channel::FEEDBACK, "").await?;
-    }
-    tx.commit().await?;
+    commit_telling_feedback(tx, written).await?;
     Ok(ended)
 }
 

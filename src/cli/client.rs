@@ -82,13 +82,12 @@ impl HubClient {
         crate::http::wire::device_path(id)
     }
 
-    /// Sends a request and returns the status and body text; errors only when the hub cannot be reached.
-    pub async fn call(
+    /// A request to the hub with `api-version` and a fresh token.
+    fn request(
         &self,
         method: Method,
         path_and_query: &str,
-        body: Option<serde_json::Value>,
-    ) -> anyhow::Result<(StatusCode, String)> {
+    ) -> anyhow::Result<reqwest::RequestBuilder> {
         let separator = if path_and_query.contains('?') {
             '&'
         } else {
@@ -98,10 +97,20 @@ impl HubClient {
             "{}{path_and_query}{separator}api-version={API_VERSION}",
             self.base
         );
-        let mut request = self
+        Ok(self
             .http
             .request(method, &url)
-            .header("Authorization", self.credentials.token(3600)?);
+            .header("Authorization", self.credentials.token(3600)?))
+    }
+
+    /// Sends a request and returns the status and body text; errors only when the hub cannot be reached.
+    pub async fn call(
+        &self,
+        method: Method,
+        path_and_query: &str,
+        body: Option<serde_json::Value>,
+    ) -> anyhow::Result<(StatusCode, String)> {
+        let mut request = self.request(method, path_and_query)?;
         if let Some(body) = body {
             request = request.json(&body);
         }
@@ -121,20 +130,7 @@ impl HubClient {
         headers: &[(String, String)],
         body: Vec<u8>,
     ) -> anyhow::Result<reqwest::Response> {
-        let separator = if path_and_query.contains('?') {
-            '&'
-        } else {
-            '?'
-        };
-        let url = format!(
-            "{}{path_and_query}{separator}api-version={API_VERSION}",
-            self.base
-        );
-        let mut request = self
-            .http
-            .request(method, &url)
-            .header("Authorization", self.credentials.token(3600)?)
-            .body(body);
+        let mut request = self.request(method, path_and_query)?.body(body);
         for (name, value) in headers {
             request = request.header(name.as_str(), value.as_str());
         }

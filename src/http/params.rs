@@ -70,6 +70,11 @@ impl PageSize {
     }
 }
 
+/// A lock token from a path: one this hub could not have issued names a lock that is lost (`lost`).
+pub fn lock_token<E>(text: &str, lost: E) -> Result<crate::lock_token::LockToken, E> {
+    text.parse().map_err(|_| lost)
+}
+
 /// The header that carries a continuation token (in answers, and optionally in requests).
 pub const CONTINUATION: &str = "x-ms-continuation";
 

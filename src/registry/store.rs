@@ -82,6 +82,24 @@ impl DeviceFields {
     }
 }
 
+impl DeviceFields {
+    /// Binds the fields, in their column order, as the next parameters of `query`.
+    fn bind<'q>(&'q self, query: DeviceQuery<'q>) -> DeviceQuery<'q> {
+        query
+            .bind(self.status)
+            .bind(&self.status_reason)
+            .bind(self.auth_type)
+            .bind(&self.primary_key)
+            .bind(&self.secondary_key)
+            .bind(&self.primary_thumbprint)
+            .bind(&self.secondary_thumbprint)
+            .bind(self.iot_edge)
+    }
+}
+
+type DeviceQuery<'q> =
+    sqlx::query::QueryAs<'q, Postgres, DeviceRecord, sqlx::postgres::PgArguments>;
+
 type Pair = (Option<String>, Option<String>);
 
 /// SAS keys: the ones given, else the ones `kept` had, else new ones.
@@ -158,20 +176,11 @@ async fn insert(
          ON CONFLICT (device_id) DO NOTHING
          RETURNING {COLUMNS}"
     );
-    Ok(sqlx::query_as::<_, DeviceRecord>(&sql)
+    let query = sqlx::query_as::<_, DeviceRecord>(&sql)
         .bind(device_id.as_str())
         .bind(new_generation_id())
-        .bind(etag_start)
-        .bind(f.status)
-        .bind(&f.status_reason)
-        .bind(f.auth_type)
-        .bind(&f.primary_key)
-        .bind(&f.secondary_key)
-        .bind(&f.primary_thumbprint)
-        .bind(&f.secondary_thumbprint)
-        .bind(f.iot_edge)
-        .fetch_optional(&mut **tx)
-        .await?)
+        .bind(etag_start);
+    Ok(f.bind(query).fetch_optional(&mut **tx).await?)
 }
 
 pub async fn get(db: &PgPool, device_id: &DeviceId) -> Result<Option<DeviceRecord>> {
@@ -234,18 +243,8 @@ async fn write(
          WHERE device_id = $1
          RETURNING {COLUMNS}"
     );
-    Ok(sqlx::query_as::<_, DeviceRecord>(&sql)
-        .bind(device_id.as_str())
-        .bind(f.status)
-        .bind(&f.status_reason)
-        .bind(f.auth_type)
-        .bind(&f.primary_key)
-        .bind(&f.secondary_key)
-        .bind(&f.primary_thumbprint)
-        .bind(&f.secondary_thumbprint)
-        .bind(f.iot_edge)
-        .fetch_one(&mut **tx)
-        .await?)
+    let query = sqlx::query_as::<_, DeviceRecord>(&sql).bind(device_id.as_str());
+    Ok(f.bind(query).fetch_one(&mut **tx).await?)
 }
 
 /// Deletes a device (and, through foreign keys, everything queued for it): not found when absent, an etag

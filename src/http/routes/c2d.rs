@@ -497,11 +497,6 @@ fn delivery(device_id: &str, row: MessageRow) -> Response {
     response
 }
 
-/// A lock token from the path: one this hub could not have issued is a lock that is lost.
-fn lock_token(text: &str) -> Result<LockToken, crate::c2d::Error> {
-    text.parse().map_err(|_| crate::c2d::Error::LockLost)
-}
-
 /// Complete a received message (IoT Hub's device call), or reject it with `?reject` (with or without a value).
 ///
 /// `If-Match` is not required. A rejected message is dead-lettered at once.
@@ -527,7 +522,7 @@ async fn complete(
         &state.db,
         &state.config.feedback,
         &caller.device_id,
-        lock_token(&token)?,
+        params::lock_token(&token, crate::c2d::Error::LockLost)?,
         reject,
     )
     .await?;
@@ -556,7 +551,7 @@ async fn abandon(
         &state.config.c2d,
         &state.config.feedback,
         &caller.device_id,
-        lock_token(&token)?,
+        params::lock_token(&token, crate::c2d::Error::LockLost)?,
     )
     .await?;
     Ok(StatusCode::NO_CONTENT)

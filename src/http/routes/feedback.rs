@@ -15,6 +15,7 @@ use crate::feedback::{self as core, Error};
 use crate::http::error::{ApiResult, ErrorBody};
 use crate::http::extract::rights::ServiceConnect;
 use crate::http::extract::{Path, Service};
+use crate::http::params;
 use crate::http::poll::{long_poll, Look};
 use crate::http::wire::format_time;
 use crate::http::{ApiVersion, AppState};
@@ -129,11 +130,6 @@ fn batch_response(batch: Batch, hostname: &str) -> Response {
     response
 }
 
-/// A lock token from the path: one this hub could not have issued is a lock that is lost.
-fn lock_token(text: &str) -> Result<LockToken, Error> {
-    text.parse().map_err(|_| Error::LockLost)
-}
-
 /// Complete a feedback batch (IoT Hub's service call): its records are removed.
 #[utoipa::path(delete, path = "/messages/serviceBound/feedback/{lockToken}", tag = "feedback",
     params(FeedbackLockPath, ApiVersion),
@@ -147,7 +143,7 @@ async fn complete_feedback(
     State(state): State<AppState>,
     Path(FeedbackLockPath { lock_token }): Path<FeedbackLockPath>,
 ) -> ApiResult<StatusCode> {
-    store::complete(&state.db, self::lock_token(&lock_token)?).await?;
+    store::complete(&state.db, params::lock_token(&lock_token, Error::LockLost)?).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -168,7 +164,7 @@ async fn abandon_feedback(
     store::abandon(
         &state.db,
         &state.config.feedback,
-        self::lock_token(&lock_token)?,
+        params::lock_token(&lock_token, Error::LockLost)?,
     )
     .await?;
     Ok(StatusCode::NO_CONTENT)
