@@ -237,6 +237,17 @@ fn claim_sql() -> String {
     )
 }
 
+/// Commits `tx`; when it wrote feedback records, feedback receivers are told as it commits.
+async fn commit_telling_feedback(
+    mut tx: Transaction<'_, Postgres>,
+    written: i64,
+) -> Result<(), sqlx::Error> {
+    if written > 0 {
+        notify::notify(&mut tx, channel::FEEDBACK, "").await?;
+    }
+    tx.commit().await
+}
+
 /// Tells feedback receivers that records committed (by statements that were their own transactions).
 async fn wake_feedback(db: &PgPool) -> Result<()> {
     let mut tx = db.begin().await?;
@@ -361,10 +372,7 @@ pub async fn purge(db: &PgPool, feedback: &FeedbackSettings, device_id: &DeviceI
         .bind(feedback.ttl_secs as i32)
         .fetch_one(&mut *tx)
         .await?;
-    if written > 0 {
-        notify::notify(&mut tx, channel::FEEDBACK, "").await?;
-    }
-    tx.commit().await?;
+    commit_telling_feedback(tx, written).await?;
     Ok(purged)
 }
 
@@ -477,10 +485,7 @@ pub async fn dead_letter_due(
         .bind(feedback.ttl_secs as i32)
         .fetch_one(&mut *tx)
         .await?;
-    if written > 0 {
-        notify::notify(&mut tx, channel::FEEDBACK, "").await?;
-    }
-    tx.commit().await?;
+    commit_telling_feedback(tx, written).await?;
     Ok(ended)
 }
 
