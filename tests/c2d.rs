@@ -1334,7 +1334,7 @@ async fn hub_clock(base: &str) -> chrono::DateTime<chrono::Utc> {
 /// expiry at delivery and the lock's length. A hub that reasoned with its own clock fails each step below in the
 /// way its comment says. What this cannot show: which clock a rule reads when both clocks agree.
 #[tokio::test]
-async fn expiry_and_locks_follow_the_databases_clock_not_the_hubs() {
+async fn expiry_locks_and_tokens_follow_the_databases_clock_not_the_hubs() {
     let database = TestDb::create().await;
     let db = database.pool().await;
     let data_dir =
@@ -1504,6 +1504,28 @@ async fn expiry_and_locks_follow_the_databases_clock_not_the_hubs() {
     let response = receive(&behind.base, "dev-a").await.unwrap();
     assert_eq!(response.status(), 200);
     assert_eq!(header(response.headers(), "iothub-deliverycount"), "1");
+
+    // Token expiry reads the database's clock too. Ahead: a token that runs out in 1 h is accepted (on the hub's
+    // own clock it ran out an hour ago, beyond the 5 minutes of skew). Behind: one that ran out 1 h ago is refused
+    // (on the hub's own clock it has an hour left).
+    let in_an_hour = (db_now(&db).await + Span::hours(1)).timestamp();
+    let token = sas::sign(HOST, &key("service").await, Some("service"), in_an_hour).unwrap();
+    let response = call(&ahead.base, Method::GET, "/devices/dev-a/commands", &token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        response.status(),
+        200,
+        "a token valid on the database's clock"
+    );
+    let an_hour_ago = (db_now(&db).await - Span::hours(1)).timestamp();
+    let token = sas::sign(HOST, &key("service").await, Some("service"), an_hour_ago).unwrap();
+    let response = call(&behind.base, Method::GET, "/devices/dev-a/commands", &token)
+        .send()
+        .await
+        .unwrap();
+    assert_error(response, 401, "IotHubUnauthorizedAccess").await;
 
     ahead.kill().await;
     behind.kill().await;
