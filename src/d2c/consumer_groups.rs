@@ -7,7 +7,7 @@ use std::str::FromStr;
 use chrono::{DateTime, Utc};
 use sqlx::{PgPool, Row};
 
-use super::{store, Error, Result};
+use super::{store, Error, PartitionId, Result};
 use crate::postgres::{sqlstate, FOREIGN_KEY_VIOLATION, UNIQUE_VIOLATION};
 
 /// The group every hub has, which cannot be deleted.
@@ -169,7 +169,7 @@ pub async fn delete(db: &PgPool, name: &ConsumerGroupName) -> Result<()> {
 pub async fn set_checkpoint(
     db: &PgPool,
     group: &ConsumerGroupName,
-    partition: u32,
+    partition: PartitionId,
     seq: i64,
 ) -> Result<()> {
     let next = store::next_seq(db, partition).await?;
@@ -184,7 +184,7 @@ pub async fn set_checkpoint(
         "INSERT INTO d2c_checkpoints (partition_id, consumer_group, seq) VALUES ($1, $2, $3)
          ON CONFLICT (partition_id, consumer_group) DO UPDATE SET seq = EXCLUDED.seq, updated_at = now()",
     )
-    .bind(partition as i32)
+    .bind(partition)
     .bind(group.as_str())
     .bind(seq)
     .execute(db)
@@ -201,12 +201,12 @@ pub async fn set_checkpoint(
 pub async fn checkpoint(
     db: &PgPool,
     group: &ConsumerGroupName,
-    partition: u32,
+    partition: PartitionId,
 ) -> Result<Option<i64>, sqlx::Error> {
     sqlx::query_scalar(
         "SELECT seq FROM d2c_checkpoints WHERE partition_id = $1 AND consumer_group = $2",
     )
-    .bind(partition as i32)
+    .bind(partition)
     .bind(group.as_str())
     .fetch_optional(db)
     .await

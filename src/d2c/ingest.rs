@@ -14,7 +14,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 
 use super::model::NewEvent;
-use super::{store, Error, Result, Settings};
+use super::{store, Error, PartitionId, Result, Settings};
 use crate::postgres::sqlstate;
 
 /// Messages a transaction takes at most in bytes, so one transaction stays reasonably small.
@@ -44,7 +44,7 @@ impl Ingest {
                 let (tx, rx) = mpsc::channel(config.queue_depth as usize);
                 let writer = writer(
                     db.clone(),
-                    partition,
+                    PartitionId::new(partition),
                     rx,
                     config.batch_max as usize,
                     config.retention_days,
@@ -73,9 +73,9 @@ impl Ingest {
 
     /// Appends `events` (one device's, so one partition's) atomically; returns the first sequence number once
     /// the transaction that holds them has committed.
-    pub async fn submit(&self, partition: u32, events: Vec<NewEvent>) -> Result<i64> {
-        // Partitions come from `partition_for`, which stays below the count the writers were started for.
-        let queue = &self.queues[partition as usize];
+    pub async fn submit(&self, partition: PartitionId, events: Vec<NewEvent>) -> Result<i64> {
+        // A `PartitionId` is below the partition count by construction: there is a writer for it.
+        let queue = &self.queues[partition.index()];
         let (done, answer) = oneshot::channel();
         match queue
             .send_timeout(Job { events, done }, self.enqueue_timeout)
@@ -91,7 +91,7 @@ impl Ingest {
 
 async fn writer(
     db: PgPool,
-    partition: u32,
+    partition: PartitionId,
     mut rx: mpsc::Receiver<Job>,
     batch_max: usize,
     retention_days: u32,
@@ -158,7 +158,7 @@ async fn writer(
 /// One transaction; when the time partition for now is missing (maintenance behind), creates it and retries once.
 async fn commit(
     db: &PgPool,
-    partition: u32,
+    partition: PartitionId,
     events: &[&NewEvent],
     retention_days: u32,
 ) -> Result<i64, sqlx::Error> {

@@ -21,7 +21,7 @@ use sqlx::PgPool;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-pub use partition::partition_for;
+pub use partition::{partition_for, PartitionId};
 
 /// The stream settings (`IOTHUB_*`); clap checks each range.
 #[derive(Args, Clone, Debug)]
@@ -88,7 +88,11 @@ pub enum Error {
     #[error("$Default always exists")]
     DefaultGroupIsPermanent,
     #[error("Sequence number {seq} is not an event of partition {partition} (next is {next})")]
-    NotCommitted { seq: i64, partition: u32, next: i64 },
+    NotCommitted {
+        seq: i64,
+        partition: PartitionId,
+        next: i64,
+    },
     #[error(transparent)]
     Database(#[from] sqlx::Error),
     /// The group commit that held a send failed; every send in it shares the one error.
@@ -144,14 +148,20 @@ impl D2c {
         })
     }
 
-    pub fn partition_of(&self, device_id: &str) -> u32 {
-        partition_for(device_id, self.partitions)
+    /// Every partition, in order.
+    pub fn partition_ids(&self) -> impl Iterator<Item = PartitionId> {
+        (0..self.partitions).map(PartitionId::new)
+    }
+
+    /// The partition a device's messages go to.
+    pub fn partition_of(&self, device_id: &str) -> PartitionId {
+        PartitionId::new(partition_for(device_id, self.partitions))
     }
 
     /// A partition id as a client names it: [`Error::NoSuchPartition`] when this hub has no such partition.
-    pub fn partition(&self, partition: u32) -> Result<u32> {
+    pub fn partition(&self, partition: u32) -> Result<PartitionId> {
         if partition < self.partitions {
-            Ok(partition)
+            Ok(PartitionId::new(partition))
         } else {
             Err(Error::NoSuchPartition {
                 partition,

@@ -117,6 +117,30 @@ fn assign(logical: i32, count: u32) -> u32 {
     index as u32
 }
 
+/// A partition of the hub's event stream, below the partition count by construction: only [`crate::d2c::D2c`]
+/// makes one, from a device id or from a number a client sent that it has checked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, sqlx::Type)]
+#[sqlx(transparent)]
+pub struct PartitionId(i32);
+
+impl PartitionId {
+    /// `n` must be below the partition count: the caller has checked it.
+    pub(super) fn new(n: u32) -> PartitionId {
+        PartitionId(n as i32)
+    }
+
+    /// Its position among the partitions (0 to count − 1), e.g. to pick its writer.
+    pub fn index(self) -> usize {
+        self.0 as usize
+    }
+}
+
+impl std::fmt::Display for PartitionId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

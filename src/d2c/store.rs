@@ -6,6 +6,7 @@ use chrono::{DateTime, Duration, NaiveDateTime, Timelike, Utc};
 use sqlx::{PgPool, Row};
 
 use super::model::{NewEvent, StoredEvent};
+use super::PartitionId;
 use crate::notify;
 use crate::postgres::{sqlstate, UNIQUE_VIOLATION};
 
@@ -43,7 +44,11 @@ pub const NO_PARTITION_FOR_ROW: &str = "23514";
 /// back. Commits on a partition therefore happen in sequence-number order, and a reader that has seen number n
 /// can never later find a smaller one appear. A transaction that rolls back takes its counter update with it, so
 /// numbers stay gap-free as well.
-pub async fn append(db: &PgPool, partition: u32, events: &[&NewEvent]) -> Result<i64, sqlx::Error> {
+pub async fn append(
+    db: &PgPool,
+    partition: PartitionId,
+    events: &[&NewEvent],
+) -> Result<i64, sqlx::Error> {
     let n = events.len() as i64;
     let mut devices = Vec::with_capacity(events.len());
     let mut systems = Vec::with_capacity(events.len());
@@ -73,7 +78,7 @@ pub async fn append(db: &PgPool, partition: u32, events: &[&NewEvent]) -> Result
          )
          SELECT (SELECT first_seq FROM c) AS first_seq, (SELECT count(*) FROM i) AS inserted",
     )
-    .bind(partition as i32)
+    .bind(partition)
     .bind(n)
     .bind(&devices)
     .bind(&systems)
@@ -110,7 +115,7 @@ fn stored(row: &sqlx::postgres::PgRow) -> Result<StoredEvent, sqlx::Error> {
 /// Up to `max` events of `partition` from sequence number `from` on, in order.
 pub async fn read(
     db: &PgPool,
-    partition: u32,
+    partition: PartitionId,
     from: i64,
     max: i64,
 ) -> Result<Vec<StoredEvent>, sqlx::Error> {
@@ -118,7 +123,7 @@ pub async fn read(
         "SELECT partition_id, seq, enqueued_at, device_id, system_properties, properties, body
            FROM d2c_events WHERE partition_id = $1 AND seq >= $2 ORDER BY seq LIMIT $3",
     )
-    .bind(partition as i32)
+    .bind(partition)
     .bind(from)
     .bind(max)
     .fetch_all(db)
@@ -129,7 +134,7 @@ pub async fn read(
 /// The first sequence number enqueued at or after `time` (the next one to come if none is).
 pub async fn seq_at_time(
     db: &PgPool,
-    partition: u32,
+    partition: PartitionId,
     time: DateTime<Utc>,
 ) -> Result<i64, sqlx::Error> {
     sqlx::query_scalar(
@@ -138,16 +143,16 @@ pub async fn seq_at_time(
                ORDER BY enqueued_at, seq LIMIT 1),
              (SELECT next_seq FROM d2c_partitions WHERE partition_id = $1))",
     )
-    .bind(partition as i32)
+    .bind(partition)
     .bind(time)
     .fetch_one(db)
     .await
 }
 
 /// The sequence number the next event of `partition` will get.
-pub async fn next_seq(db: &PgPool, partition: u32) -> Result<i64, sqlx::Error> {
+pub async fn next_seq(db: &PgPool, partition: PartitionId) -> Result<i64, sqlx::Error> {
     sqlx::query_scalar("SELECT next_seq FROM d2c_partitions WHERE partition_id = $1")
-        .bind(partition as i32)
+        .bind(partition)
         .fetch_one(db)
         .await
 }

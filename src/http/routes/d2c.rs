@@ -21,7 +21,7 @@ use utoipa_axum::routes;
 use crate::auth::DeviceCaller;
 use crate::d2c::consumer_groups::{self, ConsumerGroupName};
 use crate::d2c::model::{NewEvent, Properties, StoredEvent, ENQUEUED_TIME, MAX_MESSAGE_SIZE};
-use crate::d2c::{store, Error};
+use crate::d2c::{store, Error, PartitionId};
 use crate::http::casing::RequestNames;
 use crate::http::error::{ApiError, ApiResult, ErrorBody};
 use crate::http::extract::rights::ServiceConnect;
@@ -296,7 +296,7 @@ async fn endpoint_info(
     let partitions = store::partitions(&state.db).await.map_err(Error::from)?;
     Ok(Json(EndpointInfo {
         partition_count: state.d2c.partitions,
-        partition_ids: (0..state.d2c.partitions).map(|p| p.to_string()).collect(),
+        partition_ids: state.d2c.partition_ids().map(|p| p.to_string()).collect(),
         retention_time_in_days: state.d2c.retention_days,
         max_consumer_groups: state.d2c.max_consumer_groups,
         partitions: partitions
@@ -400,14 +400,14 @@ pub struct EventPage {
 }
 
 /// A partition id from the path: 400 when it is not a number, 404 when the hub has no such partition.
-pub fn partition(state: &AppState, p: &str) -> ApiResult<u32> {
+pub fn partition(state: &AppState, p: &str) -> ApiResult<PartitionId> {
     let n: u32 = p
         .parse()
         .map_err(|_| ApiError::invalid(format!("Partition id '{p}' is not a number")))?;
     Ok(state.d2c.partition(n)?)
 }
 
-async fn resolve(state: &AppState, partition: u32, from: Position) -> ApiResult<i64> {
+async fn resolve(state: &AppState, partition: PartitionId, from: Position) -> ApiResult<i64> {
     Ok(match from {
         Position::Seq(n) => n,
         Position::Start => 0,
@@ -424,7 +424,7 @@ async fn resolve(state: &AppState, partition: u32, from: Position) -> ApiResult<
 /// notification) or empty when the wait ends.
 async fn read_page(
     state: &AppState,
-    partition: u32,
+    partition: PartitionId,
     from: i64,
     max: PageSize,
     wait: LongPoll,

@@ -20,7 +20,7 @@ use futures::stream::{self, Stream};
 
 use super::{Event, GroupPath};
 use crate::d2c::consumer_groups::{self, ConsumerGroupName};
-use crate::d2c::store;
+use crate::d2c::{store, PartitionId};
 use crate::http::error::{ApiError, ApiResult, ErrorBody};
 use crate::http::extract::rights::ServiceConnect;
 use crate::http::extract::{Path, Service};
@@ -65,6 +65,7 @@ pub fn event_id(current: u32, next: &[i64]) -> String {
 
 struct Cursor {
     state: AppState,
+    partitions: Vec<PartitionId>,
     /// Next sequence number to read, per partition.
     next: Vec<i64>,
     /// Partition to look at first next time (round robin, so one busy partition cannot starve the others).
@@ -110,7 +111,7 @@ impl Cursor {
         let n = self.next.len();
         for i in 0..n {
             let p = (self.turn + i) % n;
-            match store::read(&self.state.db, p as u32, self.next[p], PAGE).await {
+            match store::read(&self.state.db, self.partitions[p], self.next[p], PAGE).await {
                 Ok(events) if !events.is_empty() => {
                     self.buffer.extend(events.into_iter().map(Event::from));
                     self.turn = (p + 1) % n;
@@ -181,6 +182,7 @@ pub async fn stream(
         .map(|p| state.notifier.subscribe(channel::D2C, &p.to_string()))
         .collect();
     let cursor = Cursor {
+        partitions: state.d2c.partition_ids().collect(),
         shutdown: state.shutdown.clone(),
         state,
         next,
