@@ -19,15 +19,6 @@ mod common;
 const HOST: &str = "faults.example.net";
 const API: &str = "api-version=2021-04-12";
 
-/// Polls `done` every 20 ms until it holds; fails with `what` after `limit` (a liveness deadline, not a timing).
-async fn wait_until(limit: Duration, what: &str, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while !done() {
-        assert!(Instant::now() < deadline, "{what} within {limit:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 /// Every telemetry body in the stream (bodies are the senders' counters), partition by partition, checking that
 /// each partition's sequence numbers run from 0 without a gap and its enqueued times never decrease.
 async fn stored_counters(http: &reqwest::Client, base: &str, token: &str) -> Vec<u32> {
@@ -630,7 +621,7 @@ async fn a_postgres_restart_under_load_loses_no_acknowledged_message() {
     let ready = format!("{base}/health/ready");
     let mut cluster = cluster;
     for acks_before in [100, 250] {
-        wait_until(Duration::from_secs(60), "telemetry flows", || {
+        common::wait_until("telemetry flows", || async {
             traffic.telemetry_acknowledged() >= acks_before
         })
         .await;
@@ -758,7 +749,7 @@ async fn one_of_two_hub_processes_killed_under_load_loses_nothing() {
     };
     let traffic = Traffic::start(&ends, 300, 40);
     let held_seq = enqueue(&http, &survivor_base, &owner, "held", "held-1").await;
-    wait_until(Duration::from_secs(60), "telemetry flows", || {
+    common::wait_until("telemetry flows", || async {
         traffic.telemetry_acknowledged() >= 100
     })
     .await;

@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 use serde_json::{json, Value};
@@ -33,19 +33,6 @@ async fn device(http: &reqwest::Client, base: &str, owner: &str, id: &str) -> St
     assert_eq!(response.status(), 200, "create {id}");
     let created: Value = response.json().await.unwrap();
     device_token(id, &primary_key(&created))
-}
-
-/// Polls `check` every 100 ms until it returns true; fails with `what` after `limit` (a liveness deadline).
-async fn eventually<F, Fut>(limit: Duration, what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + limit;
-    while !check().await {
-        assert!(Instant::now() < deadline, "{what} within {limit:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 fn data_dir(db: &TestDb) -> std::path::PathBuf {
@@ -240,8 +227,7 @@ async fn periodic_retention_drops_expired_events_and_ended_commands() {
     assert_eq!(completed.status(), 204);
 
     let (pool_ref, http_ref, owner_ref) = (&pool, &http, &owner);
-    eventually(
-        Duration::from_secs(30),
+    wait_until(
         "the expired time partition is dropped",
         move || async move {
             sqlx::query_scalar::<_, bool>("SELECT to_regclass('d2c_events_2020010100') IS NULL")
@@ -259,23 +245,18 @@ async fn periodic_retention_drops_expired_events_and_ended_commands() {
     assert_eq!(ancient, 0);
     let status_url = format!("{}/devices/kept/commands/{seq}?{API}", hub.base);
     let status_url = &status_url;
-    eventually(
-        Duration::from_secs(30),
-        "the ended command is deleted",
-        move || async move {
-            http_ref
-                .get(status_url)
-                .header("Authorization", owner_ref)
-                .send()
-                .await
-                .unwrap()
-                .status()
-                == 404
-        },
-    )
+    wait_until("the ended command is deleted", move || async move {
+        http_ref
+            .get(status_url)
+            .header("Authorization", owner_ref)
+            .send()
+            .await
+            .unwrap()
+            .status()
+            == 404
+    })
     .await;
-    eventually(
-        Duration::from_secs(30),
+    wait_until(
         "the expired feedback record is deleted",
         move || async move {
             sqlx::query_scalar::<_, i64>("SELECT count(*) FROM feedback_records")
@@ -405,11 +386,9 @@ async fn sigterm_lets_requests_in_flight_finish() {
     hub.terminate();
     // New connections are refused once the hub stops accepting...
     let addr = hub.addr();
-    eventually(
-        Duration::from_secs(30),
-        "new connections are refused",
-        move || async move { tokio::net::TcpStream::connect(addr).await.is_err() },
-    )
+    wait_until("new connections are refused", move || async move {
+        tokio::net::TcpStream::connect(addr).await.is_err()
+    })
     .await;
     // ...while the requests in flight still get their normal answers, and are stored.
     let answer = finish(&mut command, &body).await;
