@@ -344,6 +344,9 @@ async fn listing_pages_with_a_continuation() {
         "/devices?top=1001",
         "/devices?top=ten",
         "/devices?continuationToken=%%%",
+        // Well-formed base64 of NUL and of "a" NUL: no key holds NUL (and PostgreSQL text cannot).
+        "/devices?continuationToken=AA",
+        "/devices?continuationToken=YQA",
     ] {
         let response = hub.request(Method::GET, bad, &token).send().await.unwrap();
         assert_error(response, 400, "ArgumentInvalid").await;

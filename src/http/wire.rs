@@ -65,11 +65,13 @@ pub fn encode_continuation(key: &str) -> String {
 }
 
 pub fn decode_continuation(token: &str) -> Option<String> {
-    // Lossy: any well-formed token is a position to continue from, even one this hub did not issue.
+    // Lossy: any well-formed token is a position to continue from, even one this hub did not issue — but not one
+    // holding NUL, which no key has and PostgreSQL text cannot hold.
     URL_SAFE_NO_PAD
         .decode(token.trim())
         .ok()
         .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .filter(|key| !key.contains('\0'))
 }
 
 #[cfg(test)]
