@@ -239,6 +239,14 @@ async fn bad_sends_are_refused_in_iot_hub_shape_and_store_nothing() {
     )
     .await;
     assert_error(bad_name, 400, "ArgumentInvalid").await;
+    // NUL can be written in JSON but not stored in PostgreSQL's jsonb: refused, not a server error.
+    let nul_value = send_batch(
+        &hub,
+        &dev,
+        &json!([{"body": "", "properties": {"iothub-app-k": "a\u{0}b"}}]),
+    )
+    .await;
+    assert_error(nul_value, 400, "ArgumentInvalid").await;
     let bad_id = send(&hub, &dev, "x", &[("iothub-messageid", "has space")]).await;
     assert_error(bad_id, 400, "ArgumentInvalid").await;
 

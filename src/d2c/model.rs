@@ -53,6 +53,12 @@ impl Properties {
     /// Files one property by its name: a device-settable system property, an application property, or ignored
     /// (`iothub-to`, `iothub-ack`, and anything the hub stamps itself, which a device cannot spoof).
     pub fn add(&mut self, name: &str, value: &str) -> Result<()> {
+        // JSON can carry NUL (`\u0000`); PostgreSQL's jsonb cannot store it.
+        if value.contains('\0') {
+            return Err(Error::InvalidMessage(format!(
+                "Property '{name}' holds a NUL character"
+            )));
+        }
         let lower = name.to_ascii_lowercase();
         if lower.len() > APP_PREFIX.len() && lower.starts_with(APP_PREFIX) {
             let app_name = &name[APP_PREFIX.len()..];
