@@ -113,7 +113,8 @@ pub struct D2c {
 
 impl D2c {
     /// Reads (or, on a new database, fixes) the partition count, prepares time partitions, and starts the
-    /// partition writers and the maintenance task in `tasks`; everything stops when `shutdown` turns true.
+    /// partition writers and the maintenance task in `tasks`; everything stops when `shutdown` turns true
+    /// (`launch` turns it only after the listeners have drained, so a send in flight still commits).
     pub async fn start(
         db: &PgPool,
         config: &Settings,
