@@ -20,6 +20,7 @@ pub mod notify;
 pub mod postgres;
 pub mod registry;
 pub mod throttle;
+pub mod tls;
 
 use std::future::Future;
 use std::net::SocketAddr;

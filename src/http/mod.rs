@@ -13,7 +13,6 @@ pub mod params;
 pub mod poll;
 pub mod routes;
 pub mod serve;
-pub mod tls;
 pub mod wire;
 
 use std::ops::Deref;

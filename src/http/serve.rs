@@ -122,7 +122,7 @@ pub fn start(
             .as_ref()
             .zip(config.tls_key.as_ref())
             .context("a TLS listener needs IOTHUB_TLS_CERT and IOTHUB_TLS_KEY")?;
-        let tls = super::tls::server_config(cert, key)?;
+        let tls = crate::tls::server_config(cert, key)?;
         tls_addr = Some(listener.local_addr()?);
         tasks.spawn(serve(listener, app, Some(tls), stop.clone()));
     }

@@ -1,4 +1,5 @@
-//! The HTTPS listener's rustls configuration: TLS 1.2 and 1.3 with rustls' safe defaults only.
+//! rustls configuration for the hub's TLS listeners: TLS 1.2 and 1.3 with rustls' safe defaults only. Shared by
+//! every way in (HTTPS, and MQTT over TLS), so it sits beside them, not inside one.
 
 use std::path::Path;
 use std::sync::Arc;
