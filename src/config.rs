@@ -14,7 +14,7 @@ pub struct Config {
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     pub database_url: Option<SecretString>,
 
-    /// Folder for the hub's own files (the managed PostgreSQL cluster).
+    /// Folder for the hub's own files (the managed PostgreSQL cluster, the local CA under `tls/`).
     #[arg(long, env = "IOTHUB_DATA_DIR", default_value = "./data")]
     pub data_dir: PathBuf,
 
@@ -22,16 +22,17 @@ pub struct Config {
     #[arg(long, env = "IOTHUB_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
 
-    /// HTTPS address; needs `--tls-cert` and `--tls-key`.
-    #[arg(long, env = "IOTHUB_TLS_LISTEN", requires_all = ["tls_cert", "tls_key"])]
+    /// HTTPS address. Without `--tls-cert`/`--tls-key` it presents a certificate of the hub's local CA
+    /// (`<data-dir>/tls/ca.pem`, printed by `iothub ca`).
+    #[arg(long, env = "IOTHUB_TLS_LISTEN")]
     pub tls_listen: Option<SocketAddr>,
 
-    /// PEM certificate chain for the HTTPS listener.
-    #[arg(long, env = "IOTHUB_TLS_CERT")]
+    /// PEM certificate chain for the TLS listeners (unset: the local CA issues one).
+    #[arg(long, env = "IOTHUB_TLS_CERT", requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,
 
-    /// PEM private key for the HTTPS listener.
-    #[arg(long, env = "IOTHUB_TLS_KEY")]
+    /// PEM private key for the TLS listeners.
+    #[arg(long, env = "IOTHUB_TLS_KEY", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
 
     /// The hub's host name: `HostName` of connection strings and the audience of SAS tokens.

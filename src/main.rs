@@ -58,6 +58,9 @@ enum Command {
         #[command(subcommand)]
         command: iothub::cli::c2d::FeedbackCommand,
     },
+    /// Print the hub's local CA certificate (PEM), which devices trust when no TLS certificate is configured;
+    /// created under `<data-dir>/tls` if the hub has not created it yet.
+    Ca(CaArgs),
     /// Print the OpenAPI document.
     Openapi,
     /// Exit 0 when a running hub answers /health/ready, 1 otherwise (the container image's health check).
@@ -86,6 +89,12 @@ struct DbArgs {
     data_dir: std::path::PathBuf,
     #[arg(long, env = "IOTHUB_HOSTNAME", default_value = "localhost")]
     hostname: String,
+}
+
+#[derive(Args)]
+struct CaArgs {
+    #[arg(long, env = "IOTHUB_DATA_DIR", default_value = "./data")]
+    data_dir: std::path::PathBuf,
 }
 
 #[derive(Subcommand)]
@@ -261,6 +270,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             iothub::cli::d2c::send(&hub.url, credentials, args).await
         }
         Command::Health(args) => health(args).await,
+        Command::Ca(args) => {
+            print!("{}", iothub::tls::LocalCa::open(&args.data_dir)?.ca_pem());
+            Ok(())
+        }
         Command::Openapi => {
             println!("{}", iothub::http::openapi().to_pretty_json()?);
             Ok(())

@@ -116,13 +116,7 @@ pub fn start(
     tasks.spawn(serve(listeners.http, app.clone(), None, stop.clone()));
     let mut tls_addr = None;
     if let Some(listener) = listeners.tls {
-        let config = &state.config;
-        let (cert, key) = config
-            .tls_cert
-            .as_ref()
-            .zip(config.tls_key.as_ref())
-            .context("a TLS listener needs IOTHUB_TLS_CERT and IOTHUB_TLS_KEY")?;
-        let tls = crate::tls::server_config(cert, key)?;
+        let tls = crate::tls::listener_config(&state.config, crate::tls::Alpn::Http1)?;
         tls_addr = Some(listener.local_addr()?);
         tasks.spawn(serve(listener, app, Some(tls), stop.clone()));
     }
