@@ -243,3 +243,21 @@ async fn the_log_names_the_ca_file_and_never_a_key() {
     assert!(!text.contains("PRIVATE KEY"));
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[test]
+fn a_certificate_without_its_key_is_refused_at_start() {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_iothub"))
+        .args([
+            "serve",
+            "--tls-listen",
+            "127.0.0.1:0",
+            "--tls-cert",
+            "server.pem",
+        ])
+        .env_remove("IOTHUB_TLS_KEY")
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("--tls-key"), "{stderr}");
+}
