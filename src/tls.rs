@@ -8,7 +8,33 @@ use anyhow::Context;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
-pub fn server_config(cert: &Path, key: &Path) -> anyhow::Result<Arc<rustls::ServerConfig>> {
+/// What a TLS listener carries, which decides the ALPN protocols it offers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    /// HTTPS (and MQTT over WebSockets on it).
+    Http,
+    /// MQTT over TLS.
+    Mqtt,
+}
+
+/// The TLS configuration of a listener for `protocol`: the configured certificate and key, or `None` when none is
+/// configured (that listener is then not started). The one place that decides which certificate a listener uses.
+pub fn listener_config(
+    cert: Option<&Path>,
+    key: Option<&Path>,
+    protocol: Protocol,
+) -> anyhow::Result<Option<Arc<rustls::ServerConfig>>> {
+    match (cert, key) {
+        (Some(cert), Some(key)) => server_config(cert, key, protocol).map(Some),
+        _ => Ok(None),
+    }
+}
+
+pub fn server_config(
+    cert: &Path,
+    key: &Path,
+    protocol: Protocol,
+) -> anyhow::Result<Arc<rustls::ServerConfig>> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
         .with_context(|| format!("cannot read the certificate {}", cert.display()))?
@@ -25,7 +51,11 @@ pub fn server_config(cert: &Path, key: &Path) -> anyhow::Result<Arc<rustls::Serv
         .with_no_client_auth()
         .with_single_cert(certs, key)
         .context("the certificate and key do not form a usable pair")?;
-    // HTTP/1.1 only: the SDKs speak it, and it keeps response header names in the exact case they expect.
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    config.alpn_protocols = match protocol {
+        // HTTP/1.1 only: the SDKs speak it, and it keeps response header names in the exact case they expect.
+        Protocol::Http => vec![b"http/1.1".to_vec()],
+        // None: MQTT clients rarely offer ALPN, and one that does (e.g. "mqtt") must not be refused for it.
+        Protocol::Mqtt => Vec::new(),
+    };
     Ok(Arc::new(config))
 }
