@@ -123,6 +123,8 @@ async fn run(
         http: tokio::net::TcpListener::bind(config.listen).await?,
         tls: None,
         metrics: None,
+        mqtts: None,
+        mqtt: None,
     };
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let hub = iothub::launch(config.clone(), pool.clone(), listeners, async move {

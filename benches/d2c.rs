@@ -306,6 +306,8 @@ async fn main() -> anyhow::Result<()> {
         http: tokio::net::TcpListener::bind(config.listen).await?,
         tls: None,
         metrics: None,
+        mqtts: None,
+        mqtt: None,
     };
     let hub_pool =
         iothub::postgres::connect(pool.connect_options().as_ref().clone(), config.db_pool_size)

@@ -78,6 +78,10 @@ pub struct Config {
     /// Device-to-cloud streams.
     #[command(flatten)]
     pub d2c: crate::d2c::Settings,
+
+    /// The MQTT endpoint.
+    #[command(flatten)]
+    pub mqtt: crate::mqtt::Settings,
 }
 
 impl Config {
@@ -164,6 +168,7 @@ impl std::fmt::Debug for Config {
             .field("c2d", &self.c2d)
             .field("feedback", &self.feedback)
             .field("d2c", &self.d2c)
+            .field("mqtt", &self.mqtt)
             .finish()
     }
 }

@@ -26,7 +26,10 @@ pub mod channel {
     pub const D2C: &str = "iothub_d2c";
     /// Feedback: records became receivable (payload unused).
     pub const FEEDBACK: &str = "iothub_feedback";
-    pub const ALL: [&str; 3] = [C2D, D2C, FEEDBACK];
+    /// Sessions: a connection took the device named in the payload; its other connections check whether they
+    /// still hold it.
+    pub const SESSION: &str = "iothub_session";
+    pub const ALL: [&str; 4] = [C2D, D2C, FEEDBACK, SESSION];
 }
 
 type Key = (String, String);

@@ -15,26 +15,32 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 
 use crate::Config;
 
-/// What a listener offers in ALPN.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Alpn {
-    /// HTTP/1.1 only: the SDKs speak it, and it keeps response header names in the exact case they expect.
-    Http1,
-    /// MQTT clients either offer nothing or IoT Hub's `mqtt`; advertising http/1.1 would refuse the latter.
+/// What a TLS listener carries, which decides the ALPN protocols it offers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    /// HTTPS (and MQTT over WebSockets on it).
+    Http,
+    /// MQTT over TLS.
     Mqtt,
 }
 
-impl Alpn {
-    fn protocols(self) -> Vec<Vec<u8>> {
+impl Protocol {
+    fn alpn(self) -> Vec<Vec<u8>> {
         match self {
-            Alpn::Http1 => vec![b"http/1.1".to_vec()],
-            Alpn::Mqtt => vec![b"mqtt".to_vec()],
+            // HTTP/1.1 only: the SDKs speak it, and it keeps response header names in the exact case they expect.
+            Protocol::Http => vec![b"http/1.1".to_vec()],
+            // None: MQTT clients rarely offer ALPN, and one that does (e.g. "mqtt") must not be refused for it.
+            Protocol::Mqtt => Vec::new(),
         }
     }
 }
 
-/// The TLS configuration of one listener: the configured certificate, or else the local CA's.
-pub fn listener_config(config: &Config, alpn: Alpn) -> anyhow::Result<Arc<rustls::ServerConfig>> {
+/// The TLS configuration of a listener for `protocol`: the configured certificate and key, or else the local CA's.
+/// The one place that decides which certificate a listener uses.
+pub fn listener_config(
+    config: &Config,
+    protocol: Protocol,
+) -> anyhow::Result<Arc<rustls::ServerConfig>> {
     let (certs, key) = match (&config.tls_cert, &config.tls_key) {
         (Some(cert), Some(key)) => read_pair(cert, key)?,
         (None, None) => {
@@ -46,13 +52,17 @@ pub fn listener_config(config: &Config, alpn: Alpn) -> anyhow::Result<Arc<rustls
         }
         _ => anyhow::bail!("IOTHUB_TLS_CERT and IOTHUB_TLS_KEY go together: set both or neither"),
     };
-    build(certs, key, alpn)
+    build(certs, key, protocol)
 }
 
-/// The HTTPS configuration for a certificate chain and key in PEM files.
-pub fn server_config(cert: &Path, key: &Path) -> anyhow::Result<Arc<rustls::ServerConfig>> {
+/// The configuration for a certificate chain and key in PEM files.
+pub fn server_config(
+    cert: &Path,
+    key: &Path,
+    protocol: Protocol,
+) -> anyhow::Result<Arc<rustls::ServerConfig>> {
     let (certs, key) = read_pair(cert, key)?;
-    build(certs, key, Alpn::Http1)
+    build(certs, key, protocol)
 }
 
 type Pair = (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>);
@@ -73,7 +83,7 @@ fn read_pair(cert: &Path, key: &Path) -> anyhow::Result<Pair> {
 fn build(
     certs: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
-    alpn: Alpn,
+    protocol: Protocol,
 ) -> anyhow::Result<Arc<rustls::ServerConfig>> {
     let mut config = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
@@ -81,7 +91,7 @@ fn build(
         .with_no_client_auth()
         .with_single_cert(certs, key)
         .context("the certificate and key do not form a usable pair")?;
-    config.alpn_protocols = alpn.protocols();
+    config.alpn_protocols = protocol.alpn();
     Ok(Arc::new(config))
 }
 

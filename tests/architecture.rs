@@ -31,6 +31,7 @@ const PROTOCOL_CRATES: &[&str] = &[
     "utoipa",
     "utoipa_axum",
     "utoipa_swagger_ui",
+    "rumqttc",
 ];
 
 fn src() -> PathBuf {
@@ -180,10 +181,10 @@ fn the_core_imports_no_protocol() {
     let sources = sources();
     for module in CORE {
         let code = &sources[*module];
-        assert!(
-            !references(code, &top_level_modules()).contains("http"),
-            "{module} uses crate::http"
-        );
+        let refs = references(code, &top_level_modules());
+        for way_in in ["http", "mqtt"] {
+            assert!(!refs.contains(way_in), "{module} uses crate::{way_in}");
+        }
         for name in PROTOCOL_CRATES {
             let path = format!("{name}::");
             let used = code.match_indices(&path).any(|(at, _)| {
@@ -215,4 +216,14 @@ fn the_checks_see_what_they_look_for() {
     assert_eq!(find_cycle(&cyclic).unwrap(), ["a", "b", "c", "a"]);
     cyclic.get_mut("c").unwrap().clear();
     assert_eq!(find_cycle(&cyclic), None);
+}
+
+#[test]
+fn mqtt_does_not_import_http() {
+    // http hands WebSockets to mqtt; the arrow never points back.
+    let sources = sources();
+    assert!(
+        !references(&sources["mqtt"], &top_level_modules()).contains("http"),
+        "mqtt uses crate::http"
+    );
 }

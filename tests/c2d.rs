@@ -1201,6 +1201,8 @@ async fn two_hub_processes_on_one_database_behave_as_one_hub() {
         http: tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
         tls: None,
         metrics: None,
+        mqtts: None,
+        mqtt: None,
     };
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let other = iothub::launch(

@@ -723,6 +723,8 @@ async fn the_partition_count_is_fixed_by_the_database() {
         http: tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
         tls: None,
         metrics: None,
+        mqtts: None,
+        mqtt: None,
     };
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let second = iothub::launch(config, hub.db.clone(), listeners, async move {

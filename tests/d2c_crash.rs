@@ -35,6 +35,7 @@ async fn spawn_hub(url: &str, port: u16, http: &reqwest::Client) -> Child {
         .env("IOTHUB_LISTEN", format!("127.0.0.1:{port}"))
         .env("IOTHUB_HOSTNAME", HOST)
         .env("IOTHUB_DATA_DIR", data_dir)
+        .env("IOTHUB_MQTTS_LISTEN", "off")
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())

@@ -103,6 +103,8 @@ async fn sixteen_writers_on_two_hubs_and_concurrent_readers_lose_nothing() {
         http: tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
         tls: None,
         metrics: None,
+        mqtts: None,
+        mqtt: None,
     };
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let second = iothub::launch(hub.config.clone(), hub.db.clone(), listeners, async move {

@@ -585,6 +585,8 @@ async fn a_postgres_restart_under_load_loses_no_acknowledged_message() {
         http: tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
         tls: None,
         metrics: None,
+        mqtts: None,
+        mqtt: None,
     };
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let hub = iothub::launch(config, pool.clone(), listeners, async move {

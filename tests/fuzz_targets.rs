@@ -94,3 +94,53 @@ fn request_path() {
         ],
     );
 }
+
+#[test]
+fn property_bag() {
+    drive(
+        targets::property_bag,
+        &[
+            "%24.mid=m1&%24.cid=c%201&%24.ct=application%2Fjson&%24.ce=utf-8&alert=high",
+            "a=b&&c&=d&%24.to=x",
+            "%24.mid=%FF&x=%2",
+        ],
+    );
+}
+
+#[test]
+fn mqtt_packet() {
+    // Valid packets: CONNECT, PUBLISH at QoS 1 with a bag, SUBSCRIBE, PUBACK, PINGREQ, DISCONNECT.
+    drive_bytes(
+        targets::mqtt_packet,
+        &[
+            b"\x10\x1f\x00\x04MQTT\x04\xc2\x00\x3c\x00\x03dev\x00\x04user\x00\x08password"
+                .as_slice(),
+            b"\x32\x2b\x00\x25devices/dev/messages/events/%24.mid=1\x00\x01hi".as_slice(),
+            b"\x82\x0a\x00\x07\x00\x05a/b/#\x01".as_slice(),
+            b"\x40\x02\x00\x01\xc0\x00\xe0\x00".as_slice(),
+        ],
+    );
+}
+
+/// As [`drive`], for binary seeds.
+fn drive_bytes(target: fn(&[u8]), seeds: &[&[u8]]) {
+    let mut rng = StdRng::seed_from_u64(SEED);
+    for seed in seeds {
+        target(seed);
+    }
+    for i in 0..ITERATIONS {
+        let input: Vec<u8> = match i % 2 {
+            0 => (0..rng.gen_range(0..64)).map(|_| rng.gen()).collect(),
+            _ => {
+                let seed = seeds[rng.gen_range(0..seeds.len())];
+                let mut out = seed.to_vec();
+                for _ in 0..rng.gen_range(1..4) {
+                    let at = rng.gen_range(0..out.len());
+                    out[at] = rng.gen();
+                }
+                out
+            }
+        };
+        target(&input);
+    }
+}

@@ -18,11 +18,21 @@ async fn no_key_or_token_in_the_log_at_trace_level() {
         .local_addr()
         .unwrap()
         .port();
+    let mqtts_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let data_dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("logs-{}", uuid::Uuid::new_v4()));
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_iothub"))
         .arg("serve")
         .env("DATABASE_URL", hub.database_url())
         .env("IOTHUB_LISTEN", format!("127.0.0.1:{port}"))
         .env("IOTHUB_HOSTNAME", HOST)
+        // MQTT over TLS with the local CA, whose keys must stay out of the log too.
+        .env("IOTHUB_DATA_DIR", &data_dir)
+        .env("IOTHUB_MQTTS_LISTEN", format!("127.0.0.1:{mqtts_port}"))
         .env("RUST_LOG", "trace")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -104,6 +114,17 @@ async fn no_key_or_token_in_the_log_at_trace_level() {
                 .into_owned(),
         );
     }
+    for file in ["ca.key", "server.pem"] {
+        let pem = std::fs::read_to_string(data_dir.join("tls").join(file)).unwrap();
+        secrets.extend(
+            pem.lines()
+                .skip_while(|l| !l.contains("BEGIN PRIVATE KEY"))
+                .skip(1)
+                .take_while(|l| !l.contains("END PRIVATE KEY"))
+                .map(str::to_string),
+        );
+    }
+    assert!(!log.contains("PRIVATE KEY"), "a key reached the log");
     for secret in &secrets {
         assert!(!log.contains(secret.as_str()), "a secret reached the log");
     }
@@ -111,4 +132,5 @@ async fn no_key_or_token_in_the_log_at_trace_level() {
         !log.contains("SharedAccessSignature sr="),
         "a token reached the log"
     );
+    let _ = std::fs::remove_dir_all(data_dir);
 }

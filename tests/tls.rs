@@ -110,19 +110,32 @@ fn a_missing_or_bad_certificate_is_a_clear_error() {
     let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
         .join(format!("tls-bad-{}", uuid::Uuid::new_v4()));
     std::fs::create_dir_all(&dir).unwrap();
-    let missing =
-        iothub::tls::server_config(&dir.join("nope.pem"), &dir.join("nope.key")).unwrap_err();
+    let missing = iothub::tls::server_config(
+        &dir.join("nope.pem"),
+        &dir.join("nope.key"),
+        iothub::tls::Protocol::Http,
+    )
+    .unwrap_err();
     assert!(format!("{missing:#}").contains("nope.pem"), "{missing:#}");
     std::fs::write(dir.join("junk.pem"), "not a certificate").unwrap();
-    let junk =
-        iothub::tls::server_config(&dir.join("junk.pem"), &dir.join("junk.pem")).unwrap_err();
+    let junk = iothub::tls::server_config(
+        &dir.join("junk.pem"),
+        &dir.join("junk.pem"),
+        iothub::tls::Protocol::Http,
+    )
+    .unwrap_err();
     assert_eq!(
         format!("{junk:#}"),
         format!("{} holds no certificate", dir.join("junk.pem").display())
     );
     // A good certificate with a key file that holds no key names the key file.
     let pki = make_pki(&dir.join("good"));
-    let no_key = iothub::tls::server_config(&pki.cert_path, &dir.join("junk.pem")).unwrap_err();
+    let no_key = iothub::tls::server_config(
+        &pki.cert_path,
+        &dir.join("junk.pem"),
+        iothub::tls::Protocol::Http,
+    )
+    .unwrap_err();
     assert!(
         format!("{no_key:#}").starts_with(&format!(
             "cannot read a PEM private key from {}",

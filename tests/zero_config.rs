@@ -32,7 +32,9 @@ fn command(dir: &Path, args: &[&str], port: u16) -> Command {
         .current_dir(dir)
         .env_remove("DATABASE_URL")
         .env("IOTHUB_LISTEN", format!("127.0.0.1:{port}"))
-        .env("IOTHUB_HOSTNAME", "zero.example.net");
+        .env("IOTHUB_HOSTNAME", "zero.example.net")
+        // MQTT over TLS is on by default, with the local CA; 8883 itself may be taken here.
+        .env("IOTHUB_MQTTS_LISTEN", format!("127.0.0.1:{}", free_port()));
     command
 }
 

@@ -65,3 +65,45 @@ pub fn request_path(data: &[u8]) {
     let _ = iothub::http::wire::IfMatch::parse(text).expected_version();
     let _ = iothub::http::wire::decode_continuation(text);
 }
+
+/// An MQTT property bag (the end of a topic): parsing never panics, a parsed bag survives writing and parsing
+/// again unchanged, and a bag a device sends becomes a message or a refusal, never a panic.
+pub fn property_bag(data: &[u8]) {
+    use iothub::mqtt::{messages, properties};
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    if let Ok(parsed) = properties::parse(text) {
+        let written = properties::write(parsed.iter().map(|(n, v)| (n.as_str(), v.as_str())));
+        assert_eq!(
+            properties::parse(&written).as_ref(),
+            Ok(&parsed),
+            "{text:?}"
+        );
+    }
+    let caller = iothub::auth::DeviceCaller {
+        device_id: "dev".parse().unwrap(),
+        generation_id: "1".into(),
+        credential: iothub::auth::DeviceCredential::DeviceKey,
+    };
+    let _ = messages::telemetry(&caller, text, data.to_vec());
+}
+
+/// Bytes from an MQTT client: the codec never panics, never takes a packet over its size bound, and whatever it
+/// takes out of the buffer is one whole packet that writes back to bytes it reads again the same.
+pub fn mqtt_packet(data: &[u8]) {
+    use iothub::mqtt::codec;
+    let mut buffer = bytes::BytesMut::from(data);
+    for _ in 0..16 {
+        match codec::decode(&mut buffer, 4096) {
+            Ok(Some(packet)) => {
+                let mut out = bytes::BytesMut::new();
+                codec::encode(&packet, &mut out);
+                if let Ok(Some(again)) = codec::decode(&mut out, usize::MAX) {
+                    assert_eq!(again, packet);
+                }
+            }
+            Ok(None) | Err(_) => return,
+        }
+    }
+}

@@ -48,11 +48,13 @@ pub struct AppInner {
     /// Wake-ups for long polls when a transaction commits something they wait for.
     pub notifier: crate::notify::Notifier,
     /// Keys and statuses for authentication, cached briefly.
-    pub credentials: crate::auth::Credentials,
+    pub credentials: Arc<crate::auth::Credentials>,
     /// Token buckets per operation class (empty unless configured).
     pub throttle: crate::throttle::Throttle,
     /// Device-to-cloud streams: partition writers and stream settings.
-    pub d2c: crate::d2c::D2c,
+    pub d2c: Arc<crate::d2c::D2c>,
+    /// MQTT, for connections that arrive as WebSockets.
+    pub mqtt: Arc<crate::mqtt::Endpoint>,
 }
 
 impl Deref for AppState {
@@ -200,6 +202,7 @@ fn api() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .merge(routes::policies::router())
         .merge(routes::d2c::router())
         .merge(ops::router())
+        .merge(routes::websocket::router())
         .split_for_parts();
     // After the merge: the document's paths exist only now.
     StandardResponses.modify(&mut doc);

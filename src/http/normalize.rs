@@ -34,6 +34,7 @@ const ROUTES: &[&str] = &[
     "policies",
     "policies/*",
     "policies/*/regenerateKey",
+    "$iothub/websocket",
 ];
 
 /// First path segments of IoT Hub's API (and our extensions to it): these need `api-version`.

@@ -11,14 +11,12 @@ use std::time::Duration;
 use anyhow::Context;
 use axum::Router;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 
 use super::AppState;
-use crate::config::Config;
 
 /// How long a client may take to send a request's headers.
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
@@ -38,6 +36,7 @@ pub fn http1_builder() -> hyper::server::conn::http1::Builder {
 }
 
 /// Serves plain HTTP/1.1, or HTTPS when `tls` is given (the handshake has [`HEADER_READ_TIMEOUT`] too).
+/// Connections may be upgraded (MQTT over WebSockets); an upgraded connection leaves the drain to its new owner.
 pub async fn serve(
     listener: TcpListener,
     app: Router,
@@ -45,7 +44,8 @@ pub async fn serve(
     mut stop: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
-    let graceful = GracefulShutdown::new();
+    // Every connection task holds a sender; the drain ends when the last is dropped.
+    let (open, mut drained) = mpsc::channel::<()>(1);
     loop {
         let accepted = tokio::select! {
             _ = stop.wait_for(|s| *s) => break,
@@ -62,38 +62,54 @@ pub async fn serve(
         };
         let _ = stream.set_nodelay(true);
         let service = TowerToHyperService::new(app.clone());
+        let (open, stop) = (open.clone(), stop.clone());
         match &acceptor {
             None => {
-                let connection = http1_builder().serve_connection(TokioIo::new(stream), service);
-                let connection = graceful.watch(connection);
-                tokio::spawn(async move {
-                    let _ = connection.await;
-                });
+                tokio::spawn(serve_connection(TokioIo::new(stream), service, stop, open));
             }
             Some(acceptor) => {
                 let acceptor = acceptor.clone();
-                let watcher = graceful.watcher();
                 tokio::spawn(async move {
                     let handshake =
                         tokio::time::timeout(HEADER_READ_TIMEOUT, acceptor.accept(stream));
                     let Ok(Ok(stream)) = handshake.await else {
                         return;
                     };
-                    let connection =
-                        http1_builder().serve_connection(TokioIo::new(stream), service);
-                    let _ = watcher.watch(connection).await;
+                    serve_connection(TokioIo::new(stream), service, stop, open).await
                 });
             }
         }
     }
     drop(listener);
-    if tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown())
+    drop(open);
+    if tokio::time::timeout(DRAIN_TIMEOUT, drained.recv())
         .await
         .is_err()
     {
         tracing::warn!("requests still in flight after {DRAIN_TIMEOUT:?}; stopping anyway");
     }
     Ok(())
+}
+
+/// One HTTP/1.1 connection until it ends; when the hub stops, it finishes the request in flight and closes.
+async fn serve_connection<I>(
+    io: I,
+    service: TowerToHyperService<Router>,
+    mut stop: watch::Receiver<bool>,
+    _open: mpsc::Sender<()>,
+) where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let connection = http1_builder()
+        .serve_connection(io, service)
+        .with_upgrades();
+    tokio::pin!(connection);
+    tokio::select! {
+        _ = connection.as_mut() => return,
+        _ = stop.wait_for(|s| *s) => {}
+    }
+    connection.as_mut().graceful_shutdown();
+    let _ = connection.await;
 }
 
 /// Where a hub serves.
@@ -103,25 +119,27 @@ pub struct Addresses {
     pub metrics: Option<SocketAddr>,
 }
 
-/// Starts a serving task in `tasks` for each listener: the API over plain HTTP and (configured) TLS, and metrics
-/// on their own listener when there is one.
+/// Starts a serving task in `tasks` for each HTTP listener: the API over plain HTTP and (configured) TLS, and
+/// metrics on their own listener when there is one.
 pub fn start(
     state: &AppState,
-    listeners: Listeners,
+    http_listener: TcpListener,
+    tls_listener: Option<TcpListener>,
+    metrics_listener: Option<TcpListener>,
     tasks: &mut JoinSet<anyhow::Result<()>>,
 ) -> anyhow::Result<Addresses> {
     let app = super::app(state.clone());
     let stop = state.shutdown.clone();
-    let http = listeners.http.local_addr()?;
-    tasks.spawn(serve(listeners.http, app.clone(), None, stop.clone()));
+    let http = http_listener.local_addr()?;
+    tasks.spawn(serve(http_listener, app.clone(), None, stop.clone()));
     let mut tls_addr = None;
-    if let Some(listener) = listeners.tls {
-        let tls = crate::tls::listener_config(&state.config, crate::tls::Alpn::Http1)?;
+    if let Some(listener) = tls_listener {
+        let tls = crate::tls::listener_config(&state.config, crate::tls::Protocol::Http)?;
         tls_addr = Some(listener.local_addr()?);
         tasks.spawn(serve(listener, app, Some(tls), stop.clone()));
     }
     let mut metrics_addr = None;
-    if let Some(listener) = listeners.metrics {
+    if let Some(listener) = metrics_listener {
         metrics_addr = Some(listener.local_addr()?);
         let app = super::routes::ops::metrics_app(state.clone());
         let mut stop = stop.clone();
@@ -139,33 +157,4 @@ pub fn start(
         tls: tls_addr,
         metrics: metrics_addr,
     })
-}
-
-/// The sockets a hub serves on; binding is the caller's (tests bind port 0).
-pub struct Listeners {
-    pub http: TcpListener,
-    pub tls: Option<TcpListener>,
-    pub metrics: Option<TcpListener>,
-}
-
-impl Listeners {
-    /// Binds the addresses the configuration names.
-    pub async fn bind(config: &Config) -> anyhow::Result<Listeners> {
-        let bind = |addr: SocketAddr| async move {
-            TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("cannot listen on {addr}"))
-        };
-        Ok(Listeners {
-            http: bind(config.listen).await?,
-            tls: match config.tls_listen {
-                Some(addr) => Some(bind(addr).await?),
-                None => None,
-            },
-            metrics: match config.metrics_listen {
-                Some(addr) => Some(bind(addr).await?),
-                None => None,
-            },
-        })
-    }
 }

@@ -1,5 +1,6 @@
 //! Device identities: the registry's domain values, its rules and its SQL.
 
+pub mod connection;
 pub mod model;
 pub mod store;
 

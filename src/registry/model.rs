@@ -120,6 +120,8 @@ pub struct DeviceRecord {
     pub secondary_thumbprint: Option<String>,
     pub iot_edge: bool,
     pub last_activity_time: Option<DateTime<Utc>>,
+    pub connection_state: super::connection::ConnectionState,
+    pub connection_state_updated_time: Option<DateTime<Utc>>,
 }
 
 impl DeviceRecord {

@@ -11,7 +11,7 @@ use crate::keys;
 const COLUMNS: &str =
     "device_id, generation_id, etag_version, status, status_reason, status_updated_time,
     auth_type, primary_key, secondary_key, primary_thumbprint, secondary_thumbprint, iot_edge,
-    last_activity_time";
+    last_activity_time, connection_state, connection_state_updated_time";
 
 /// The writable fields of a device, resolved from a client's input (and the device as it was, for updates).
 #[derive(Debug, Clone)]

@@ -5,6 +5,8 @@
 //! passes on a machine that has nothing but the `postgresql` package.
 #![allow(dead_code)]
 
+pub mod mqtt;
+
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -175,6 +177,12 @@ impl TestHub {
                 Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.unwrap()),
                 None => None,
             },
+            // MQTT on random ports: plain always, over TLS when the test configured a certificate.
+            mqtts: match config.tls_cert {
+                Some(_) => Some(tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap()),
+                None => None,
+            },
+            mqtt: Some(tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap()),
         };
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let running = iothub::launch(config.clone(), pool.clone(), listeners, async move {
@@ -194,6 +202,18 @@ impl TestHub {
             running: Some(running),
             _database: database,
         }
+    }
+
+    /// The plain MQTT listener's address.
+    pub fn mqtt_addr(&self) -> std::net::SocketAddr {
+        self.running().mqtt_addr.expect("an MQTT listener")
+    }
+
+    /// The MQTT over TLS listener's address (configured with a certificate only).
+    pub fn mqtts_addr(&self) -> std::net::SocketAddr {
+        self.running()
+            .mqtts_addr
+            .expect("an MQTT over TLS listener")
     }
 
     pub fn database_url(&self) -> String {
@@ -483,6 +503,10 @@ impl HubProcess {
             .env("IOTHUB_DATA_DIR", data_dir)
             .env("IOTHUB_C2D_LOCK_SECS", "5")
             .env("IOTHUB_C2D_SWEEP_INTERVAL_MS", "200")
+            // On by default at 8883: tests that want it give a port of their own.
+            .env("IOTHUB_MQTTS_LISTEN", "off")
+            // Never IoT Hub's 8883: tests run side by side.
+            .env("IOTHUB_MQTTS_LISTEN", "127.0.0.1:0")
             .env("RUST_LOG", "warn")
             .envs(env.iter().copied())
             .stdout(std::process::Stdio::null())

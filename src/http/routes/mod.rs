@@ -11,3 +11,4 @@ pub mod feedback;
 pub mod ops;
 pub mod policies;
 pub mod registry;
+pub mod websocket;

@@ -300,13 +300,19 @@ async fn device_statistics(
 #[utoipa::path(get, path = "/statistics/service", tag = "registry",
     params(ApiVersion),
     responses(
-        (status = 200, description = "Connected devices (always 0: HTTPS devices do not stay connected)", body = ServiceStatistics),
+        (status = 200, description = "Devices connected over MQTT now", body = ServiceStatistics),
     ),
     security(("sas" = ["RegistryRead"])))]
-async fn service_statistics(_caller: Service<RegistryRead>) -> Json<ServiceStatistics> {
-    Json(ServiceStatistics {
-        connected_device_count: 0,
-    })
+async fn service_statistics(
+    _caller: Service<RegistryRead>,
+    State(state): State<AppState>,
+) -> ApiResult<Json<ServiceStatistics>> {
+    let connected = crate::registry::connection::connected_count(&state.db)
+        .await
+        .map_err(crate::registry::Error::from)?;
+    Ok(Json(ServiceStatistics {
+        connected_device_count: connected,
+    }))
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
@@ -363,7 +369,7 @@ pub struct Device {
     pub device_id: String,
     pub generation_id: String,
     pub etag: String,
-    /// Always `Disconnected`: only MQTT and AMQP connections move it, and this hub speaks HTTPS.
+    /// `Connected` while the device holds an MQTT connection, else `Disconnected`.
     pub connection_state: String,
     pub status: String,
     pub status_reason: Option<String>,
@@ -382,10 +388,12 @@ impl Device {
             etag: wire::etag(r.etag_version),
             device_id: r.device_id,
             generation_id: r.generation_id,
-            connection_state: "Disconnected".into(),
+            connection_state: r.connection_state.to_string(),
             status: r.status.to_string(),
             status_reason: r.status_reason,
-            connection_state_updated_time: wire::ZERO_TIME.into(),
+            connection_state_updated_time: wire::format_optional_time(
+                r.connection_state_updated_time,
+            ),
             status_updated_time: wire::format_optional_time(r.status_updated_time),
             last_activity_time: wire::format_optional_time(r.last_activity_time),
             cloud_to_device_message_count: c2d_message_count,
@@ -499,7 +507,7 @@ pub struct RegistryStatistics {
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ServiceStatistics {
-    /// Devices with an open MQTT or AMQP connection: always 0 on this HTTPS-only hub.
+    /// Devices with an open MQTT connection.
     pub connected_device_count: i64,
 }
 

@@ -1,0 +1,198 @@
+//! MQTT over every transport the hub serves: TLS (the SDKs' port 8883), WebSockets on the HTTP listeners
+//! (`/$iothub/websocket`, subprotocol `mqtt`), with rumqttc, a maintained MQTT client, as the device.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::mqtt::user_name;
+use common::*;
+use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, TlsConfiguration, Transport};
+
+/// A CA and a server certificate for localhost/127.0.0.1 signed by it; (CA PEM, cert path, key path).
+fn make_pki(dir: &std::path::Path) -> (String, std::path::PathBuf, std::path::PathBuf) {
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let mut params =
+        CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
+    params.is_ca = IsCa::ExplicitNoCa;
+    let cert = params.signed_by(&key, &ca, &ca_key).unwrap();
+    std::fs::create_dir_all(dir).unwrap();
+    let (cert_path, key_path) = (dir.join("server.pem"), dir.join("server.key"));
+    std::fs::write(&cert_path, cert.pem()).unwrap();
+    std::fs::write(&key_path, key.serialize_pem()).unwrap();
+    (ca.pem(), cert_path, key_path)
+}
+
+fn client_tls(ca_pem: &str) -> TlsConfiguration {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls::pki_types::CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    TlsConfiguration::Rustls(Arc::new(config))
+}
+
+fn options(device: &str, key: &str, host: &str, port: u16, transport: Transport) -> MqttOptions {
+    let mut options = MqttOptions::new(device, host, port);
+    options.set_credentials(user_name(device), device_token(device, key));
+    options.set_keep_alive(Duration::from_secs(30));
+    options.set_transport(transport);
+    options
+}
+
+/// With `options`: sends one telemetry message at QoS 1 and waits for its PUBACK, subscribes to C2D, and
+/// receives the message `enqueue` puts in the queue once subscribed (acknowledged by rumqttc's automatic PUBACK).
+async fn round_trip(hub: &TestHub, device: &str, options: MqttOptions) {
+    let (client, mut events) = AsyncClient::new(options, 10);
+    let topic = format!("devices/{device}/messages/events/%24.mid=over-{device}");
+    client
+        .publish(&topic, QoS::AtLeastOnce, false, b"hello".to_vec())
+        .await
+        .unwrap();
+    let c2d = format!("devices/{device}/messages/devicebound/#");
+    client.subscribe(&c2d, QoS::AtLeastOnce).await.unwrap();
+    let service = hub.policy_token("service").await;
+    let (mut acked, mut subscribed) = (false, false);
+    let received = tokio::time::timeout(LIVENESS, async {
+        loop {
+            match events.poll().await.expect("the connection stays up") {
+                Event::Incoming(Packet::ConnAck(ack)) => {
+                    assert_eq!(ack.code, rumqttc::ConnectReturnCode::Success)
+                }
+                Event::Incoming(Packet::PubAck(_)) => acked = true,
+                Event::Incoming(Packet::SubAck(_)) => {
+                    subscribed = true;
+                    let response = hub
+                        .request(
+                            reqwest::Method::POST,
+                            &format!("/devices/{device}/commands"),
+                            &service,
+                        )
+                        .body("to you")
+                        .send()
+                        .await
+                        .unwrap();
+                    assert_eq!(response.status(), 201);
+                }
+                Event::Incoming(Packet::Publish(publish)) => return publish,
+                _ => {}
+            }
+        }
+    })
+    .await
+    .expect("a C2D message arrives");
+    assert!(acked && subscribed);
+    assert_eq!(&received.payload[..], b"to you");
+    let stored = hub.events().await;
+    assert!(stored
+        .iter()
+        .any(|e| e["systemProperties"]["iothub-messageid"] == format!("over-{device}")));
+    // Keep polling so rumqttc sends its PUBACK; the delivery completes.
+    let mut state = serde_json::Value::Null;
+    for _ in 0..3000 {
+        let _ = tokio::time::timeout(Duration::from_millis(20), events.poll()).await;
+        let status: serde_json::Value = hub
+            .request(
+                reqwest::Method::GET,
+                &format!("/devices/{device}/commands/1"),
+                &service,
+            )
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        state = status["state"].clone();
+        if state == "Completed" {
+            break;
+        }
+    }
+    assert_eq!(state, "Completed", "the delivery is completed by PUBACK");
+    drop(client);
+}
+
+#[tokio::test]
+async fn mqtt_over_tls_carries_telemetry_and_c2d() {
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("mqtts-{}", uuid::Uuid::new_v4()));
+    let (ca, cert, key) = make_pki(&dir);
+    let hub = TestHub::start_with(|c| {
+        c.tls_cert = Some(cert.clone());
+        c.tls_key = Some(key.clone());
+    })
+    .await;
+    let device_key = primary_key(&hub.create_device("secure-1").await);
+    let port = hub.mqtts_addr().port();
+    let options = options(
+        "secure-1",
+        &device_key,
+        "127.0.0.1",
+        port,
+        Transport::tls_with_config(client_tls(&ca)),
+    );
+    round_trip(&hub, "secure-1", options).await;
+}
+
+#[tokio::test]
+async fn mqtt_over_websockets_carries_telemetry_and_c2d() {
+    let hub = TestHub::start().await;
+    let device_key = primary_key(&hub.create_device("web-1").await);
+    let url = format!("ws://{}/$iothub/websocket", hub.running().http_addr);
+    let options = options("web-1", &device_key, &url, 0, Transport::Ws);
+    round_trip(&hub, "web-1", options).await;
+}
+
+#[tokio::test]
+async fn mqtt_over_websockets_with_tls_on_the_https_listener() {
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("wss-{}", uuid::Uuid::new_v4()));
+    let (ca, cert, key) = make_pki(&dir);
+    let hub = TestHub::start_with(|c| {
+        c.tls_listen = Some("127.0.0.1:0".parse().unwrap());
+        c.tls_cert = Some(cert.clone());
+        c.tls_key = Some(key.clone());
+    })
+    .await;
+    let device_key = primary_key(&hub.create_device("web-2").await);
+    let url = format!(
+        "wss://127.0.0.1:{}/$iothub/websocket",
+        hub.running().tls_addr.unwrap().port()
+    );
+    let options = options(
+        "web-2",
+        &device_key,
+        &url,
+        0,
+        Transport::wss_with_config(client_tls(&ca)),
+    );
+    round_trip(&hub, "web-2", options).await;
+}
+
+#[tokio::test]
+async fn plain_mqtt_with_rumqttc() {
+    let hub = TestHub::start().await;
+    let device_key = primary_key(&hub.create_device("plain-1").await);
+    let addr = hub.mqtt_addr();
+    let options = options(
+        "plain-1",
+        &device_key,
+        "127.0.0.1",
+        addr.port(),
+        Transport::Tcp,
+    );
+    round_trip(&hub, "plain-1", options).await;
+}
