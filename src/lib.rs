@@ -80,7 +80,7 @@ impl Listeners {
 
 /// Whether MQTT over TLS has a certificate to serve with.
 fn mqtts_has_certificate(config: &Config) -> bool {
-    config.tls_cert.is_some() && config.tls_key.is_some()
+    tls::available(config.tls_cert.as_deref(), config.tls_key.as_deref())
 }
 
 /// A hub that is serving.

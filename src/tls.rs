@@ -17,6 +17,12 @@ pub enum Protocol {
     Mqtt,
 }
 
+/// Whether a TLS listener has a certificate to serve with; a listener without one is not bound. Decided here, beside
+/// [`listener_config`], so where certificates come from is one place.
+pub fn available(cert: Option<&Path>, key: Option<&Path>) -> bool {
+    cert.is_some() && key.is_some()
+}
+
 /// The TLS configuration of a listener for `protocol`: the configured certificate and key, or `None` when none is
 /// configured (that listener is then not started). The one place that decides which certificate a listener uses.
 pub fn listener_config(

@@ -350,6 +350,14 @@ async fn refused_publishes_close_the_connection_and_store_nothing() {
     let key = t.device("dev-1").await;
     t.device("dev-2").await;
     let oversized = vec![b'x'; 262_145];
+    let long_topic = format!("devices/dev-1/messages/events/a={}", "b".repeat(16 * 1024));
+    let many_properties = format!(
+        "devices/dev-1/messages/events/{}",
+        (0..129)
+            .map(|i| format!("p{i}=v"))
+            .collect::<Vec<_>>()
+            .join("&")
+    );
     let cases: Vec<(&str, QoS, &[u8])> = vec![
         ("devices/dev-2/messages/events/", QoS::AtLeastOnce, b"x"),
         ("devices/dev-1/messages/other/", QoS::AtLeastOnce, b"x"),
@@ -377,6 +385,8 @@ async fn refused_publishes_close_the_connection_and_store_nothing() {
             QoS::AtLeastOnce,
             &oversized,
         ),
+        (&long_topic, QoS::AtLeastOnce, b"x"),
+        (&many_properties, QoS::AtLeastOnce, b"x"),
     ];
     for (topic, qos, payload) in cases {
         let mut client = t.connect("dev-1", &key).await;
