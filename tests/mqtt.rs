@@ -743,3 +743,20 @@ async fn connections_beyond_the_limit_are_refused_as_unavailable() {
     let mut again = Client::connect(t.hub.mqtt_addr(), "dev-2", &key2).await;
     again.ping().await;
 }
+
+#[tokio::test]
+async fn telemetry_over_the_throttle_rate_is_delayed_not_refused() {
+    // Two messages per second per device (a bucket of two): five take at least 1.5 s, and none is refused.
+    let t = Mqtt::start_with(|c| c.throttle.device_d2c_send = Some(2.0)).await;
+    let key = t.device("dev-1").await;
+    let mut client = t.connect("dev-1", &key).await;
+    let started = std::time::Instant::now();
+    for pkid in 1..=5 {
+        client.send_event("dev-1", "", pkid, b"x").await;
+    }
+    assert!(
+        started.elapsed() >= std::time::Duration::from_secs(1),
+        "the rate held back the later messages"
+    );
+    assert_eq!(t.events_of("dev-1").await.len(), 5);
+}

@@ -28,6 +28,7 @@ use crate::auth::{self, sas::SasToken, DeviceCaller};
 use crate::d2c::model::MAX_MESSAGE_SIZE;
 use crate::notify::{channel, Subscription};
 use crate::registry::{connection as registry, DeviceId};
+use crate::throttle::Operation;
 
 /// A packet's remaining length at most: a full telemetry message with its topic and property bag.
 pub const MAX_PACKET_SIZE: usize = MAX_MESSAGE_SIZE + MAX_TOPIC_LEN + 64;
@@ -382,6 +383,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
         }
         let bag = topic::events_bag(&self.caller.device_id, &publish.topic)?;
         let event = messages::telemetry(&self.caller, bag, publish.payload.to_vec())?;
+        // Over its rate the message waits (and the connection is not read meanwhile): MQTT has no 429.
+        let device = self.caller.device_id.as_str();
+        while let Err(throttled) = self
+            .endpoint
+            .throttle
+            .check(Operation::D2cSend, Some(device))
+        {
+            tokio::time::sleep(throttled.wait.max(Duration::from_millis(1))).await;
+        }
         while self.pending.len() >= MAX_PENDING_PUBLISHES {
             if let Some(done) = self.pending.next().await {
                 self.committed(done).await?;
