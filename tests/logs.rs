@@ -23,6 +23,8 @@ async fn no_key_or_token_in_the_log_at_trace_level() {
         .env("DATABASE_URL", hub.database_url())
         .env("IOTHUB_LISTEN", format!("127.0.0.1:{port}"))
         .env("IOTHUB_HOSTNAME", HOST)
+        // Never IoT Hub's 8883: tests run side by side.
+        .env("IOTHUB_MQTTS_LISTEN", "127.0.0.1:0")
         .env("RUST_LOG", "trace")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())

@@ -691,6 +691,20 @@ async fn a_second_connection_takes_over_and_the_registry_shows_the_state() {
         .await
         .unwrap();
     assert_eq!(stats["connectedDeviceCount"], 1);
+    let metrics = t
+        .hub
+        .http
+        .get(format!("{}/metrics", t.hub.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("iothub_mqtt_connected_devices"),
+        "{metrics}"
+    );
 
     let mut second = t.connect("dev-1", &key).await;
     first.assert_closed().await;

@@ -32,7 +32,9 @@ fn command(dir: &Path, args: &[&str], port: u16) -> Command {
         .current_dir(dir)
         .env_remove("DATABASE_URL")
         .env("IOTHUB_LISTEN", format!("127.0.0.1:{port}"))
-        .env("IOTHUB_HOSTNAME", "zero.example.net");
+        .env("IOTHUB_HOSTNAME", "zero.example.net")
+        // Never IoT Hub's 8883: tests run side by side.
+        .env("IOTHUB_MQTTS_LISTEN", "127.0.0.1:0");
     command
 }
 

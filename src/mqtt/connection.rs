@@ -99,6 +99,7 @@ where
         Ok(caller) => caller,
         Err(refusal) => {
             tracing::info!(client_id = %connect.client_id, ?refusal, "MQTT CONNECT refused");
+            metrics::counter!("iothub_mqtt_refused_connects_total", "code" => format!("{:?}", refusal)).increment(1);
             let _ = wire.send(connack(refusal.code(), false)).await;
             return;
         }
@@ -114,6 +115,7 @@ where
         return;
     };
     tracing::debug!(device = %device, clean = connect.clean_session, "MQTT device connected");
+    metrics::gauge!("iothub_mqtt_connected_devices").increment(1.0);
     let mut connection = Connection {
         delivery: present.then(|| Delivery::start(&endpoint, &device)),
         endpoint,
@@ -131,7 +133,9 @@ where
     } else {
         tracing::warn!(device = %device, %reason, "MQTT connection closed");
     }
+    metrics::counter!("iothub_mqtt_closes_total", "reason" => reason.kind()).increment(1);
     connection.finish().await;
+    metrics::gauge!("iothub_mqtt_connected_devices").decrement(1.0);
     drop(permit);
 }
 
