@@ -137,6 +137,7 @@ pub async fn launch(
     let notifier = notify::Notifier::start(db.clone(), stop.clone(), &mut tasks).await?;
     let d2c = Arc::new(d2c::D2c::start(&db, &config.d2c, drained, &mut tasks).await?);
     let credentials = Arc::new(auth::Credentials::new(db.clone(), config.auth_cache()));
+    let throttle = Arc::new(throttle::Throttle::new(&config.throttle)?);
     let mqtt = Arc::new(mqtt::Endpoint {
         db: db.clone(),
         hostname: config.hostname.clone(),
@@ -146,11 +147,12 @@ pub async fn launch(
         notifier: notifier.clone(),
         credentials: credentials.clone(),
         d2c: d2c.clone(),
+        throttle: throttle.clone(),
         shutdown: stop.clone(),
         sessions: mqtt::session::Sessions::new(config.mqtt.max_connections),
     });
     let state = AppState(Arc::new(AppInner {
-        throttle: throttle::Throttle::new(&config.throttle)?,
+        throttle,
         notifier,
         d2c,
         credentials,

@@ -35,7 +35,8 @@ async fn spawn_hub(url: &str, port: u16, http: &reqwest::Client) -> Child {
         .env("IOTHUB_LISTEN", format!("127.0.0.1:{port}"))
         .env("IOTHUB_HOSTNAME", HOST)
         .env("IOTHUB_DATA_DIR", data_dir)
-        .env("IOTHUB_MQTTS_LISTEN", "off")
+        // Never IoT Hub's 8883: tests run side by side.
+        .env("IOTHUB_MQTTS_LISTEN", "127.0.0.1:0")
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())

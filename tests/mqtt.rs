@@ -350,6 +350,14 @@ async fn refused_publishes_close_the_connection_and_store_nothing() {
     let key = t.device("dev-1").await;
     t.device("dev-2").await;
     let oversized = vec![b'x'; 262_145];
+    let long_topic = format!("devices/dev-1/messages/events/a={}", "b".repeat(16 * 1024));
+    let many_properties = format!(
+        "devices/dev-1/messages/events/{}",
+        (0..129)
+            .map(|i| format!("p{i}=v"))
+            .collect::<Vec<_>>()
+            .join("&")
+    );
     let cases: Vec<(&str, QoS, &[u8])> = vec![
         ("devices/dev-2/messages/events/", QoS::AtLeastOnce, b"x"),
         ("devices/dev-1/messages/other/", QoS::AtLeastOnce, b"x"),
@@ -377,6 +385,8 @@ async fn refused_publishes_close_the_connection_and_store_nothing() {
             QoS::AtLeastOnce,
             &oversized,
         ),
+        (&long_topic, QoS::AtLeastOnce, b"x"),
+        (&many_properties, QoS::AtLeastOnce, b"x"),
     ];
     for (topic, qos, payload) in cases {
         let mut client = t.connect("dev-1", &key).await;
@@ -681,6 +691,20 @@ async fn a_second_connection_takes_over_and_the_registry_shows_the_state() {
         .await
         .unwrap();
     assert_eq!(stats["connectedDeviceCount"], 1);
+    let metrics = t
+        .hub
+        .http
+        .get(format!("{}/metrics", t.hub.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("iothub_mqtt_connected_devices"),
+        "{metrics}"
+    );
 
     let mut second = t.connect("dev-1", &key).await;
     first.assert_closed().await;
@@ -732,4 +756,21 @@ async fn connections_beyond_the_limit_are_refused_as_unavailable() {
     .await;
     let mut again = Client::connect(t.hub.mqtt_addr(), "dev-2", &key2).await;
     again.ping().await;
+}
+
+#[tokio::test]
+async fn telemetry_over_the_throttle_rate_is_delayed_not_refused() {
+    // Two messages per second per device (a bucket of two): five take at least 1.5 s, and none is refused.
+    let t = Mqtt::start_with(|c| c.throttle.device_d2c_send = Some(2.0)).await;
+    let key = t.device("dev-1").await;
+    let mut client = t.connect("dev-1", &key).await;
+    let started = std::time::Instant::now();
+    for pkid in 1..=5 {
+        client.send_event("dev-1", "", pkid, b"x").await;
+    }
+    assert!(
+        started.elapsed() >= std::time::Duration::from_secs(1),
+        "the rate held back the later messages"
+    );
+    assert_eq!(t.events_of("dev-1").await.len(), 5);
 }

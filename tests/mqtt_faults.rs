@@ -200,3 +200,41 @@ async fn a_taken_mqtt_port_is_a_start_up_error_naming_its_setting() {
     assert!(stderr.contains(&addr), "{stderr}");
     drop(taken);
 }
+
+#[tokio::test]
+async fn a_c2d_message_enqueued_through_another_process_reaches_the_device_at_once() {
+    let p = Processes::new().await;
+    let (addr_a, addr_b) = (free_addr(), free_addr());
+    let a = p.start(addr_a).await;
+    let b = p.start(addr_b).await;
+    let key = p.device(&a, "dev-1").await;
+    let service_key = iothub::auth::policies::get(&p.pool, "service")
+        .await
+        .unwrap()
+        .unwrap()
+        .primary_key;
+    let service =
+        iothub::auth::sas::sign(HOST, &service_key, Some("service"), now() + 3600).unwrap();
+
+    let mut device = Client::connect(addr_a, "dev-1", &key).await;
+    device.subscribe_c2d("dev-1").await;
+    // Enqueued through the other process: the NOTIFY of its commit wakes the connection in this one.
+    let response = p
+        .http
+        .post(format!(
+            "{}/devices/dev-1/commands?api-version=2021-04-12",
+            b.base
+        ))
+        .header("Authorization", &service)
+        .body("across")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 201);
+    let publish = device.next_publish().await;
+    assert_eq!(&publish.payload[..], b"across");
+    device.puback(publish.pkid).await;
+    device.ping().await;
+    a.kill().await;
+    b.kill().await;
+}

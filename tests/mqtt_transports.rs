@@ -196,3 +196,66 @@ async fn plain_mqtt_with_rumqttc() {
     );
     round_trip(&hub, "plain-1", options).await;
 }
+
+#[tokio::test]
+async fn websocket_frames_may_split_and_join_packets() {
+    use futures::{SinkExt, StreamExt};
+    use iothub::mqtt::codec::{self, Connect, ConnectReturnCode, Packet as Wire, Publish};
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    use tokio_tungstenite::tungstenite::Message;
+
+    let hub = TestHub::start().await;
+    let key = primary_key(&hub.create_device("web-3").await);
+    let url = format!("ws://{}/$iothub/websocket", hub.running().http_addr);
+    let mut request = url.into_client_request().unwrap();
+    request
+        .headers_mut()
+        .insert("Sec-WebSocket-Protocol", "mqtt".parse().unwrap());
+    let (mut socket, response) = tokio_tungstenite::connect_async(request).await.unwrap();
+    assert_eq!(response.headers()["sec-websocket-protocol"], "mqtt");
+
+    let encode = |packet: Wire| {
+        let mut out = bytes::BytesMut::new();
+        codec::encode(&packet, &mut out);
+        out.to_vec()
+    };
+    let mut connect = Connect::new("web-3");
+    connect.set_login(user_name("web-3"), device_token("web-3", &key));
+    let connect = encode(Wire::Connect(connect));
+    // CONNECT in two frames, the second glued to a PUBLISH and a PINGREQ.
+    let (head, tail) = connect.split_at(7);
+    socket.send(Message::binary(head.to_vec())).await.unwrap();
+    let mut publish = Publish::new(
+        "devices/web-3/messages/events/",
+        codec::QoS::AtLeastOnce,
+        b"x".to_vec(),
+    );
+    publish.pkid = 5;
+    let rest = [
+        tail.to_vec(),
+        encode(Wire::Publish(publish)),
+        encode(Wire::PingReq),
+    ]
+    .concat();
+    socket.send(Message::binary(rest)).await.unwrap();
+
+    let mut received = bytes::BytesMut::new();
+    let mut packets = Vec::new();
+    while packets.len() < 3 {
+        let frame = tokio::time::timeout(LIVENESS, socket.next())
+            .await
+            .expect("the hub answers")
+            .expect("the socket stays open")
+            .unwrap();
+        received.extend_from_slice(&frame.into_data());
+        while let Some(packet) = codec::decode(&mut received, 1 << 20).unwrap() {
+            packets.push(packet);
+        }
+    }
+    assert!(matches!(&packets[0], Wire::ConnAck(a) if a.code == ConnectReturnCode::Success));
+    // PINGRESP may overtake the PUBACK, which waits for the commit.
+    assert!(packets[1..]
+        .iter()
+        .any(|p| matches!(p, Wire::PubAck(a) if a.pkid == 5)));
+    assert!(packets[1..].iter().any(|p| matches!(p, Wire::PingResp)));
+}

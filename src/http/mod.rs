@@ -50,7 +50,7 @@ pub struct AppInner {
     /// Keys and statuses for authentication, cached briefly.
     pub credentials: Arc<crate::auth::Credentials>,
     /// Token buckets per operation class (empty unless configured).
-    pub throttle: crate::throttle::Throttle,
+    pub throttle: Arc<crate::throttle::Throttle>,
     /// Device-to-cloud streams: partition writers and stream settings.
     pub d2c: Arc<crate::d2c::D2c>,
     /// MQTT, for connections that arrive as WebSockets.

@@ -28,6 +28,7 @@ use crate::auth::{self, sas::SasToken, DeviceCaller};
 use crate::d2c::model::MAX_MESSAGE_SIZE;
 use crate::notify::{channel, Subscription};
 use crate::registry::{connection as registry, DeviceId};
+use crate::throttle::Operation;
 
 /// A packet's remaining length at most: a full telemetry message with its topic and property bag.
 pub const MAX_PACKET_SIZE: usize = MAX_MESSAGE_SIZE + MAX_TOPIC_LEN + 64;
@@ -91,26 +92,14 @@ where
         buffer: BytesMut::with_capacity(4096),
         out: BytesMut::new(),
     };
-    let first = match tokio::time::timeout(CONNECT_TIMEOUT, wire.read_packet()).await {
-        Ok(Ok(Some(packet))) => packet,
-        Ok(Ok(None)) => return,
-        Ok(Err(Close::Codec(CodecError::UnsupportedProtocol(what)))) => {
-            tracing::debug!(%what, "MQTT CONNECT of another protocol version refused");
-            let _ = wire.send(connack(Refusal::Protocol.code(), false)).await;
-            return;
-        }
-        Ok(Err(close)) => {
-            return tracing::debug!(reason = %close, "MQTT connection closed before CONNECT")
-        }
-        Err(_) => return tracing::debug!("no MQTT CONNECT in time"),
-    };
-    let Packet::Connect(connect) = first else {
-        return tracing::debug!("MQTT connection closed: the first packet was not CONNECT");
+    let Some(connect) = first_connect(&mut wire).await else {
+        return;
     };
     let caller = match authenticate(&endpoint, &connect, permit.is_some()).await {
         Ok(caller) => caller,
         Err(refusal) => {
             tracing::info!(client_id = %connect.client_id, ?refusal, "MQTT CONNECT refused");
+            metrics::counter!("iothub_mqtt_refused_connects_total", "code" => format!("{:?}", refusal)).increment(1);
             let _ = wire.send(connack(refusal.code(), false)).await;
             return;
         }
@@ -121,30 +110,12 @@ where
         .notifier
         .subscribe(channel::SESSION, device.as_str());
     let id = Uuid::new_v4();
-    let taken = match registry::take(&endpoint.db, &device, id, connect.clean_session).await {
-        Ok(Some(taken)) => taken,
-        Ok(None) => {
-            let _ = wire
-                .send(connack(Refusal::NotAuthorized.code(), false))
-                .await;
-            return;
-        }
-        Err(error) => {
-            tracing::warn!(%error, "MQTT CONNECT: the database is unavailable");
-            let _ = wire.send(connack(Refusal::Unavailable.code(), false)).await;
-            return;
-        }
-    };
-    let present = !connect.clean_session && taken.c2d_subscribed;
-    if wire
-        .send(connack(codec::ConnectReturnCode::Success, present))
-        .await
-        .is_err()
-    {
-        let _ = registry::release(&endpoint.db, &device, id).await;
+    let Some(present) = take_device(&endpoint, &mut wire, &device, id, connect.clean_session).await
+    else {
         return;
-    }
+    };
     tracing::debug!(device = %device, clean = connect.clean_session, "MQTT device connected");
+    metrics::gauge!("iothub_mqtt_connected_devices").increment(1.0);
     let mut connection = Connection {
         delivery: present.then(|| Delivery::start(&endpoint, &device)),
         endpoint,
@@ -162,8 +133,69 @@ where
     } else {
         tracing::warn!(device = %device, %reason, "MQTT connection closed");
     }
+    metrics::counter!("iothub_mqtt_closes_total", "reason" => reason.kind()).increment(1);
     connection.finish().await;
+    metrics::gauge!("iothub_mqtt_connected_devices").decrement(1.0);
     drop(permit);
+}
+
+/// The client's CONNECT, within [`CONNECT_TIMEOUT`]; anything else first closes the connection (a CONNECT of
+/// another protocol version is answered with CONNACK 0x01 first).
+async fn first_connect<S: AsyncRead + AsyncWrite>(wire: &mut Wire<S>) -> Option<Connect> {
+    let first = match tokio::time::timeout(CONNECT_TIMEOUT, wire.read_packet()).await {
+        Ok(Ok(Some(packet))) => packet,
+        Ok(Ok(None)) => return None,
+        Ok(Err(Close::Codec(CodecError::UnsupportedProtocol(what)))) => {
+            tracing::debug!(%what, "MQTT CONNECT of another protocol version refused");
+            let _ = wire.send(connack(Refusal::Protocol.code(), false)).await;
+            return None;
+        }
+        Ok(Err(close)) => {
+            tracing::debug!(reason = %close, "MQTT connection closed before CONNECT");
+            return None;
+        }
+        Err(_) => {
+            tracing::debug!("no MQTT CONNECT in time");
+            return None;
+        }
+    };
+    match first {
+        Packet::Connect(connect) => Some(connect),
+        _ => {
+            tracing::debug!("MQTT connection closed: the first packet was not CONNECT");
+            None
+        }
+    }
+}
+
+/// Makes connection `id` the device's and answers CONNACK; whether a stored C2D subscription is in force
+/// (session present), or `None` when the connection ends here.
+async fn take_device<S: AsyncRead + AsyncWrite>(
+    endpoint: &Endpoint,
+    wire: &mut Wire<S>,
+    device: &DeviceId,
+    id: Uuid,
+    clean_session: bool,
+) -> Option<bool> {
+    let refusal = match registry::take(&endpoint.db, device, id, clean_session).await {
+        Ok(Some(taken)) => {
+            let present = !clean_session && taken.c2d_subscribed;
+            let accepted = connack(codec::ConnectReturnCode::Success, present);
+            if wire.send(accepted).await.is_ok() {
+                return Some(present);
+            }
+            let _ = registry::release(&endpoint.db, device, id).await;
+            return None;
+        }
+        // Deleted between authentication and now.
+        Ok(None) => Refusal::NotAuthorized,
+        Err(error) => {
+            tracing::warn!(%error, "MQTT CONNECT: the database is unavailable");
+            Refusal::Unavailable
+        }
+    };
+    let _ = wire.send(connack(refusal.code(), false)).await;
+    None
 }
 
 fn connack(code: codec::ConnectReturnCode, session_present: bool) -> Packet {
@@ -355,6 +387,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
         }
         let bag = topic::events_bag(&self.caller.device_id, &publish.topic)?;
         let event = messages::telemetry(&self.caller, bag, publish.payload.to_vec())?;
+        // Over its rate the message waits (and the connection is not read meanwhile): MQTT has no 429.
+        let device = self.caller.device_id.as_str();
+        while let Err(throttled) = self
+            .endpoint
+            .throttle
+            .check(Operation::D2cSend, Some(device))
+        {
+            tokio::time::sleep(throttled.wait.max(Duration::from_millis(1))).await;
+        }
         while self.pending.len() >= MAX_PENDING_PUBLISHES {
             if let Some(done) = self.pending.next().await {
                 self.committed(done).await?;

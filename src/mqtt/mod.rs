@@ -88,6 +88,8 @@ pub struct Endpoint {
     pub notifier: crate::notify::Notifier,
     pub credentials: Arc<crate::auth::Credentials>,
     pub d2c: Arc<crate::d2c::D2c>,
+    /// The same buckets as HTTPS: telemetry over its rate is delayed, as IoT Hub delays MQTT operations.
+    pub throttle: Arc<crate::throttle::Throttle>,
     /// Turns true when the hub is stopping.
     pub shutdown: watch::Receiver<bool>,
     pub sessions: session::Sessions,

@@ -82,6 +82,27 @@ pub enum Close {
 }
 
 impl Close {
+    /// A short name of the reason, for metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Close::Disconnected => "disconnected",
+            Close::Io(_) => "io",
+            Close::WriteTimeout => "write_timeout",
+            Close::KeepAlive => "keep_alive",
+            Close::TakenOver => "taken_over",
+            Close::ShuttingDown => "shutting_down",
+            Close::Codec(_) => "malformed",
+            Close::Topic(_) => "topic",
+            Close::Message(_) => "message",
+            Close::QoS2 => "qos2",
+            Close::Unexpected(_) => "unexpected_packet",
+            Close::TooManyFilters(_) => "too_many_filters",
+            Close::Telemetry(_) => "telemetry",
+            Close::Delivery(_) => "delivery",
+            Close::Database(_) => "database",
+        }
+    }
+
     /// Whether the client or the hub ended the connection as the protocol intends (logged at debug, not warn).
     pub fn is_orderly(&self) -> bool {
         matches!(
