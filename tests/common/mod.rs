@@ -503,8 +503,6 @@ impl HubProcess {
             .env("IOTHUB_DATA_DIR", data_dir)
             .env("IOTHUB_C2D_LOCK_SECS", "5")
             .env("IOTHUB_C2D_SWEEP_INTERVAL_MS", "200")
-            // On by default at 8883: tests that want it give a port of their own.
-            .env("IOTHUB_MQTTS_LISTEN", "off")
             // Never IoT Hub's 8883: tests run side by side.
             .env("IOTHUB_MQTTS_LISTEN", "127.0.0.1:0")
             .env("RUST_LOG", "warn")
