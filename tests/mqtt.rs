@@ -774,3 +774,42 @@ async fn telemetry_over_the_throttle_rate_is_delayed_not_refused() {
     );
     assert_eq!(t.events_of("dev-1").await.len(), 5);
 }
+
+#[tokio::test]
+async fn a_last_will_is_stored_as_telemetry_when_the_device_drops_without_disconnect() {
+    let t = Mqtt::start().await;
+    let key = t.device("dev-1").await;
+    let token = device_token("dev-1", &key);
+    let with_will = |mid: &str| {
+        let mut connect = connect_packet("dev-1", Some((&user_name("dev-1"), &token)));
+        connect.last_will = Some(rumqttc::mqttbytes::v4::LastWill::new(
+            format!("devices/dev-1/messages/events/%24.mid={mid}&cause=lost"),
+            "gone",
+            QoS::AtLeastOnce,
+            false,
+        ));
+        connect
+    };
+    // Said goodbye: no will.
+    let mut polite = Client::open(t.hub.mqtt_addr()).await;
+    assert_eq!(
+        polite.handshake(with_will("polite")).await.code,
+        ConnectReturnCode::Success
+    );
+    polite.send(Packet::Disconnect).await;
+    polite.assert_closed().await;
+    t.wait_for_connection_state("dev-1", "Disconnected").await;
+    // Dropped: the will is stored.
+    let mut rude = Client::open(t.hub.mqtt_addr()).await;
+    assert_eq!(
+        rude.handshake(with_will("rude")).await.code,
+        ConnectReturnCode::Success
+    );
+    drop(rude);
+    t.wait_for_connection_state("dev-1", "Disconnected").await;
+    let events = t.events_of("dev-1").await;
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(events[0]["systemProperties"]["iothub-messageid"], "rude");
+    assert_eq!(events[0]["properties"]["iothub-MessageType"], "Will");
+    assert_eq!(events[0]["properties"]["cause"], "lost");
+}

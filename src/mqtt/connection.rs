@@ -25,7 +25,7 @@ use super::refusal::{Close, Refusal};
 use super::topic::{self, Filter, MAX_TOPIC_LEN};
 use super::{messages, Endpoint, CONNECT_TIMEOUT};
 use crate::auth::{self, sas::SasToken, DeviceCaller};
-use crate::d2c::model::MAX_MESSAGE_SIZE;
+use crate::d2c::model::{NewEvent, MAX_MESSAGE_SIZE};
 use crate::notify::{channel, Subscription};
 use crate::registry::{connection as registry, DeviceId};
 use crate::throttle::Operation;
@@ -104,6 +104,11 @@ where
             return;
         }
     };
+    let will = connect.last_will.as_ref().and_then(|w| {
+        messages::will(&caller, &w.topic, w.message.to_vec())
+            .map_err(|error| tracing::info!(%error, "MQTT last will ignored"))
+            .ok()
+    });
     let device = caller.device_id.clone();
     // Before taking the device, so a later connection's take-over cannot slip between the two.
     let session = endpoint
@@ -134,6 +139,9 @@ where
         tracing::warn!(device = %device, %reason, "MQTT connection closed");
     }
     metrics::counter!("iothub_mqtt_closes_total", "reason" => reason.kind()).increment(1);
+    if let Some(will) = will.filter(|_| reason.sends_will()) {
+        connection.send_will(will).await;
+    }
     connection.finish().await;
     metrics::gauge!("iothub_mqtt_connected_devices").decrement(1.0);
     drop(permit);
@@ -303,7 +311,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
             match event {
                 Event::Read(read) => {
                     if read? == 0 {
-                        return Err(Close::Disconnected);
+                        return Err(Close::Dropped);
                     }
                     deadline = Instant::now() + self.keep_alive;
                     self.wire.buffer.reserve(4096);
@@ -472,6 +480,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
                 tracing::warn!(%error, "cannot check which connection holds the device");
                 Ok(())
             }
+        }
+    }
+
+    /// Stores the device's last will as telemetry (it dropped without DISCONNECT).
+    async fn send_will(&mut self, will: NewEvent) {
+        let d2c = &self.endpoint.d2c;
+        let partition = d2c.partition_of(self.caller.device_id.as_str());
+        if let Err(error) = d2c.ingest.submit(partition, vec![will]).await {
+            tracing::warn!(%error, "MQTT last will not stored");
         }
     }
 

@@ -4,7 +4,7 @@
 use chrono::SecondsFormat;
 
 use super::properties::{self, BagError};
-use super::topic;
+use super::topic::{self, TopicError};
 use crate::auth::DeviceCaller;
 use crate::c2d::model::MessageRow;
 use crate::d2c::model::{NewEvent, Properties, APP_PREFIX};
@@ -27,6 +27,8 @@ const SYSTEM: &[(&str, &str)] = &[
 #[derive(Debug, thiserror::Error)]
 pub enum Invalid {
     #[error(transparent)]
+    Topic(#[from] TopicError),
+    #[error(transparent)]
     Bag(#[from] BagError),
     #[error(transparent)]
     Message(#[from] crate::d2c::Error),
@@ -44,6 +46,21 @@ pub fn telemetry(caller: &DeviceCaller, bag: &str, payload: Vec<u8>) -> Result<N
         }
     }
     Ok(sent.stamp(caller, payload)?)
+}
+
+/// A CONNECT's last will, as the telemetry message IoT Hub makes of it when the device drops: published to the
+/// device's own events topic, marked with the application property `iothub-MessageType: Will`.
+pub fn will(
+    caller: &DeviceCaller,
+    will_topic: &str,
+    payload: Vec<u8>,
+) -> Result<NewEvent, Invalid> {
+    let bag = topic::events_bag(&caller.device_id, will_topic)?;
+    let mut event = telemetry(caller, bag, payload)?;
+    event
+        .properties
+        .insert("iothub-MessageType".into(), "Will".into());
+    Ok(event)
 }
 
 /// The topic that delivers `message` to `device`: its properties as the SDKs read them.

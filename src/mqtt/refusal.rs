@@ -51,6 +51,8 @@ impl From<auth::Error> for Refusal {
 pub enum Close {
     #[error("the client disconnected")]
     Disconnected,
+    #[error("the client closed the connection without DISCONNECT")]
+    Dropped,
     #[error("the connection was closed or failed: {0}")]
     Io(#[from] std::io::Error),
     #[error("the client did not read what the hub wrote in time")]
@@ -86,6 +88,7 @@ impl Close {
     pub fn kind(&self) -> &'static str {
         match self {
             Close::Disconnected => "disconnected",
+            Close::Dropped => "dropped",
             Close::Io(_) => "io",
             Close::WriteTimeout => "write_timeout",
             Close::KeepAlive => "keep_alive",
@@ -103,11 +106,20 @@ impl Close {
         }
     }
 
+    /// Whether the device's last will is sent: it did not say goodbye with DISCONNECT, and the hub is not stopping.
+    pub fn sends_will(&self) -> bool {
+        !matches!(self, Close::Disconnected | Close::ShuttingDown)
+    }
+
     /// Whether the client or the hub ended the connection as the protocol intends (logged at debug, not warn).
     pub fn is_orderly(&self) -> bool {
         matches!(
             self,
-            Close::Disconnected | Close::Io(_) | Close::TakenOver | Close::ShuttingDown
+            Close::Disconnected
+                | Close::Dropped
+                | Close::Io(_)
+                | Close::TakenOver
+                | Close::ShuttingDown
         )
     }
 }
