@@ -153,6 +153,9 @@ impl Setup {
             async move { ready.exists() || output }
         })
         .await;
+        if ready.exists() {
+            self.wait_for_state(id, "Connected").await;
+        }
         // One more while the device is connected: it reaches it without a reconnect.
         sequence_numbers.push(self.enqueue(id, RECEIVE - 1).await);
         let output = tokio::time::timeout(Duration::from_secs(90), output)
@@ -171,8 +174,22 @@ impl Setup {
         let summary: Value = serde_json::from_str(stdout.trim().lines().last().unwrap_or(""))
             .unwrap_or_else(|e| panic!("{id}: {e}: {stdout}"));
         eprintln!("{id}: {}", summary["sdk"]);
+        self.wait_for_state(id, "Disconnected").await;
         self.check(id, &summary, &sequence_numbers).await;
         summary
+    }
+
+    /// Waits until the registry shows `id` in `state` (`connectionState`).
+    async fn wait_for_state(&self, id: &str, state: &str) {
+        let owner = self.rest.owner().await;
+        wait_until(&format!("{id} {state}"), || {
+            let request = self.rest.request(Method::GET, &device_path(id), &owner);
+            async move {
+                let device: Value = request.send().await.unwrap().json().await.unwrap();
+                device["connectionState"] == state
+            }
+        })
+        .await;
     }
 
     fn log(&self) -> String {
