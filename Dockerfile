@@ -25,18 +25,19 @@ RUN useradd --uid 10001 --user-group --home-dir /var/lib/iothub --no-create-home
         --shell /usr/sbin/nologin iothub \
     && mkdir -p /var/lib/iothub/data /etc/iothub/tls \
     && chown -R 10001:10001 /var/lib/iothub
-# The plain HTTP listener on every interface of the container; HTTPS is opt-in (IOTHUB_TLS_LISTEN=0.0.0.0:8443)
-# with the certificate and key mounted at these paths. Without DATABASE_URL the hub would run its own PostgreSQL,
-# which this image does not contain: set DATABASE_URL (compose.yaml does).
+# Plain HTTP and MQTT over TLS on every interface of the container; HTTPS is opt-in (IOTHUB_TLS_LISTEN=0.0.0.0:8443).
+# TLS listeners present the hub's local CA's certificate (made in the data volume; `iothub ca` prints the CA) unless
+# IOTHUB_TLS_CERT and IOTHUB_TLS_KEY name files mounted in the TLS volume: naming them here would stop a hub that has
+# none from starting. Without DATABASE_URL the hub would run its own PostgreSQL, which this image does not contain:
+# set DATABASE_URL (compose.yaml does).
 ENV IOTHUB_LISTEN=0.0.0.0:8080 \
-    IOTHUB_DATA_DIR=/var/lib/iothub/data \
-    IOTHUB_TLS_CERT=/etc/iothub/tls/server.pem \
-    IOTHUB_TLS_KEY=/etc/iothub/tls/server.key
+    IOTHUB_MQTTS_LISTEN=0.0.0.0:8883 \
+    IOTHUB_DATA_DIR=/var/lib/iothub/data
 USER 10001:10001
 WORKDIR /var/lib/iothub
 # The hub's own files, and the TLS certificate chain and key.
 VOLUME ["/var/lib/iothub/data", "/etc/iothub/tls"]
-# HTTP, HTTPS, and MQTT over TLS (IoT Hub's port 8883, reserved for the MQTT device endpoint: not served yet).
+# HTTP, HTTPS, and MQTT over TLS (IoT Hub's port 8883).
 EXPOSE 8080 8443 8883
 # SIGTERM: listeners stop accepting, requests in flight finish (long polls end early), then the process exits 0.
 STOPSIGNAL SIGTERM

@@ -65,8 +65,11 @@ def inspect(path):
     env = environment(image)
     check(env.get("IOTHUB_LISTEN", "").startswith("0.0.0.0:"), "the hub does not listen on the container's interfaces")
     check(env.get("IOTHUB_DATA_DIR") == "/var/lib/iothub/data", "IOTHUB_DATA_DIR is not the data volume")
+    check(env.get("IOTHUB_MQTTS_LISTEN", "").startswith("0.0.0.0:"),
+          "MQTT over TLS does not listen on the container's interfaces")
     for name in ("IOTHUB_TLS_CERT", "IOTHUB_TLS_KEY"):
-        check(env.get(name, "").startswith("/etc/iothub/tls/"), f"{name} is not in the TLS volume")
+        # A hub told of certificate files it does not have cannot start; without them it uses its local CA.
+        check(name not in env, f"the image sets {name}: a hub with an empty TLS volume would not start")
     print(f"container: image user {user}, ports {sorted(ports)}, volumes {sorted(volumes)}, "
           f"stop signal {config['StopSignal']}, health check {test[1:]}")
 
@@ -200,9 +203,14 @@ def walk(config_path, mount, database_url, psql, work):
             # Request starts are logged at debug: the graceful-stop check waits for its long poll to reach the hub.
             "RUST_LOG": "info,sqlx=warn,tower_http=debug"}
     # No network namespace here: the hubs share the machine's, so each gets a free loopback port instead of 8080.
+    # hub-1 presents the TLS volume's certificate; hub-2 the local CA's, made in the data volume.
     one = Hub(image, "hub-1", {**base, "IOTHUB_LISTEN": f"127.0.0.1:{free_port()}",
-                               "IOTHUB_TLS_LISTEN": f"127.0.0.1:{tls_port}"}, work)
-    two = Hub(image, "hub-2", {**base, "IOTHUB_LISTEN": f"127.0.0.1:{free_port()}"}, work)
+                               "IOTHUB_MQTTS_LISTEN": f"127.0.0.1:{free_port()}",
+                               "IOTHUB_TLS_LISTEN": f"127.0.0.1:{tls_port}",
+                               "IOTHUB_TLS_CERT": "/etc/iothub/tls/server.pem",
+                               "IOTHUB_TLS_KEY": "/etc/iothub/tls/server.key"}, work)
+    two = Hub(image, "hub-2", {**base, "IOTHUB_LISTEN": f"127.0.0.1:{free_port()}",
+                               "IOTHUB_MQTTS_LISTEN": f"127.0.0.1:{free_port()}"}, work)
     try:
         walk_hubs(image, one, two, tls_port, psql, work)
     finally:
@@ -247,6 +255,7 @@ def walk_hubs(image, one, two, tls_port, psql, work):
     d2c(one, two, device_token, service_token)
     c2d(one, two, device_token, service_token)
     https(one, tls_port, work)
+    local_ca(image, two, work)
     graceful_stop(one, device_token)
     for hub in (two,):
         hub.process.send_signal(signal.SIGTERM)
@@ -312,6 +321,17 @@ def c2d(one, two, device_token, service_token):
     status, _, body = request("DELETE", f"{one.url}/messages/serviceBound/feedback/{lock}?{API}", service_token)
     check(status == 204, f"feedback complete: {status} {body!r}")
     print("container: C2D: enqueued on hub-1, received and completed on hub-2, Success feedback on hub-1")
+
+
+def local_ca(image, two, work):
+    """Without certificate files the hub made its local CA in the data volume, and `iothub ca` prints it."""
+    printed = image.run(["ca"], two.env)
+    check(printed.returncode == 0, f"iothub ca: {printed.stderr}")
+    with open(os.path.join(work, "data", "tls", "ca.pem")) as f:
+        check(printed.stdout == f.read(), "iothub ca does not print the data volume's tls/ca.pem")
+    mode = os.stat(os.path.join(work, "data", "tls", "ca.key")).st_mode & 0o777
+    check(mode == 0o600, f"the CA's key has mode {mode:o}")
+    print("container: the local CA is in the data volume, and `iothub ca` in the image prints it")
 
 
 def https(one, tls_port, work):
