@@ -298,16 +298,24 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
                     return Ok(());
                 }
             }
+            // While telemetry waits for its commit the client is not read (back-pressure), nor held to its
+            // keep-alive: what it sent meanwhile is still unread.
+            let reading = self.pending.len() < MAX_PENDING_PUBLISHES;
             let delivery = &mut self.delivery;
+            // Biased: the events that come one at a time first (a flood of bytes cannot starve them), and bytes
+            // already sent count as activity before an expired keep-alive is believed.
             let event = tokio::select! {
+                biased;
                 _ = shutdown.wait_for(|s| *s) => Event::Shutdown,
                 Some(done) = self.pending.next(), if !self.pending.is_empty() => Event::Committed(done),
-                read = self.wire.reader.read_buf(&mut self.wire.buffer),
-                    if self.pending.len() < MAX_PENDING_PUBLISHES => Event::Read(read),
                 _ = woken(delivery) => Event::C2d,
                 _ = session.changed() => Event::Session,
-                _ = tokio::time::sleep_until(deadline) => Event::KeepAlive,
+                read = self.wire.reader.read_buf(&mut self.wire.buffer), if reading => Event::Read(read),
+                _ = tokio::time::sleep_until(deadline), if reading => Event::KeepAlive,
             };
+            if !reading {
+                deadline = Instant::now() + self.keep_alive;
+            }
             match event {
                 Event::Read(read) => {
                     if read? == 0 {
