@@ -813,3 +813,37 @@ async fn a_last_will_is_stored_as_telemetry_when_the_device_drops_without_discon
     assert_eq!(events[0]["properties"]["iothub-MessageType"], "Will");
     assert_eq!(events[0]["properties"]["cause"], "lost");
 }
+
+#[tokio::test]
+async fn a_qos_0_subscription_gets_c2d_at_most_once() {
+    let t = Mqtt::start().await;
+    let key = t.device("dev-1").await;
+    let seqs = [
+        t.enqueue("dev-1", &[], "one").await,
+        t.enqueue("dev-1", &[], "two").await,
+    ];
+    let mut client = t.connect("dev-1", &key).await;
+    let filter = "devices/dev-1/messages/devicebound/#";
+    let mut subscribe = rumqttc::mqttbytes::v4::Subscribe::new(filter, QoS::AtMostOnce);
+    subscribe.pkid = 3;
+    client.send(Packet::Subscribe(subscribe)).await;
+    match client.recv().await {
+        Some(Packet::SubAck(ack)) => {
+            assert_eq!(
+                ack.return_codes,
+                vec![SubscribeReasonCode::Success(QoS::AtMostOnce)]
+            )
+        }
+        other => panic!("expected SUBACK, got {other:?}"),
+    }
+    for body in ["one", "two"] {
+        let publish = client.next_publish().await;
+        assert_eq!(publish.qos, QoS::AtMostOnce);
+        assert_eq!(&publish.payload[..], body.as_bytes());
+    }
+    // Written at QoS 0 means delivered: completed without a PUBACK.
+    for seq in seqs {
+        let status = t.wait_for_state("dev-1", seq, "Completed").await;
+        assert_eq!(status["outcome"], "Success");
+    }
+}
