@@ -847,3 +847,19 @@ async fn a_qos_0_subscription_gets_c2d_at_most_once() {
         assert_eq!(status["outcome"], "Success");
     }
 }
+
+#[tokio::test]
+async fn a_client_that_never_sends_connect_is_dropped() {
+    let t = Mqtt::start().await;
+    // Connected, silent: closed after the CONNECT timeout (10 s), without an answer.
+    let mut silent = Client::open(t.hub.mqtt_addr()).await;
+    // Half a CONNECT: the same.
+    let mut slow = Client::open(t.hub.mqtt_addr()).await;
+    slow.send_bytes(&[0x10, 0x20, 0x00]).await;
+    silent.assert_closed().await;
+    slow.assert_closed().await;
+    wait_until("no connection left open", || async {
+        t.hub.running().mqtt_connections() == 0
+    })
+    .await;
+}
