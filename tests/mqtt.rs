@@ -863,3 +863,34 @@ async fn a_client_that_never_sends_connect_is_dropped() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn disabling_or_deleting_a_connected_device_closes_its_connection() {
+    let t = Mqtt::start().await;
+    let key1 = t.device("dev-1").await;
+    let key2 = t.device("dev-2").await;
+    let mut one = t.connect("dev-1", &key1).await;
+    let mut two = t.connect("dev-2", &key2).await;
+    let owner = t.hub.owner().await;
+    let disabled = t
+        .hub
+        .request(Method::PUT, &device_path("dev-1"), &owner)
+        .header("If-Match", "*")
+        .json(&serde_json::json!({"deviceId": "dev-1", "status": "disabled"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(disabled.status(), 200);
+    one.assert_closed().await;
+    t.wait_for_connection_state("dev-1", "Disconnected").await;
+    two.ping().await;
+    let deleted = t
+        .hub
+        .request(Method::DELETE, &device_path("dev-2"), &owner)
+        .header("If-Match", "*")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(deleted.status(), 204);
+    two.assert_closed().await;
+}

@@ -501,11 +501,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
         }
     }
 
-    /// After a take-over notification: closes when another connection now holds the device.
+    /// After a session notification: closes when another connection now holds the device, or the device was
+    /// disabled or deleted.
     async fn check_still_held(&mut self) -> Result<(), Close> {
         match registry::holder(&self.endpoint.db, &self.caller.device_id).await {
             Ok(Some(holder)) if holder == self.id => Ok(()),
-            Ok(_) => Err(Close::TakenOver),
+            Ok(Some(_)) => Err(Close::TakenOver),
+            Ok(None) => Err(Close::DeviceGone),
             Err(error) => {
                 tracing::warn!(%error, "cannot check which connection holds the device");
                 Ok(())
