@@ -111,7 +111,7 @@ async fn a_connection_to_another_process_takes_over() {
 #[tokio::test]
 async fn a_killed_process_loses_no_acknowledged_telemetry() {
     const DEVICES: usize = 4;
-    const PER_DEVICE: u16 = 400;
+    const PER_DEVICE: u16 = 5000;
     const WINDOW: u16 = 8;
     let p = Processes::new().await;
     let addr = free_addr();
