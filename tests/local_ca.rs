@@ -223,6 +223,14 @@ async fn the_log_names_the_ca_file_and_never_a_key() {
         Some(&log),
     )
     .await;
+    // Ready can answer before the TLS listeners are set up; their lines follow.
+    wait_until("the hub logs that it serves", || {
+        let log = log.clone();
+        async move {
+            std::fs::read_to_string(&log).is_ok_and(|text| text.contains("iothub is serving"))
+        }
+    })
+    .await;
     process.kill().await;
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(
