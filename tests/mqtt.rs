@@ -894,3 +894,182 @@ async fn disabling_or_deleting_a_connected_device_closes_its_connection() {
     assert_eq!(deleted.status(), 204);
     two.assert_closed().await;
 }
+
+#[tokio::test]
+async fn a_connection_ends_when_the_token_it_connected_with_expires() {
+    use iothub::auth::sas::{self, EXPIRY_SKEW_SECS};
+    let t = Mqtt::start().await;
+    let key = t.device("dev-1").await;
+    // Valid for 3 s more on the database's clock, the hub's tolerance for clock skew included.
+    let expiry = t.hub.db_now().await.timestamp() + 3 - EXPIRY_SKEW_SECS;
+    let token = sas::sign(&format!("{HOST}/devices/dev-1"), &key, None, expiry).unwrap();
+    let mut client = Client::open(t.hub.mqtt_addr()).await;
+    let ack = client
+        .handshake(Client::connect_packet("dev-1", &token))
+        .await;
+    assert_eq!(ack.code, ConnectReturnCode::Success);
+    // Served while the token is valid (the database's clock decides, as for every time rule)...
+    let valid_until = chrono::DateTime::from_timestamp(expiry + EXPIRY_SKEW_SECS, 0).unwrap();
+    let mut pings = 0;
+    while t.hub.db_now().await < valid_until - chrono::Duration::milliseconds(500) {
+        client.ping().await;
+        pings += 1;
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(
+        pings > 0,
+        "the connection was served before the token expired"
+    );
+    // ...and closed once it has expired, well before the keep-alive (90 s) would end it.
+    client.assert_closed().await;
+    assert!(t.hub.db_now().await >= valid_until);
+    t.wait_for_connection_state("dev-1", "Disconnected").await;
+    // A fresh token connects again, as the SDKs do before the old one expires.
+    let mut again = t.connect("dev-1", &key).await;
+    again.ping().await;
+}
+
+#[tokio::test]
+async fn a_client_that_stops_reading_is_closed_and_its_deliveries_come_back() {
+    use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+    use std::sync::Arc;
+    use tokio::io::AsyncWriteExt;
+    // Enough in flight that the C2D bodies (6 MB) overfill the hub's socket buffers (Linux grows them to a few MB).
+    const INFLIGHT: i64 = 100;
+    const QUEUED: i64 = INFLIGHT + 10;
+    const TIMEOUT_SECS: u64 = 2;
+    let t = Mqtt::start_with(|c| {
+        c.mqtt.max_inflight = INFLIGHT as u32;
+        c.mqtt.write_timeout_secs = TIMEOUT_SECS;
+        c.c2d.max_queue_depth = 1000;
+    })
+    .await;
+    let key = t.device("stuck").await;
+    let other_key = t.device("other").await;
+    // A small receive buffer, so what the hub writes soon waits for the client.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let stream = socket.connect(t.hub.mqtt_addr()).await.unwrap();
+    let mut client = Client::over(stream);
+    let token = device_token("stuck", &key);
+    let ack = client
+        .handshake(Client::connect_packet("stuck", &token))
+        .await;
+    assert_eq!(ack.code, ConnectReturnCode::Success);
+    client.subscribe_c2d("stuck").await;
+    // From here on the client reads nothing.
+    let stopped_reading = std::time::Instant::now();
+    let (_unread, mut writer) = client.into_stream().into_split();
+
+    // The most messages of the device locked at once, sampled until the end.
+    let most_locked = Arc::new(AtomicI64::new(0));
+    let done = Arc::new(AtomicBool::new(false));
+    let sampler = tokio::spawn({
+        let (db, most_locked, done) = (t.hub.db.clone(), most_locked.clone(), done.clone());
+        async move {
+            while !done.load(Ordering::Relaxed) {
+                let locked: i64 = sqlx::query_scalar(
+                    "SELECT count(*) FROM c2d_messages WHERE device_id = 'stuck' AND state = 'invisible'",
+                )
+                .fetch_one(&db)
+                .await
+                .unwrap();
+                most_locked.fetch_max(locked, Ordering::Relaxed);
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+        }
+    });
+    // Telemetry whose PUBACKs are never read, written until the hub stops taking it or closes.
+    let publisher = tokio::spawn(async move {
+        let mut sent = 0usize;
+        for pkid in (1..=u16::MAX).cycle() {
+            let mut publish = codec::Publish::new(
+                "devices/stuck/messages/events/",
+                QoS::AtLeastOnce,
+                vec![7u8; 1024],
+            );
+            publish.pkid = pkid;
+            let mut bytes = BytesMut::new();
+            codec::encode(&Packet::Publish(publish), &mut bytes);
+            match tokio::time::timeout(LIVENESS, writer.write_all(&bytes)).await {
+                Ok(Ok(())) => sent += bytes.len(),
+                _ => break,
+            }
+        }
+        sent
+    });
+    let mut seqs = Vec::new();
+    for i in 0..QUEUED {
+        let body = format!("{i:04}{}", "x".repeat(60 * 1024));
+        seqs.push(t.enqueue("stuck", &[], &body).await);
+    }
+
+    // Another device is served meanwhile.
+    let mut other = t.connect("other", &other_key).await;
+    other.send_event("other", "", 1, b"meanwhile").await;
+    let other_seq = t.enqueue("other", &[], "for other").await;
+    other.subscribe_c2d("other").await;
+    let delivered = other.next_publish().await;
+    assert_eq!(&delivered.payload[..], b"for other");
+    other.puback(delivered.pkid).await;
+    t.wait_for_state("other", other_seq, "Completed").await;
+
+    t.wait_for_connection_state("stuck", "Disconnected").await;
+    let closed_after = stopped_reading.elapsed();
+    let sent = tokio::time::timeout(LIVENESS, publisher)
+        .await
+        .expect("the client's writes end once the hub closed")
+        .unwrap();
+    done.store(true, Ordering::Relaxed);
+    sampler.await.unwrap();
+    let most_locked = most_locked.load(Ordering::Relaxed);
+    eprintln!(
+        "closed {closed_after:?} after the client stopped reading; it wrote {sent} bytes of telemetry; \
+         at most {most_locked} C2D messages locked at once"
+    );
+    // Closed by the write timeout (the keep-alive is 90 s, the default write timeout 30 s).
+    assert!(
+        closed_after < std::time::Duration::from_secs(TIMEOUT_SECS + 15),
+        "closed after {closed_after:?}"
+    );
+    assert!(
+        (1..=INFLIGHT).contains(&most_locked),
+        "{most_locked} locked at once"
+    );
+    // The hub stopped reading while its writes waited: what the client got in is bounded by the pending bound and
+    // the socket buffers, not by how long it kept writing.
+    assert!(sent < 32 << 20, "the client wrote {sent} bytes");
+
+    // What it never acknowledged is deliverable again, its delivery counted.
+    let mut deliveries = Vec::new();
+    for &seq in &seqs {
+        let status = t.status("stuck", seq).await;
+        assert_eq!(status["state"], "Enqueued", "{status}");
+        deliveries.push(status["deliveryCount"].as_i64().unwrap());
+    }
+    let delivered_once = deliveries.iter().filter(|&&n| n == 1).count() as i64;
+    assert!(
+        (1..=INFLIGHT).contains(&delivered_once),
+        "{delivered_once} delivered"
+    );
+    // A device that reads gets every message, the ones delivered before flagged DUP, and completes them.
+    let mut back = t.connect("stuck", &key).await;
+    back.subscribe_c2d("stuck").await;
+    for _ in 0..QUEUED {
+        let publish = back.next_publish().await;
+        let index: usize = std::str::from_utf8(&publish.payload[..4])
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert_eq!(publish.dup, deliveries[index] > 0, "DUP of message {index}");
+        back.puback(publish.pkid).await;
+    }
+    for (index, &seq) in seqs.iter().enumerate() {
+        let completed = t.wait_for_state("stuck", seq, "Completed").await;
+        assert_eq!(
+            completed["deliveryCount"],
+            deliveries[index] + 1,
+            "{completed}"
+        );
+    }
+}

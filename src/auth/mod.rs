@@ -198,6 +198,28 @@ pub async fn authorize_device(
     device_id: &str,
     target: &[String],
 ) -> Result<DeviceCaller> {
+    authorize_device_session(credentials, hostname, header, device_id, target)
+        .await
+        .map(|session| session.caller)
+}
+
+/// A device caller, and how long the token it presented stays valid.
+#[derive(Debug, Clone)]
+pub struct DeviceSession {
+    pub caller: DeviceCaller,
+    /// Until the token would be refused as expired, on the database's clock (the skew tolerance included), as of
+    /// the check: a connection that outlives its token ends then.
+    pub token_valid_for: std::time::Duration,
+}
+
+/// As [`authorize_device`], for a connection that lasts: also says how long the token stays valid.
+pub async fn authorize_device_session(
+    credentials: &Credentials,
+    hostname: &str,
+    header: Option<&str>,
+    device_id: &str,
+    target: &[String],
+) -> Result<DeviceSession> {
     let token = parse_header(header)?;
     let fresh = credentials.device(device_id).await?;
     let device = fresh.value.as_ref().as_ref();
@@ -235,10 +257,16 @@ pub async fn authorize_device(
     let device_id = device_id
         .parse()
         .map_err(|_| Error::DeviceNotFound(device_id.to_string()))?;
-    Ok(DeviceCaller {
-        device_id,
-        generation_id: device.generation_id.clone(),
-        credential,
+    // `expired` refuses once the clock is past expiry + skew: the token is good for the whole second before.
+    let valid_secs =
+        (token.expiry.saturating_add(sas::EXPIRY_SKEW_SECS + 1)).saturating_sub(fresh.db_now);
+    Ok(DeviceSession {
+        caller: DeviceCaller {
+            device_id,
+            generation_id: device.generation_id.clone(),
+            credential,
+        },
+        token_valid_for: std::time::Duration::from_secs(valid_secs.max(0) as u64),
     })
 }
 

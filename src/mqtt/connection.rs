@@ -4,7 +4,7 @@
 //! The hub never holds a lock or transaction while it writes to the network, and never buffers without bound: it
 //! reads a packet at a time (at most [`MAX_PACKET_SIZE`]), keeps at most [`MAX_PENDING_PUBLISHES`] telemetry
 //! messages waiting for their commit (then stops reading: back-pressure), at most the in-flight bound of C2D
-//! deliveries, and a client that stops reading is dropped after [`WRITE_TIMEOUT`].
+//! deliveries, and a client that stops reading is dropped after the write timeout (`IOTHUB_MQTT_WRITE_TIMEOUT_SECS`).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,7 +24,7 @@ use super::delivery::Delivery;
 use super::refusal::{Close, Refusal};
 use super::topic::{self, Filter, MAX_TOPIC_LEN};
 use super::{messages, Endpoint, CONNECT_TIMEOUT};
-use crate::auth::{self, sas::SasToken, DeviceCaller};
+use crate::auth::{self, sas::SasToken, DeviceCaller, DeviceSession};
 use crate::d2c::model::{NewEvent, MAX_MESSAGE_SIZE};
 use crate::notify::{channel, Subscription};
 use crate::registry::{connection as registry, DeviceId};
@@ -36,8 +36,6 @@ pub const MAX_PACKET_SIZE: usize = MAX_MESSAGE_SIZE + MAX_TOPIC_LEN + 64;
 pub const MAX_PENDING_PUBLISHES: usize = 64;
 /// Filters in one SUBSCRIBE or UNSUBSCRIBE.
 pub const MAX_FILTERS: usize = 8;
-/// How long a write may wait for the client to read.
-pub const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 /// IoT Hub's longest keep-alive (seconds); 0 or more is taken as this.
 pub const MAX_KEEP_ALIVE: u16 = 1177;
 /// `lastActivityTime` is written at most this often per connection.
@@ -49,6 +47,8 @@ struct Wire<S> {
     writer: WriteHalf<S>,
     buffer: BytesMut,
     out: BytesMut,
+    /// How long a write may wait for the client to read.
+    write_timeout: Duration,
 }
 
 impl<S: AsyncRead + AsyncWrite> Wire<S> {
@@ -72,7 +72,7 @@ impl<S: AsyncRead + AsyncWrite> Wire<S> {
     async fn send(&mut self, packet: Packet) -> Result<(), Close> {
         self.out.clear();
         codec::encode(&packet, &mut self.out);
-        match tokio::time::timeout(WRITE_TIMEOUT, self.writer.write_all(&self.out)).await {
+        match tokio::time::timeout(self.write_timeout, self.writer.write_all(&self.out)).await {
             Ok(result) => Ok(result?),
             Err(_) => Err(Close::WriteTimeout),
         }
@@ -91,12 +91,16 @@ where
         writer,
         buffer: BytesMut::with_capacity(4096),
         out: BytesMut::new(),
+        write_timeout: endpoint.settings.write_timeout(),
     };
     let Some(connect) = first_connect(&mut wire).await else {
         return;
     };
-    let caller = match authenticate(&endpoint, &connect, permit.is_some()).await {
-        Ok(caller) => caller,
+    let DeviceSession {
+        caller,
+        token_valid_for,
+    } = match authenticate(&endpoint, &connect, permit.is_some()).await {
+        Ok(session) => session,
         Err(refusal) => {
             tracing::info!(client_id = %connect.client_id, ?refusal, "MQTT CONNECT refused");
             metrics::counter!("iothub_mqtt_refused_connects_total", "code" => format!("{:?}", refusal)).increment(1);
@@ -129,6 +133,8 @@ where
         id,
         clean_session: connect.clean_session,
         keep_alive: keep_alive(connect.keep_alive),
+        // Far-future expiries (beyond what the clock can add) never end the connection.
+        token_ends: Instant::now().checked_add(token_valid_for),
         pending: FuturesOrdered::new(),
         last_touch: Instant::now(),
     };
@@ -142,7 +148,9 @@ where
     if let Some(will) = will.filter(|_| reason.sends_will()) {
         connection.send_will(will).await;
     }
-    connection.finish().await;
+    // A client that did not read in time would not read a PUBACK now either.
+    let writable = !matches!(reason, Close::WriteTimeout | Close::Io(_));
+    connection.finish(writable).await;
     metrics::gauge!("iothub_mqtt_connected_devices").decrement(1.0);
     drop(permit);
 }
@@ -226,7 +234,7 @@ async fn authenticate(
     endpoint: &Endpoint,
     connect: &Connect,
     admitted: bool,
-) -> Result<DeviceCaller, Refusal> {
+) -> Result<DeviceSession, Refusal> {
     if connect.protocol != Protocol::V4 {
         return Err(Refusal::Protocol);
     }
@@ -244,7 +252,7 @@ async fn authenticate(
         return Err(Refusal::BadCredentials);
     }
     let target = ["devices".to_string(), device.as_str().to_string()];
-    Ok(auth::authorize_device(
+    Ok(auth::authorize_device_session(
         &endpoint.credentials,
         &endpoint.hostname,
         Some(&login.password),
@@ -261,6 +269,7 @@ enum Event {
     C2d,
     Session,
     KeepAlive,
+    TokenExpired,
     Shutdown,
 }
 
@@ -273,6 +282,9 @@ struct Connection<S> {
     id: Uuid,
     clean_session: bool,
     keep_alive: Duration,
+    /// When the CONNECT's token expires (on the database's clock, measured at CONNECT): IoT Hub ends the
+    /// connection then, and the SDKs reconnect with a fresh token before.
+    token_ends: Option<Instant>,
     /// Telemetry submitted, in arrival order, each with the packet id to acknowledge once committed.
     pending: FuturesOrdered<Commit>,
     /// Set while the device subscribes to its C2D messages.
@@ -307,6 +319,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
             let event = tokio::select! {
                 biased;
                 _ = shutdown.wait_for(|s| *s) => Event::Shutdown,
+                _ = sleep_until(self.token_ends) => Event::TokenExpired,
                 Some(done) = self.pending.next(), if !self.pending.is_empty() => Event::Committed(done),
                 _ = woken(delivery) => Event::C2d,
                 _ = session.changed() => Event::Session,
@@ -329,6 +342,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
                 Event::C2d => self.deliver().await?,
                 Event::Session => self.check_still_held().await?,
                 Event::KeepAlive => return Err(Close::KeepAlive),
+                Event::TokenExpired => return Err(Close::TokenExpired),
                 Event::Shutdown => return Err(Close::ShuttingDown),
             }
         }
@@ -535,17 +549,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
         }
     }
 
-    /// After the last packet: acknowledges telemetry still committing when the socket still takes it, releases C2D
-    /// leases, and marks the device Disconnected unless another connection took it.
-    async fn finish(mut self) {
+    /// After the last packet: lets telemetry still committing commit (acknowledged when the socket is `writable`
+    /// and takes it), releases C2D leases, and marks the device Disconnected unless another connection took it.
+    async fn finish(mut self, writable: bool) {
+        let timeout = self.wire.write_timeout;
         let drain = async {
             while let Some(done) = self.pending.next().await {
-                if self.committed(done).await.is_err() {
+                if writable && self.committed(done).await.is_err() {
                     break;
                 }
             }
         };
-        let _ = tokio::time::timeout(WRITE_TIMEOUT, drain).await;
+        let _ = tokio::time::timeout(timeout, drain).await;
         if let Some(delivery) = self.delivery.take() {
             delivery.release(&self.endpoint).await;
         }
@@ -553,7 +568,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
         if let Err(error) = registry::release(&self.endpoint.db, device, self.id).await {
             tracing::warn!(%error, "connection state not written");
         }
-        let _ = self.wire.writer.shutdown().await;
+        // TLS writes its close_notify here: bounded too, for a client that does not read.
+        let _ = tokio::time::timeout(timeout, self.wire.writer.shutdown()).await;
+    }
+}
+
+/// Resolves at `at`; never without one.
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 

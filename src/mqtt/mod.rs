@@ -73,6 +73,18 @@ pub struct Settings {
     #[arg(long = "mqtt-max-inflight", env = "IOTHUB_MQTT_MAX_INFLIGHT", default_value_t = 16,
         value_parser = clap::value_parser!(u32).range(1..=100))]
     pub max_inflight: u32,
+
+    /// Seconds a write to a client may wait for it to read (1–300); then the connection is closed, so a client
+    /// that stops reading holds no more than its socket buffers.
+    #[arg(long = "mqtt-write-timeout-secs", env = "IOTHUB_MQTT_WRITE_TIMEOUT_SECS", default_value_t = 30,
+        value_parser = clap::value_parser!(u64).range(1..=300))]
+    pub write_timeout_secs: u64,
+}
+
+impl Settings {
+    pub fn write_timeout(&self) -> Duration {
+        Duration::from_secs(self.write_timeout_secs)
+    }
 }
 
 /// How long a client has from connecting (TLS included) to its CONNECT.

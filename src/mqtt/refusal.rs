@@ -59,6 +59,8 @@ pub enum Close {
     WriteTimeout,
     #[error("no packet within 1.5 times the keep-alive")]
     KeepAlive,
+    #[error("the token used to connect has expired")]
+    TokenExpired,
     #[error("another connection of the device took over")]
     TakenOver,
     #[error("the device was disabled or deleted")]
@@ -94,6 +96,7 @@ impl Close {
             Close::Io(_) => "io",
             Close::WriteTimeout => "write_timeout",
             Close::KeepAlive => "keep_alive",
+            Close::TokenExpired => "token_expired",
             Close::TakenOver => "taken_over",
             Close::DeviceGone => "device_gone",
             Close::ShuttingDown => "shutting_down",
@@ -114,7 +117,7 @@ impl Close {
     pub fn sends_will(&self) -> bool {
         !matches!(
             self,
-            Close::Disconnected | Close::ShuttingDown | Close::DeviceGone
+            Close::Disconnected | Close::ShuttingDown | Close::DeviceGone | Close::TokenExpired
         )
     }
 
@@ -126,6 +129,7 @@ impl Close {
                 | Close::Dropped
                 | Close::Io(_)
                 | Close::TakenOver
+                | Close::TokenExpired
                 | Close::DeviceGone
                 | Close::ShuttingDown
         )

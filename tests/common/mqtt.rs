@@ -26,12 +26,33 @@ pub struct Client {
 
 impl Client {
     pub async fn open(addr: SocketAddr) -> Client {
-        Client {
-            stream: TcpStream::connect(addr)
+        Client::over(
+            TcpStream::connect(addr)
                 .await
                 .expect("connect to the MQTT listener"),
+        )
+    }
+
+    /// A client on a TCP connection the test opened (with its own socket options).
+    pub fn over(stream: TcpStream) -> Client {
+        Client {
+            stream,
             buffer: BytesMut::new(),
         }
+    }
+
+    /// The connection, for a test that reads and writes on its own from here (nothing is left unread here).
+    pub fn into_stream(self) -> TcpStream {
+        assert!(self.buffer.is_empty(), "unread packets: {:?}", self.buffer);
+        self.stream
+    }
+
+    /// A CONNECT of `device` with `token`, keep-alive 60 s.
+    pub fn connect_packet(device: &str, token: &str) -> Connect {
+        let mut connect = Connect::new(device);
+        connect.keep_alive = 60;
+        connect.set_login(user_name(device), token);
+        connect
     }
 
     /// Connects as `device` with a token of `key`; asserts the CONNACK accepts.
