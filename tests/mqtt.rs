@@ -1037,8 +1037,8 @@ async fn a_client_that_stops_reading_is_closed_and_its_deliveries_come_back() {
         "{most_locked} locked at once"
     );
     // The hub stopped reading while its writes waited: what the client got in is bounded by the pending bound and
-    // the socket buffers, not by how long it kept writing.
-    assert!(sent < 32 << 20, "the client wrote {sent} bytes");
+    // the socket buffers (Linux grows them up to 4 MB for sending, 32 MB for receiving), not by how long it wrote.
+    assert!(sent < 64 << 20, "the client wrote {sent} bytes");
 
     // What it never acknowledged is deliverable again, its delivery counted.
     let mut deliveries = Vec::new();

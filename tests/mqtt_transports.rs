@@ -261,3 +261,97 @@ async fn websocket_frames_may_split_and_join_packets() {
         .any(|p| matches!(p, Wire::PubAck(a) if a.pkid == 5)));
     assert!(packets[1..].iter().any(|p| matches!(p, Wire::PingResp)));
 }
+
+#[tokio::test]
+async fn a_websocket_client_that_stops_reading_is_closed_after_the_write_timeout() {
+    use futures::SinkExt;
+    use iothub::mqtt::codec::{self, Connect, Packet as Wire};
+    use rumqttc::mqttbytes::v4::{Subscribe, SubscribeFilter};
+    use tokio::io::AsyncWriteExt;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    use tokio_tungstenite::tungstenite::Message;
+
+    let hub = TestHub::start_with(|c| {
+        c.mqtt.max_inflight = 100;
+        c.mqtt.write_timeout_secs = 2;
+        c.c2d.max_queue_depth = 1000;
+    })
+    .await;
+    let key = primary_key(&hub.create_device("web-4").await);
+    let addr = hub.running().http_addr;
+    // A small receive buffer, so what the hub writes soon waits for the client.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let stream = socket.connect(addr).await.unwrap();
+    let mut request = format!("ws://{addr}/$iothub/websocket")
+        .into_client_request()
+        .unwrap();
+    request
+        .headers_mut()
+        .insert("Sec-WebSocket-Protocol", "mqtt".parse().unwrap());
+    let (mut socket, _) = tokio_tungstenite::client_async(request, stream)
+        .await
+        .unwrap();
+    let encode = |packet: Wire| {
+        let mut out = bytes::BytesMut::new();
+        codec::encode(&packet, &mut out);
+        out.to_vec()
+    };
+    let mut connect = Connect::new("web-4");
+    connect.keep_alive = 60;
+    connect.set_login(user_name("web-4"), device_token("web-4", &key));
+    let mut subscribe = Subscribe::new_many([SubscribeFilter::new(
+        "devices/web-4/messages/devicebound/#".into(),
+        codec::QoS::AtLeastOnce,
+    )]);
+    subscribe.pkid = 1;
+    let hello = [
+        encode(Wire::Connect(connect)),
+        encode(Wire::Subscribe(subscribe)),
+    ]
+    .concat();
+    socket.send(Message::binary(hello)).await.unwrap();
+    // From here on the client reads nothing, while 6 MB of C2D messages are delivered to it.
+    let service = hub.policy_token("service").await;
+    for i in 0..110 {
+        let response = hub
+            .request(
+                reqwest::Method::POST,
+                &format!("{}/commands", device_path("web-4")),
+                &service,
+            )
+            .body(format!("{i:04}{}", "x".repeat(60 * 1024)))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 201);
+    }
+    let owner = hub.owner().await;
+    wait_until("web-4 shown Disconnected", || async {
+        let device: serde_json::Value = hub
+            .request(reqwest::Method::GET, &device_path("web-4"), &owner)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        device["connectionState"] == "Disconnected"
+    })
+    .await;
+    // The hub lets go of the WebSocket too: writing to it fails once the hub has closed the TCP connection.
+    let raw = socket.get_mut();
+    let closed = tokio::time::timeout(LIVENESS, async {
+        loop {
+            if raw.write_all(&[0u8; 1024]).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(
+        closed.is_ok(),
+        "the hub kept the WebSocket of a client that does not read"
+    );
+}

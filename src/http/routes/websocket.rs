@@ -42,10 +42,13 @@ async fn websocket(upgrade: WebSocketUpgrade, State(state): State<AppState>) -> 
         .on_upgrade(move |socket| bridge(socket, endpoint))
 }
 
-/// Pumps bytes between the WebSocket and the MQTT connection until either ends.
+/// Pumps bytes between the WebSocket and the MQTT connection until either ends. Once the MQTT connection has
+/// ended, what it wrote last has the write timeout to reach the client: a client that does not read cannot keep
+/// the WebSocket (and this task) for ever.
 async fn bridge(socket: WebSocket, endpoint: Arc<Endpoint>) {
+    let write_timeout = endpoint.settings.write_timeout();
     let (hub_side, mqtt_side) = tokio::io::duplex(BRIDGE_BUFFER);
-    let connection = tokio::spawn(endpoint.serve(mqtt_side));
+    let mut connection = tokio::spawn(endpoint.serve(mqtt_side));
     let (mut from_hub, mut to_hub) = tokio::io::split(hub_side);
     let (mut to_client, mut from_client) = socket.split();
     let inbound = async move {
@@ -76,9 +79,18 @@ async fn bridge(socket: WebSocket, endpoint: Arc<Endpoint>) {
         let _ = to_client.close().await;
     };
     tokio::pin!(outbound);
-    tokio::select! {
-        _ = &mut outbound => {}
-        _ = inbound => { outbound.await; }
+    tokio::pin!(inbound);
+    let mut inbound_open = true;
+    let connection_ended = loop {
+        tokio::select! {
+            _ = &mut outbound => break false,
+            _ = &mut inbound, if inbound_open => inbound_open = false,
+            _ = &mut connection => break true,
+        }
+    };
+    if connection_ended {
+        let _ = tokio::time::timeout(write_timeout, outbound).await;
+    } else {
+        let _ = connection.await;
     }
-    let _ = connection.await;
 }
