@@ -1,8 +1,10 @@
 //! One LISTEN connection per hub process, fanned out to the requests waiting on it (long polls, event streams).
 //!
-//! Writers call [`notify`] as its own statement inside the transaction that makes something visible, so the
-//! notification is delivered exactly when that transaction commits, and never from a trigger (notifications from
-//! inside queries do not work on distributed PostgreSQL). Waiters [`Notifier::subscribe`] to a (channel, key) *before*
+//! A writer notifies inside the transaction that makes something visible, so the notification is delivered exactly
+//! when that transaction commits: on hot paths as a CTE of the very statement that makes the change
+//! ([`in_statement`], no round trip of its own), elsewhere as a statement of its own ([`notify`]); never from a
+//! trigger. On distributed PostgreSQL notifications from inside queries over distributed tables do not reach the
+//! hub, so there the CTEs have to become statements of their own again. Waiters [`Notifier::subscribe`] to a (channel, key) *before*
 //! they look in the database, so a commit between the look and the wait still wakes them. Only keys that someone
 //! waits on have an entry, so memory follows the number of waiters, not the traffic.
 //!
