@@ -144,7 +144,7 @@ impl Notifier {
 }
 
 /// Sends a notification as its own statement in `tx`; it is delivered when (and only if) `tx` commits.
-/// Call it at most once per transaction.
+/// Call it at most once per transaction. Hot paths use [`in_statement`] instead, which costs no round trip.
 pub async fn notify(
     tx: &mut sqlx::Transaction<'_, Postgres>,
     channel: &str,
@@ -156,6 +156,19 @@ pub async fn notify(
         .execute(&mut **tx)
         .await?;
     Ok(())
+}
+
+/// A query for a writable statement's `WITH` list that sends a notification on `channel` with the payload `key` (an
+/// SQL expression, usually a parameter) when `condition` (an SQL expression over the statement's other CTEs) holds.
+/// The statement's outer query must read the CTE (e.g. `(SELECT count(*) FROM woken)`), or PostgreSQL skips it.
+///
+/// It makes a state change and its wake-up one statement, so one round trip when the statement commits on its
+/// own: the notification is delivered when (and only if) it commits. Only one such CTE may fire per statement.
+/// On a distributed database (Citus) a statement over a distributed table runs on a worker, where nobody listens:
+/// there the wake-up has to go back to a statement of its own ([`notify`]).
+pub fn in_statement(channel: &str, key: &str, condition: &str) -> String {
+    debug_assert!(channel::ALL.contains(&channel));
+    format!("SELECT pg_notify('{channel}', {key}) WHERE {condition}")
 }
 
 #[cfg(test)]

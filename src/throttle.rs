@@ -144,6 +144,8 @@ impl ThrottleConfig {
 pub struct Throttle {
     hub: [Option<DefaultDirectRateLimiter>; 4],
     device: [Option<DefaultKeyedRateLimiter<String>>; 4],
+    /// Built once: building a clock calibrates it (a CPUID instruction, which traps in a virtual machine).
+    clock: DefaultClock,
 }
 
 /// A bucket refilled at `rate` per second that holds one second's worth (at least one).
@@ -171,16 +173,19 @@ impl Throttle {
                 device[op.index()] = Some(RateLimiter::keyed(quota(rate)?));
             }
         }
-        Ok(Throttle { hub, device })
+        Ok(Throttle {
+            hub,
+            device,
+            clock: DefaultClock::default(),
+        })
     }
 
     /// Takes one token for `operation` (and for `device`'s bucket); 429 with the wait when a bucket is empty.
     pub fn check(&self, operation: Operation, device: Option<&str>) -> Result<(), Throttled> {
-        let clock = DefaultClock::default();
         if let (Some(limiter), Some(device)) = (&self.device[operation.index()], device) {
             if let Err(not_until) = limiter.check_key(&device.to_string()) {
                 return Err(Throttled {
-                    wait: not_until.wait_time_from(clock.now()),
+                    wait: not_until.wait_time_from(self.clock.now()),
                     whose: "this device",
                 });
             }
@@ -188,7 +193,7 @@ impl Throttle {
         if let Some(limiter) = &self.hub[operation.index()] {
             if let Err(not_until) = limiter.check() {
                 return Err(Throttled {
-                    wait: not_until.wait_time_from(clock.now()),
+                    wait: not_until.wait_time_from(self.clock.now()),
                     whose: "the hub",
                 });
             }

@@ -1113,6 +1113,30 @@ async fn a_long_poll_answers_the_moment_a_message_is_enqueued() {
 }
 
 #[tokio::test]
+async fn an_abandoned_message_wakes_a_waiting_long_poll() {
+    let t = std::sync::Arc::new(C2d::start().await);
+    let token = t.device("dev-1").await;
+    t.enqueue("dev-1", &[], "again").await;
+    let (lock, _, _) = t.take("dev-1", &token).await;
+    let poller = {
+        let (t, token) = (t.clone(), token.clone());
+        tokio::spawn(async move {
+            let wait = format!("?wait-ms={LONG_POLL_MS}");
+            let response = t.receive_query("dev-1", &token, &wait).await;
+            (response.status(), response.text().await.unwrap())
+        })
+    };
+    // The only message is locked (for a minute): the poll waits, until the abandon puts it back.
+    t.hub.wait_for_polls(Wake::C2d("dev-1"), 1).await;
+    assert_eq!(
+        t.settle("dev-1", &token, &lock, "abandon").await.status(),
+        204
+    );
+    let (status, body) = woken(poller).await.unwrap();
+    assert_eq!((status.as_u16(), body.as_str()), (200, "again"));
+}
+
+#[tokio::test]
 async fn long_polls_end_when_the_hub_shuts_down() {
     let t = C2d::start().await;
     let token = t.device("dev-1").await;

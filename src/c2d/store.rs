@@ -47,88 +47,109 @@ fn record_outcomes(from: &str, ttl_param: &str) -> String {
     )
 }
 
-/// Locks the device's row (the per-device serialisation point) and reads what enqueue needs.
-async fn lock_device(
-    tx: &mut Transaction<'_, Postgres>,
-    device_id: &DeviceId,
-) -> Result<(String, i64, i64, DateTime<Utc>)> {
-    sqlx::query_as(&format!(
-        "SELECT d.generation_id, d.c2d_next_seq,
-                (SELECT count(*) FROM c2d_messages m
-                  WHERE m.device_id = $1 AND m.{LIVE} AND m.expires_at > now()),
-                now()
-         FROM devices d WHERE d.device_id = $1 FOR UPDATE"
-    ))
-    .bind(device_id.as_str())
-    .fetch_optional(&mut **tx)
-    .await?
-    .ok_or_else(|| Error::DeviceNotFound(device_id.clone()))
+/// Locks the device's row (the per-device serialisation point): no enqueue for the device runs until `tx` ends.
+async fn lock_device(tx: &mut Transaction<'_, Postgres>, device_id: &DeviceId) -> Result<()> {
+    sqlx::query_scalar::<_, i32>("SELECT 1 FROM devices WHERE device_id = $1 FOR UPDATE")
+        .bind(device_id.as_str())
+        .fetch_optional(&mut **tx)
+        .await?
+        .ok_or_else(|| Error::DeviceNotFound(device_id.clone()))?;
+    Ok(())
 }
 
-/// Enqueues `message` for `device_id`: checks the queue depth and expiry against the database's clock under the
-/// device's row lock, assigns the next sequence number and wakes the device's long polls on commit.
+/// Enqueues `message` for `device_id` in one statement (one round trip): checks the queue depth and expiry against
+/// the database's clock under the device's row lock, assigns the next sequence number and wakes the device's long
+/// polls on commit.
 pub async fn enqueue(
     db: &PgPool,
     settings: &Settings,
     device_id: &DeviceId,
     message: &NewMessage,
 ) -> Result<Enqueued> {
-    let mut tx = db.begin().await?;
-    let (generation_id, seq, live, now) = lock_device(&mut tx, device_id).await?;
-    if live >= i64::from(settings.max_queue_depth) {
+    let max_ttl = i64::from(settings.max_ttl_secs);
+    // The statement checks the expiry against the database's clock; a relative one out of range is clamped to a
+    // value just as far out of range, so the interval arithmetic cannot overflow.
+    let (explicit, ttl_secs) = match message.expiry {
+        Expiry::Default => (None, i64::from(settings.default_ttl_secs)),
+        Expiry::Ttl(secs) => (None, secs.clamp(0, max_ttl + 1)),
+        Expiry::At(at) => (Some(at), 0),
+    };
+    let row: Option<EnqueueOutcome> = sqlx::query_as(&enqueue_sql())
+        .bind(device_id.as_str())
+        .bind(&message.message_id)
+        .bind(&message.correlation_id)
+        .bind(&message.user_id)
+        .bind(message.ack)
+        .bind(&message.content_type)
+        .bind(&message.content_encoding)
+        .bind(sqlx::types::Json(&message.app_properties))
+        .bind(&message.body)
+        .bind(explicit)
+        .bind(ttl_secs)
+        .bind(i64::from(settings.max_queue_depth))
+        .bind(max_ttl)
+        .fetch_optional(db)
+        .await?;
+    let r = row.ok_or_else(|| Error::DeviceNotFound(device_id.clone()))?;
+    if r.inserted == 0 && r.live >= i64::from(settings.max_queue_depth) {
         return Err(Error::QueueFull {
             device: device_id.clone(),
-            queued: live,
+            queued: r.live,
             max: settings.max_queue_depth,
         });
     }
-    let max_ttl = chrono::Duration::seconds(settings.max_ttl_secs.into());
-    let (explicit, expires_at) = match message.expiry {
-        Expiry::Default => (
-            None,
-            now + chrono::Duration::seconds(settings.default_ttl_secs.into()),
-        ),
-        Expiry::Ttl(secs) => (None, now + chrono::Duration::seconds(secs)),
-        Expiry::At(at) => (Some(at), at),
-    };
-    if expires_at <= now || expires_at > now + max_ttl {
+    if r.inserted == 0 {
         return Err(Error::ExpiryOutOfRange {
             max_ttl_secs: settings.max_ttl_secs,
         });
     }
-    sqlx::query(
-        "WITH inserted AS (
+    Ok(Enqueued {
+        message_id: message.message_id.clone(),
+        seq: r.seq,
+        enqueued_at: r.now,
+        expires_at: r.expires_at,
+    })
+}
+
+#[derive(sqlx::FromRow)]
+struct EnqueueOutcome {
+    seq: i64,
+    live: i64,
+    now: DateTime<Utc>,
+    expires_at: DateTime<Utc>,
+    inserted: i64,
+}
+
+/// The statement of [`enqueue`]. The device's row is the per-device lock: it serialises the depth count and the
+/// sequence counter. The message (`$2`–`$9`) expires at `$10`, or `$11` seconds from now; it is inserted only when
+/// fewer than `$12` live messages are queued and its expiry lies within `$13` seconds from now.
+fn enqueue_sql() -> String {
+    format!(
+        "WITH device AS (
+             SELECT generation_id, c2d_next_seq AS seq, now() AS now,
+                 (SELECT count(*) FROM c2d_messages m
+                   WHERE m.device_id = $1 AND m.{LIVE} AND m.expires_at > now()) AS live
+             FROM devices WHERE device_id = $1 FOR UPDATE
+         ), checked AS (
+             SELECT *, coalesce($10::timestamptz, now + $11::bigint * interval '1 second') AS expires_at FROM device
+         ), admitted AS (
+             SELECT * FROM checked
+             WHERE live < $12 AND expires_at > now AND expires_at <= now + $13::bigint * interval '1 second'
+         ), inserted AS (
              INSERT INTO c2d_messages (device_id, seq, device_generation_id, message_id, correlation_id, user_id,
                  ack, content_type, content_encoding, app_properties, body, enqueued_at, expiry_explicit,
                  expires_at, state)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, 'enqueued')
-         )
-         UPDATE devices SET c2d_next_seq = $2 + 1 WHERE device_id = $1",
+             SELECT $1, seq, generation_id, $2, $3, $4, $5, $6, $7, $8, $9, now, $10, expires_at, 'enqueued'
+             FROM admitted
+             RETURNING 1
+         ), counted AS (
+             UPDATE devices SET c2d_next_seq = admitted.seq + 1 FROM admitted WHERE devices.device_id = $1
+         ), woken AS ({woken})
+         SELECT seq, live, now, expires_at, (SELECT count(*) FROM inserted) AS inserted,
+             (SELECT count(*) FROM woken) AS woken
+         FROM checked",
+        woken = notify::in_statement(channel::C2D, "$1", "EXISTS (SELECT 1 FROM inserted)")
     )
-    .bind(device_id.as_str())
-    .bind(seq)
-    .bind(&generation_id)
-    .bind(&message.message_id)
-    .bind(&message.correlation_id)
-    .bind(&message.user_id)
-    .bind(message.ack)
-    .bind(&message.content_type)
-    .bind(&message.content_encoding)
-    .bind(sqlx::types::Json(&message.app_properties))
-    .bind(&message.body)
-    .bind(now)
-    .bind(explicit)
-    .bind(expires_at)
-    .execute(&mut *tx)
-    .await?;
-    notify::notify(&mut tx, channel::C2D, device_id.as_str()).await?;
-    tx.commit().await?;
-    Ok(Enqueued {
-        message_id: message.message_id.clone(),
-        seq,
-        enqueued_at: now,
-        expires_at,
-    })
 }
 
 /// What one receive found.
@@ -155,14 +176,13 @@ pub async fn receive(
     will_wait: bool,
 ) -> Result<Received> {
     let sql = claim_sql();
-    // Each claim is one statement, so one transaction of its own: a dead-lettered candidate and its feedback
-    // commit together, and a delivery needs no more round trips than the statement.
-    let mut feedback_written = 0i64;
+    // Each claim is one statement, so one transaction of its own: a dead-lettered candidate, its feedback and the
+    // feedback receivers' wake-up commit together, and a delivery needs no more round trips than the statement.
     let mut delivered = None;
     // Bounded: each round ends one message for good, and a queue holds at most the configured depth (plus what
     // expired meanwhile); the bound only guards against surprises.
     for _ in 0..10_000 {
-        let row = sqlx::query_as::<_, MessageRowWithCount>(&sql)
+        let row = sqlx::query_as::<_, MessageRow>(&sql)
             .bind(device_id.as_str())
             .bind(lock_token.0)
             .bind(settings.max_delivery_count as i32)
@@ -171,16 +191,13 @@ pub async fn receive(
             .fetch_optional(db)
             .await?;
         match row {
-            Some(r) if r.row.state == State::DeadLettered => feedback_written += r.feedback_written,
+            Some(r) if r.state == State::DeadLettered => {}
             Some(r) => {
-                delivered = Some(r.row);
+                delivered = Some(r);
                 break;
             }
             None => break,
         }
-    }
-    if feedback_written > 0 {
-        wake_feedback(db).await?;
     }
     Ok(match delivered {
         Some(row) => Received::Message(Box::new(row)),
@@ -231,36 +248,17 @@ fn claim_sql() -> String {
              FROM candidate c
              WHERE m.device_id = $1 AND m.seq = c.seq
              RETURNING m.*
-         ), feedback AS ({feedback})
-         SELECT {ROW}, (SELECT count(*) FROM feedback) AS feedback_written FROM taken",
-        feedback = record_outcomes("taken", "$5")
+         ), feedback AS ({feedback}), woken AS ({woken})
+         SELECT {ROW}, (SELECT count(*) FROM woken) AS woken FROM taken",
+        feedback = record_outcomes("taken", "$5"),
+        woken = wake_feedback(),
     )
 }
 
-/// Commits `tx`; when it wrote feedback records, feedback receivers are told as it commits.
-async fn commit_telling_feedback(
-    mut tx: Transaction<'_, Postgres>,
-    written: i64,
-) -> Result<(), sqlx::Error> {
-    if written > 0 {
-        notify::notify(&mut tx, channel::FEEDBACK, "").await?;
-    }
-    tx.commit().await
-}
-
-/// Tells feedback receivers that records committed (by statements that were their own transactions).
-async fn wake_feedback(db: &PgPool) -> Result<()> {
-    let mut tx = db.begin().await?;
-    notify::notify(&mut tx, channel::FEEDBACK, "").await?;
-    tx.commit().await?;
-    Ok(())
-}
-
-#[derive(sqlx::FromRow)]
-struct MessageRowWithCount {
-    #[sqlx(flatten)]
-    row: MessageRow,
-    feedback_written: i64,
+/// A CTE query for [`notify::in_statement`] that wakes feedback receivers when the statement's `feedback` CTE wrote
+/// records.
+fn wake_feedback() -> String {
+    notify::in_statement(channel::FEEDBACK, "''", "EXISTS (SELECT 1 FROM feedback)")
 }
 
 /// Completes or rejects the message the device holds under `lock_token`; [`Error::LockLost`] when that lock is
@@ -283,8 +281,8 @@ pub async fn settle(
         "state = 'invisible' AND lock_token = $2 AND locked_until > now()",
         "$5",
     );
-    // One statement: the outcome and its feedback record commit together.
-    let (settled, written): (i64, i64) = sqlx::query_as(&sql)
+    // One statement: the outcome, its feedback record and the feedback receivers' wake-up commit together.
+    let settled: i64 = sqlx::query_scalar(&sql)
         .bind(device_id.as_str())
         .bind(lock_token.0)
         .bind(state)
@@ -295,15 +293,12 @@ pub async fn settle(
     if settled == 0 {
         return Err(Error::LockLost);
     }
-    if written > 0 {
-        wake_feedback(db).await?;
-    }
     Ok(())
 }
 
 /// One statement that ends the device's (`$1`) live messages that `condition` selects, with `state` and `outcome`
 /// (SQL expressions), and writes their feedback, kept `ttl_param` seconds: the outcome and its feedback record
-/// commit together. It answers how many ended and how many feedback records were written.
+/// commit together, and feedback receivers are woken when records were written. It answers how many ended.
 fn end_sql(state: &str, outcome: &str, condition: &str, ttl_param: &str) -> String {
     format!(
         "WITH ended AS (
@@ -311,9 +306,10 @@ fn end_sql(state: &str, outcome: &str, condition: &str, ttl_param: &str) -> Stri
                  lock_token = NULL, locked_until = NULL
              WHERE device_id = $1 AND {LIVE} AND {condition}
              RETURNING *
-         ), feedback AS ({feedback})
-         SELECT (SELECT count(*) FROM ended), (SELECT count(*) FROM feedback)",
-        feedback = record_outcomes("ended", ttl_param)
+         ), feedback AS ({feedback}), woken AS ({woken})
+         SELECT (SELECT count(*) FROM ended), (SELECT count(*) FROM woken)",
+        feedback = record_outcomes("ended", ttl_param),
+        woken = wake_feedback(),
     )
 }
 
@@ -336,28 +332,29 @@ pub async fn abandon(
              WHERE device_id = $1 AND {LIVE} AND state = 'invisible' AND lock_token = $2
                AND locked_until > now()
              RETURNING *
-         ), feedback AS ({feedback})
-         SELECT state, (SELECT count(*) FROM feedback) FROM abandoned",
-        feedback = record_outcomes("abandoned", "$4")
+         ), feedback AS ({feedback}), woken AS ({requeued} UNION ALL {fed})
+         SELECT (SELECT count(*) FROM abandoned), (SELECT count(*) FROM woken)",
+        feedback = record_outcomes("abandoned", "$4"),
+        // Back in the queue: a device's long poll may be waiting for it. Dead-lettered instead: its feedback may
+        // be awaited. One of the two at most.
+        requeued = notify::in_statement(
+            channel::C2D,
+            "$1",
+            "EXISTS (SELECT 1 FROM abandoned WHERE state = 'enqueued')"
+        ),
+        fed = wake_feedback(),
     );
-    let mut tx = db.begin().await?;
-    let row: Option<(State, i64)> = sqlx::query_as(&sql)
+    // One statement, so one round trip: the new state, its feedback and the wake-up commit together.
+    let (abandoned, _woken): (i64, i64) = sqlx::query_as(&sql)
         .bind(device_id.as_str())
         .bind(lock_token.0)
         .bind(settings.max_delivery_count as i32)
         .bind(feedback.ttl_secs as i32)
-        .fetch_optional(&mut *tx)
+        .fetch_one(db)
         .await?;
-    match row {
-        None => return Err(Error::LockLost),
-        // Back in the queue: a device's long poll may be waiting for it.
-        Some((State::Enqueued, _)) => {
-            notify::notify(&mut tx, channel::C2D, device_id.as_str()).await?
-        }
-        Some((_, written)) if written > 0 => notify::notify(&mut tx, channel::FEEDBACK, "").await?,
-        Some(_) => {}
+    if abandoned == 0 {
+        return Err(Error::LockLost);
     }
-    tx.commit().await?;
     Ok(())
 }
 
@@ -367,12 +364,12 @@ pub async fn purge(db: &PgPool, feedback: &FeedbackSettings, device_id: &DeviceI
     let mut tx = db.begin().await?;
     lock_device(&mut tx, device_id).await?;
     let sql = end_sql("'purged'", "'Purged'", "expires_at > now()", "$2");
-    let (purged, written): (i64, i64) = sqlx::query_as(&sql)
+    let (purged, _woken): (i64, i64) = sqlx::query_as(&sql)
         .bind(device_id.as_str())
         .bind(feedback.ttl_secs as i32)
         .fetch_one(&mut *tx)
         .await?;
-    commit_telling_feedback(tx, written).await?;
+    tx.commit().await?;
     Ok(purged)
 }
 
@@ -440,7 +437,7 @@ pub async fn list(
 
 /// Dead-letters, hub-wide, up to `batch` live messages whose time ran out: expired ones (`Expired`) and locked ones
 /// whose lock ran out after their last allowed delivery (`DeliveryCountExceeded`), with their feedback, in one
-/// transaction. Returns how many ended. Safe with several hubs sweeping at once: the outer `UPDATE` re-checks each
+/// statement. Returns how many ended. Safe with several hubs sweeping at once: the outer `UPDATE` re-checks each
 /// row's state after waiting for its lock, so a row another hub (or a receive) ended meanwhile is skipped.
 pub async fn dead_letter_due(
     db: &PgPool,
@@ -474,18 +471,17 @@ pub async fn dead_letter_due(
                AND (m.expires_at <= now()
                     OR (m.state = 'invisible' AND m.locked_until <= now() AND m.delivery_count >= $1))
              RETURNING m.*
-         ), feedback AS ({feedback})
-         SELECT (SELECT count(*) FROM ended), (SELECT count(*) FROM feedback)",
-        feedback = record_outcomes("ended", "$3")
+         ), feedback AS ({feedback}), woken AS ({woken})
+         SELECT (SELECT count(*) FROM ended), (SELECT count(*) FROM woken)",
+        feedback = record_outcomes("ended", "$3"),
+        woken = wake_feedback(),
     );
-    let mut tx = db.begin().await?;
-    let (ended, written): (i64, i64) = sqlx::query_as(&sql)
+    let (ended, _woken): (i64, i64) = sqlx::query_as(&sql)
         .bind(settings.max_delivery_count as i32)
         .bind(batch)
         .bind(feedback.ttl_secs as i32)
-        .fetch_one(&mut *tx)
+        .fetch_one(db)
         .await?;
-    commit_telling_feedback(tx, written).await?;
     Ok(ended)
 }
 

@@ -1,0 +1,515 @@
+//! Flat C2D cost: the C2D cycle over HTTP (enqueue → long-poll receive → complete) on devices with no history and
+//! on devices that each keep 100,000 ended messages (kept for status queries), with 1,000 and then 100,000
+//! registered devices, all with `plan_cache_mode = force_generic_plan` on the hub's database (what a pooler in
+//! transaction mode, or PostgreSQL's own choice after five executions, gives). The raw-SQL `SKIP LOCKED` cycle runs
+//! on the same database in the same run. Each phase prints its rate, WAL bytes, statements, hub CPU and database
+//! CPU per message; the end prints the ratios, which should stay near 1.0.
+//!
+//! `cargo bench --bench c2d_flat`. Environment: `DATABASE_URL` (else a private cluster under the target folder;
+//! statements are counted by `pg_stat_statements` when the server preloads it, else by committed transactions),
+//! `C2D_FLAT_SECS` (per phase, default 8), `C2D_FLAT_DEVICES` (devices per set, default 8), `C2D_FLAT_SENDERS`
+//! (default 8), `C2D_FLAT_ENDED` (ended messages per seeded device, default 100000).
+//!
+//! Hub CPU is the CPU time of the threads of the runtime the hub runs on (named `hub`), not of the load generator;
+//! database CPU is that of the PostgreSQL server's processes (children of its postmaster), read from `/proc`.
+
+mod common;
+
+use std::str::FromStr;
+use std::time::{Duration, Instant};
+
+use iothub::auth::{policies, sas};
+use iothub::{Config, Listeners};
+use sqlx::postgres::PgConnectOptions;
+use sqlx::{ConnectOptions, Connection, PgPool};
+
+use common::{http_cycle, sql_cycle, Figures};
+
+const HOST: &str = "bench.local";
+/// The hub's runtime threads carry this name, so their CPU time can be told from the load generator's.
+const HUB_THREAD: &str = "hub";
+
+fn env_number(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+struct Settings {
+    secs: u64,
+    devices: usize,
+    senders: usize,
+    ended: i64,
+}
+
+fn main() -> anyhow::Result<()> {
+    let settings = Settings {
+        secs: env_number("C2D_FLAT_SECS", 8),
+        devices: env_number("C2D_FLAT_DEVICES", 8) as usize,
+        senders: env_number("C2D_FLAT_SENDERS", 8) as usize,
+        ended: env_number("C2D_FLAT_ENDED", 100_000) as i64,
+    };
+    let hub_runtime = tokio::runtime::Builder::new_multi_thread()
+        .thread_name(HUB_THREAD)
+        .enable_all()
+        .build()?;
+    let load = tokio::runtime::Builder::new_multi_thread()
+        .thread_name("load")
+        .enable_all()
+        .build()?;
+    load.block_on(with_database(hub_runtime.handle().clone(), settings))
+}
+
+async fn with_database(hub: tokio::runtime::Handle, settings: Settings) -> anyhow::Result<()> {
+    let mut cluster = None;
+    let server = match std::env::var("DATABASE_URL") {
+        Ok(url) => PgConnectOptions::from_str(&url)?,
+        Err(_) => {
+            let root = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("bench-postgres");
+            let managed = iothub::postgres::ManagedCluster::start(&root).await?;
+            let options = managed.options("postgres");
+            cluster = Some(managed);
+            options
+        }
+    };
+    let name = format!("iothub_bench_{}", uuid::Uuid::new_v4().simple());
+    let mut admin = server.connect().await?;
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&mut admin)
+        .await?;
+    sqlx::query(&format!(
+        "ALTER DATABASE {name} SET plan_cache_mode = force_generic_plan"
+    ))
+    .execute(&mut admin)
+    .await?;
+    let result = run(hub, server.clone().database(&name), &settings).await;
+    sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        .execute(&mut admin)
+        .await?;
+    admin.close().await?;
+    if let Some(cluster) = cluster {
+        if cluster.started_here() {
+            cluster.stop().await?;
+        }
+    }
+    result
+}
+
+/// Devices registered through the API, with their SAS tokens.
+type DeviceSet = Vec<(String, String)>;
+
+async fn run(
+    hub_runtime: tokio::runtime::Handle,
+    options: PgConnectOptions,
+    settings: &Settings,
+) -> anyhow::Result<()> {
+    let mut config = Config::with_database("postgres://unused");
+    config.hostname = HOST.to_string();
+    config.listen = "127.0.0.1:0".parse()?;
+    config.c2d.max_queue_depth = 10_000;
+    let pool_size = config.db_pool_size;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    // The hub, its pool and every task it starts live on the hub's runtime.
+    let hub = {
+        let (options, config) = (options.clone(), config.clone());
+        hub_runtime
+            .spawn(async move {
+                let pool = iothub::postgres::connect(options, config.db_pool_size).await?;
+                let listeners = Listeners {
+                    http: tokio::net::TcpListener::bind(config.listen).await?,
+                    tls: None,
+                    metrics: None,
+                };
+                let hub = iothub::launch(config, pool.clone(), listeners, async move {
+                    let _ = stopped.await;
+                })
+                .await?;
+                anyhow::Ok((hub, pool))
+            })
+            .await??
+    };
+    let (hub, hub_pool) = hub;
+    let base = format!("http://{}", hub.http_addr);
+    let db = iothub::postgres::connect(options.clone(), 2).await?;
+    let meter = Meter::new(&db).await?;
+    let plan_mode: String = sqlx::query_scalar("SHOW plan_cache_mode")
+        .fetch_one(&db)
+        .await?;
+
+    let expiry = chrono::Utc::now().timestamp() + 3600;
+    let key = |name: &'static str| {
+        let db = db.clone();
+        async move {
+            let key = policies::get(&db, name).await?.expect("policy").primary_key;
+            anyhow::Ok(sas::sign(HOST, &key, Some(name), expiry)?)
+        }
+    };
+    let (owner, service) = (key("iothubowner").await?, key("service").await?);
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(1024)
+        .timeout(Duration::from_secs(30))
+        .build()?;
+    let register_set =
+        |set: &'static str| register(&http, &base, &owner, set, settings.devices, expiry);
+    let fresh = register_set("fresh").await?;
+    let seeded = register_set("ended").await?;
+    let fresh_many = register_set("fresh-many").await?;
+    let t = Instant::now();
+    seed_ended(&db, &seeded, settings.ended).await?;
+    println!(
+        "seeded {} ended messages on each of {} devices in {:.1} s",
+        settings.ended,
+        seeded.len(),
+        t.elapsed().as_secs_f64()
+    );
+    register_filler(&db, 1_000).await?;
+
+    println!(
+        "C2D flat-cost benchmark: {} devices per set (one long-polling receiver each), {} senders, {} s per phase, \
+         hub pool {pool_size} connections, plan_cache_mode = {plan_mode}, statements counted by {}",
+        settings.devices,
+        settings.senders,
+        settings.secs,
+        meter.statements_source()
+    );
+    println!(
+        "{:<40} {:>8} {:>9} {:>8} {:>8} {:>9} {:>8} {:>10} {:>10}",
+        "phase",
+        "cycles",
+        "cycles/s",
+        "p50 ms",
+        "p99 ms",
+        "WAL B/msg",
+        "stmt/msg",
+        "hub µs/msg",
+        "db µs/msg"
+    );
+    let duration = Duration::from_secs(settings.secs);
+    let http_phase = |name: String, set: &DeviceSet| {
+        let (meter, http, base, service, set) = (&meter, &http, &base, &service, set.clone());
+        async move {
+            let before = meter.start().await?;
+            let figures = http_cycle(base, http, service, &set, settings.senders, duration).await?;
+            meter.report(&name, &figures, before).await
+        }
+    };
+    let sql_phase = |name: String| {
+        let (meter, options) = (&meter, &options);
+        async move {
+            let before = meter.start().await?;
+            let figures = sql_cycle(
+                options,
+                settings.devices,
+                settings.senders,
+                pool_size,
+                duration,
+            )
+            .await?;
+            meter.report(&name, &figures, before).await
+        }
+    };
+
+    let few_fresh = http_phase("HTTP   1,000 devices, fresh device".into(), &fresh).await?;
+    let few_ended = http_phase(
+        format!("HTTP   1,000 devices, {} ended/device", settings.ended),
+        &seeded,
+    )
+    .await?;
+    let few_sql = sql_phase("SQL    1,000 devices".into()).await?;
+    register_filler(&db, 100_000).await?;
+    let many_fresh = http_phase("HTTP 100,000 devices, fresh device".into(), &fresh_many).await?;
+    let many_ended = http_phase(
+        format!("HTTP 100,000 devices, {} ended/device", settings.ended),
+        &seeded,
+    )
+    .await?;
+    let many_sql = sql_phase("SQL  100,000 devices".into()).await?;
+
+    println!("ratios (near 1.0 = flat):");
+    println!(
+        "  ended / fresh device:        {:.2} with 1,000 devices, {:.2} with 100,000",
+        few_ended / few_fresh,
+        many_ended / many_fresh
+    );
+    println!(
+        "  100,000 / 1,000 devices:     HTTP {:.2}, SQL {:.2}",
+        many_fresh / few_fresh,
+        many_sql / few_sql
+    );
+    println!(
+        "  HTTP / raw SQL cycle:        {:.2} with 1,000 devices, {:.2} with 100,000",
+        few_fresh / few_sql,
+        many_fresh / many_sql
+    );
+
+    let _ = stop.send(());
+    hub_runtime.spawn(hub.wait()).await??;
+    hub_pool.close().await;
+    db.close().await;
+    Ok(())
+}
+
+/// Registers `count` devices named after `set` through the registry API.
+async fn register(
+    http: &reqwest::Client,
+    base: &str,
+    owner: &str,
+    set: &str,
+    count: usize,
+    expiry: i64,
+) -> anyhow::Result<DeviceSet> {
+    let mut devices = Vec::new();
+    for d in 0..count {
+        let id = format!("{set}-{d}");
+        let device: serde_json::Value = http
+            .put(format!("{base}/devices/{id}?api-version=2021-04-12"))
+            .header("Authorization", owner)
+            .json(&serde_json::json!({"deviceId": id}))
+            .send()
+            .await?
+            .json()
+            .await?;
+        let key = device["authentication"]["symmetricKey"]["primaryKey"]
+            .as_str()
+            .expect("a key")
+            .to_string();
+        let token = sas::sign(&format!("{HOST}/devices/{id}"), &key, None, expiry)?;
+        devices.push((id, token));
+    }
+    Ok(devices)
+}
+
+/// Gives each device of `set` `ended` completed messages, as a long run of traffic would leave them (kept for status
+/// queries until the feedback TTL), with one statement, and refreshes the planner's statistics.
+async fn seed_ended(db: &PgPool, set: &DeviceSet, ended: i64) -> anyhow::Result<()> {
+    let ids: Vec<&str> = set.iter().map(|(id, _)| id.as_str()).collect();
+    sqlx::query(
+        "INSERT INTO c2d_messages (device_id, seq, device_generation_id, message_id, ack, body, enqueued_at,
+             expires_at, state, delivery_count, outcome, outcome_at)
+         SELECT d.device_id, s, d.generation_id, 'seeded-' || s, 'none', convert_to(s::text, 'UTF8'), now(),
+             now() + interval '1 hour', 'completed', 1, 'Success', now()
+         FROM devices d, generate_series(1, $2::bigint) s WHERE d.device_id = ANY($1)",
+    )
+    .bind(&ids)
+    .bind(ended)
+    .execute(db)
+    .await?;
+    sqlx::query("UPDATE devices SET c2d_next_seq = $2 + 1 WHERE device_id = ANY($1)")
+        .bind(&ids)
+        .bind(ended)
+        .execute(db)
+        .await?;
+    sqlx::query("ANALYZE c2d_messages").execute(db).await?;
+    Ok(())
+}
+
+/// Registers devices straight in the table until `total` are registered.
+async fn register_filler(db: &PgPool, total: i64) -> anyhow::Result<()> {
+    sqlx::query(
+        "INSERT INTO devices (device_id, generation_id, etag_version, status, auth_type, primary_key, secondary_key)
+         SELECT 'filler-' || i, md5(i::text), 1, 'enabled', 'sas',
+             encode(sha256(convert_to('p' || i, 'UTF8')), 'base64'),
+             encode(sha256(convert_to('s' || i, 'UTF8')), 'base64')
+         FROM generate_series((SELECT count(*) FROM devices) + 1, $1) i",
+    )
+    .bind(total)
+    .execute(db)
+    .await?;
+    sqlx::query("ANALYZE devices").execute(db).await?;
+    Ok(())
+}
+
+/// Where the cost of a phase is read from.
+struct Meter {
+    db: PgPool,
+    pg_stat_statements: bool,
+    postmaster: Option<u32>,
+}
+
+struct Snapshot {
+    wal: i64,
+    statements: i64,
+    hub_cpu: Duration,
+    db_cpu: Option<Duration>,
+}
+
+impl Meter {
+    async fn new(db: &PgPool) -> anyhow::Result<Meter> {
+        let pg_stat_statements = sqlx::query("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+            .execute(db)
+            .await
+            .is_ok()
+            && sqlx::query("SELECT 1 FROM pg_stat_statements LIMIT 1")
+                .execute(db)
+                .await
+                .is_ok();
+        let backend: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+            .fetch_one(db)
+            .await?;
+        // The server's processes can be read only when it runs on this machine.
+        let postmaster = proc_stat(backend as u32).map(|s| s.ppid);
+        Ok(Meter {
+            db: db.clone(),
+            pg_stat_statements,
+            postmaster,
+        })
+    }
+
+    fn statements_source(&self) -> &'static str {
+        if self.pg_stat_statements {
+            "pg_stat_statements"
+        } else {
+            "committed transactions (pg_stat_statements not loaded)"
+        }
+    }
+
+    /// Forgets the statements counted so far (seeding, an earlier phase), then takes a snapshot.
+    async fn start(&self) -> anyhow::Result<Snapshot> {
+        if self.pg_stat_statements {
+            sqlx::query("SELECT pg_stat_statements_reset()")
+                .execute(&self.db)
+                .await?;
+        }
+        self.snapshot().await
+    }
+
+    async fn snapshot(&self) -> anyhow::Result<Snapshot> {
+        let statements: i64 = if self.pg_stat_statements {
+            sqlx::query_scalar(
+                "SELECT coalesce(sum(calls), 0)::bigint FROM pg_stat_statements
+                 WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())",
+            )
+            .fetch_one(&self.db)
+            .await?
+        } else {
+            // Backends report their counters when idle, within a second.
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            sqlx::query_scalar(
+                "SELECT xact_commit + xact_rollback FROM pg_stat_database WHERE datname = current_database()",
+            )
+            .fetch_one(&self.db)
+            .await?
+        };
+        let wal: i64 =
+            sqlx::query_scalar("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::bigint")
+                .fetch_one(&self.db)
+                .await?;
+        Ok(Snapshot {
+            wal,
+            statements,
+            hub_cpu: hub_cpu(),
+            db_cpu: self.postmaster.map(server_cpu),
+        })
+    }
+
+    /// Prints a phase's line; returns its rate.
+    async fn report(&self, name: &str, figures: &Figures, before: Snapshot) -> anyhow::Result<f64> {
+        let after = self.snapshot().await?;
+        let n = figures.cycles.max(1) as f64;
+        let per = |d: Duration| d.as_secs_f64() * 1e6 / n;
+        let db_cpu = match (before.db_cpu, after.db_cpu) {
+            (Some(b), Some(a)) => format!("{:.0}", per(a.saturating_sub(b))),
+            _ => "n/a".into(),
+        };
+        println!(
+            "{name:<40} {:>8} {:>9.0} {:>8.2} {:>8.2} {:>9.0} {:>8.1} {:>10.0} {:>10}",
+            figures.cycles,
+            figures.rate(),
+            figures.latencies.percentile(0.50),
+            figures.latencies.percentile(0.99),
+            (after.wal - before.wal) as f64 / n,
+            (after.statements - before.statements) as f64 / n,
+            per(after.hub_cpu.saturating_sub(before.hub_cpu)),
+            db_cpu,
+        );
+        if self.pg_stat_statements {
+            self.top_statements().await?;
+        }
+        Ok(figures.rate())
+    }
+
+    /// The statements that took the most database time in the phase.
+    async fn top_statements(&self) -> anyhow::Result<()> {
+        let rows: Vec<(String, i64, f64, f64)> = sqlx::query_as(
+            "SELECT regexp_replace(query, '\\s+', ' ', 'g'), calls, total_exec_time, mean_exec_time
+             FROM pg_stat_statements
+             WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())
+             ORDER BY total_exec_time DESC LIMIT 4",
+        )
+        .fetch_all(&self.db)
+        .await?;
+        for (query, calls, total, mean) in rows {
+            let query: String = query.chars().take(90).collect();
+            println!("    {total:>8.0} ms {calls:>7} × {mean:>6.3} ms  {query}");
+        }
+        Ok(())
+    }
+}
+
+/// Fields of `/proc/<pid>/stat` (or of a thread's) that the meter needs.
+struct ProcStat {
+    comm: String,
+    ppid: u32,
+    /// utime + stime
+    cpu: u64,
+    /// cutime + cstime: children that exited and were waited for
+    children_cpu: u64,
+}
+
+fn parse_stat(text: &str) -> Option<ProcStat> {
+    let open = text.find('(')?;
+    let close = text.rfind(')')?;
+    let fields: Vec<&str> = text[close + 1..].split_whitespace().collect();
+    let number = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok());
+    Some(ProcStat {
+        comm: text[open + 1..close].to_string(),
+        ppid: number(1)? as u32,
+        cpu: number(11)? + number(12)?,
+        children_cpu: number(13)? + number(14)?,
+    })
+}
+
+fn proc_stat(pid: u32) -> Option<ProcStat> {
+    parse_stat(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
+}
+
+fn ticks(n: u64) -> Duration {
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    Duration::from_secs_f64(n as f64 / hz)
+}
+
+/// CPU time of this process's threads that belong to the hub's runtime.
+fn hub_cpu() -> Duration {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return Duration::ZERO;
+    };
+    let total = tasks
+        .flatten()
+        .filter_map(|t| parse_stat(&std::fs::read_to_string(t.path().join("stat")).ok()?))
+        .filter(|s| s.comm.starts_with(HUB_THREAD))
+        .map(|s| s.cpu)
+        .sum();
+    ticks(total)
+}
+
+/// CPU time of the PostgreSQL server: the postmaster, its live children, and its children that exited.
+fn server_cpu(postmaster: u32) -> Duration {
+    let own = proc_stat(postmaster).map_or(0, |s| s.cpu + s.children_cpu);
+    let children: u64 = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .bytes()
+                .all(|b| b.is_ascii_digit())
+        })
+        .filter_map(|e| parse_stat(&std::fs::read_to_string(e.path().join("stat")).ok()?))
+        .filter(|s| s.ppid == postmaster)
+        .map(|s| s.cpu)
+        .sum();
+    ticks(own + children)
+}

@@ -1,0 +1,275 @@
+//! The C2D cycle both C2D benchmarks drive: over the hub's HTTP API (enqueue → long-poll receive → complete), and
+//! the raw-SQL `SKIP LOCKED` baseline of the same cycle on the same database.
+#![allow(dead_code)]
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use sqlx::postgres::PgConnectOptions;
+use sqlx::PgPool;
+use tokio::sync::Semaphore;
+
+/// Latencies in microseconds (bounded: one sample per cycle of a bounded run).
+#[derive(Default)]
+pub struct Latencies(Mutex<Vec<u32>>);
+
+impl Latencies {
+    pub fn record(&self, micros: u64) {
+        let mut samples = self.0.lock().unwrap();
+        if samples.len() < 5_000_000 {
+            samples.push(micros.min(u32::MAX as u64) as u32);
+        }
+    }
+
+    pub fn percentile(&self, p: f64) -> f64 {
+        let mut samples = self.0.lock().unwrap().clone();
+        if samples.is_empty() {
+            return f64::NAN;
+        }
+        samples.sort_unstable();
+        let index = ((samples.len() as f64 - 1.0) * p).round() as usize;
+        f64::from(samples[index]) / 1000.0
+    }
+}
+
+pub struct Figures {
+    pub cycles: u64,
+    pub elapsed: Duration,
+    pub latencies: Latencies,
+}
+
+impl Figures {
+    pub fn rate(&self) -> f64 {
+        self.cycles as f64 / self.elapsed.as_secs_f64()
+    }
+
+    pub fn print(&self, name: &str) {
+        println!(
+            "{name:<44} {:>8} cycles  {:>8.0} cycles/s  enqueue→receive p50 {:>7.2} ms  p99 {:>7.2} ms",
+            self.cycles,
+            self.rate(),
+            self.latencies.percentile(0.50),
+            self.latencies.percentile(0.99),
+        );
+    }
+}
+
+/// In-flight messages at most, so queues stay short and latency measures the path, not a backlog.
+pub fn window(devices: usize) -> usize {
+    devices * 2
+}
+
+pub async fn http_cycle(
+    base: &str,
+    http: &reqwest::Client,
+    service: &str,
+    devices: &[(String, String)],
+    senders: usize,
+    duration: Duration,
+) -> anyhow::Result<Figures> {
+    let t0 = Instant::now();
+    let deadline = t0 + duration;
+    let cycles = Arc::new(AtomicU64::new(0));
+    let latencies = Arc::new(Latencies::default());
+    let in_flight = Arc::new(Semaphore::new(window(devices.len())));
+    let mut tasks = Vec::new();
+    for (id, token) in devices {
+        let (id, token) = (id.clone(), token.clone());
+        let (http, base, cycles, latencies, in_flight) = (
+            http.clone(),
+            base.to_string(),
+            cycles.clone(),
+            latencies.clone(),
+            in_flight.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            let receive = format!(
+                "{base}/devices/{id}/messages/deviceBound?api-version=2021-04-12&wait-ms=1000"
+            );
+            while Instant::now() < deadline {
+                let Ok(response) = http
+                    .get(&receive)
+                    .header("Authorization", &token)
+                    .send()
+                    .await
+                else {
+                    continue;
+                };
+                if response.status() != 200 {
+                    continue;
+                }
+                let lock = response.headers()["etag"]
+                    .to_str()
+                    .unwrap_or("")
+                    .trim_matches('"')
+                    .to_string();
+                let body = response.bytes().await.unwrap_or_default();
+                let sent: u64 = std::str::from_utf8(&body)
+                    .ok()
+                    .and_then(|s| s.parse().ok())
+                    .unwrap_or(0);
+                latencies.record((t0.elapsed().as_micros() as u64).saturating_sub(sent));
+                let done = http
+                    .delete(format!(
+                        "{base}/devices/{id}/messages/deviceBound/{lock}?api-version=2021-04-12"
+                    ))
+                    .header("Authorization", &token)
+                    .send()
+                    .await;
+                if matches!(done, Ok(r) if r.status() == 204) {
+                    cycles.fetch_add(1, Ordering::Relaxed);
+                }
+                in_flight.add_permits(1);
+            }
+        }));
+    }
+    let ids: Arc<Vec<String>> = Arc::new(devices.iter().map(|(id, _)| id.clone()).collect());
+    for s in 0..senders {
+        let (http, base, service, ids, in_flight) = (
+            http.clone(),
+            base.to_string(),
+            service.to_string(),
+            ids.clone(),
+            in_flight.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            let mut next = s;
+            while Instant::now() < deadline {
+                let Ok(Ok(permit)) =
+                    tokio::time::timeout(Duration::from_millis(200), in_flight.acquire()).await
+                else {
+                    continue;
+                };
+                permit.forget();
+                let id = &ids[next % ids.len()];
+                next += senders;
+                let sent = t0.elapsed().as_micros() as u64;
+                let response = http
+                    .post(format!(
+                        "{base}/devices/{id}/commands?api-version=2021-04-12"
+                    ))
+                    .header("Authorization", &service)
+                    .body(sent.to_string())
+                    .send()
+                    .await;
+                if !matches!(response, Ok(r) if r.status() == 201) {
+                    in_flight.add_permits(1);
+                }
+            }
+        }));
+    }
+    for task in tasks {
+        task.await?;
+    }
+    Ok(Figures {
+        cycles: cycles.load(Ordering::Relaxed),
+        elapsed: t0.elapsed(),
+        latencies: Arc::try_unwrap(latencies).unwrap_or_default(),
+    })
+}
+
+pub async fn sql_cycle(
+    options: &PgConnectOptions,
+    devices: usize,
+    senders: usize,
+    pool_size: u32,
+    duration: Duration,
+) -> anyhow::Result<Figures> {
+    let pool: PgPool = iothub::postgres::connect(options.clone(), pool_size).await?;
+    sqlx::query(
+        "CREATE TABLE IF NOT EXISTS bench_queue (
+             device_id text NOT NULL, seq bigint NOT NULL, body bytea NOT NULL,
+             lock_token uuid, locked_until timestamptz, PRIMARY KEY (device_id, seq))",
+    )
+    .execute(&pool)
+    .await?;
+    sqlx::query("TRUNCATE bench_queue").execute(&pool).await?;
+    let t0 = Instant::now();
+    let deadline = t0 + duration;
+    let cycles = Arc::new(AtomicU64::new(0));
+    let latencies = Arc::new(Latencies::default());
+    let in_flight = Arc::new(Semaphore::new(window(devices)));
+    let seq = Arc::new(AtomicU64::new(1));
+    let mut tasks = Vec::new();
+    for d in 0..devices {
+        let (pool, cycles, latencies, in_flight) = (
+            pool.clone(),
+            cycles.clone(),
+            latencies.clone(),
+            in_flight.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            let id = format!("bench-{d}");
+            while Instant::now() < deadline {
+                let token = uuid::Uuid::new_v4();
+                let claimed: Result<Option<Vec<u8>>, _> = sqlx::query_scalar(
+                    "UPDATE bench_queue SET lock_token = $2, locked_until = now() + interval '60 seconds'
+                     WHERE device_id = $1 AND seq = (
+                         SELECT seq FROM bench_queue
+                         WHERE device_id = $1 AND (lock_token IS NULL OR locked_until <= now())
+                         ORDER BY seq LIMIT 1 FOR UPDATE SKIP LOCKED)
+                     RETURNING body",
+                )
+                .bind(&id)
+                .bind(token)
+                .fetch_optional(&pool)
+                .await;
+                let Ok(Some(body)) = claimed else {
+                    // Polling: the baseline has no notification path.
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                    continue;
+                };
+                let sent: u64 = std::str::from_utf8(&body).ok().and_then(|s| s.parse().ok()).unwrap_or(0);
+                latencies.record((t0.elapsed().as_micros() as u64).saturating_sub(sent));
+                let done = sqlx::query("DELETE FROM bench_queue WHERE device_id = $1 AND lock_token = $2")
+                    .bind(&id)
+                    .bind(token)
+                    .execute(&pool)
+                    .await;
+                if matches!(done, Ok(r) if r.rows_affected() == 1) {
+                    cycles.fetch_add(1, Ordering::Relaxed);
+                }
+                in_flight.add_permits(1);
+            }
+        }));
+    }
+    for s in 0..senders {
+        let (pool, in_flight, seq) = (pool.clone(), in_flight.clone(), seq.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut next = s;
+            while Instant::now() < deadline {
+                let Ok(Ok(permit)) =
+                    tokio::time::timeout(Duration::from_millis(200), in_flight.acquire()).await
+                else {
+                    continue;
+                };
+                permit.forget();
+                let id = format!("bench-{}", next % devices);
+                next += senders;
+                let sent = t0.elapsed().as_micros() as u64;
+                let inserted = sqlx::query(
+                    "INSERT INTO bench_queue (device_id, seq, body) VALUES ($1, $2, $3)",
+                )
+                .bind(&id)
+                .bind(seq.fetch_add(1, Ordering::Relaxed) as i64)
+                .bind(sent.to_string().into_bytes())
+                .execute(&pool)
+                .await;
+                if inserted.is_err() {
+                    in_flight.add_permits(1);
+                }
+            }
+        }));
+    }
+    for task in tasks {
+        task.await?;
+    }
+    let figures = Figures {
+        cycles: cycles.load(Ordering::Relaxed),
+        elapsed: t0.elapsed(),
+        latencies: Arc::try_unwrap(latencies).unwrap_or_default(),
+    };
+    pool.close().await;
+    Ok(figures)
+}
