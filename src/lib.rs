@@ -54,7 +54,7 @@ impl Listeners {
     pub async fn bind(config: &Config) -> anyhow::Result<Listeners> {
         let bind = |addr: SocketAddr, setting: &'static str| async move {
             TcpListener::bind(addr).await.with_context(|| {
-                format!("cannot listen on {addr} ({setting}); is the port taken? Change {setting}")
+                format!("cannot listen on {addr}: set {setting} to a free address")
             })
         };
         let optional = |addr: Option<SocketAddr>, setting: &'static str| async move {

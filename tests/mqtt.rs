@@ -813,3 +813,84 @@ async fn a_last_will_is_stored_as_telemetry_when_the_device_drops_without_discon
     assert_eq!(events[0]["properties"]["iothub-MessageType"], "Will");
     assert_eq!(events[0]["properties"]["cause"], "lost");
 }
+
+#[tokio::test]
+async fn a_qos_0_subscription_gets_c2d_at_most_once() {
+    let t = Mqtt::start().await;
+    let key = t.device("dev-1").await;
+    let seqs = [
+        t.enqueue("dev-1", &[], "one").await,
+        t.enqueue("dev-1", &[], "two").await,
+    ];
+    let mut client = t.connect("dev-1", &key).await;
+    let filter = "devices/dev-1/messages/devicebound/#";
+    let mut subscribe = rumqttc::mqttbytes::v4::Subscribe::new(filter, QoS::AtMostOnce);
+    subscribe.pkid = 3;
+    client.send(Packet::Subscribe(subscribe)).await;
+    match client.recv().await {
+        Some(Packet::SubAck(ack)) => {
+            assert_eq!(
+                ack.return_codes,
+                vec![SubscribeReasonCode::Success(QoS::AtMostOnce)]
+            )
+        }
+        other => panic!("expected SUBACK, got {other:?}"),
+    }
+    for body in ["one", "two"] {
+        let publish = client.next_publish().await;
+        assert_eq!(publish.qos, QoS::AtMostOnce);
+        assert_eq!(&publish.payload[..], body.as_bytes());
+    }
+    // Written at QoS 0 means delivered: completed without a PUBACK.
+    for seq in seqs {
+        let status = t.wait_for_state("dev-1", seq, "Completed").await;
+        assert_eq!(status["outcome"], "Success");
+    }
+}
+
+#[tokio::test]
+async fn a_client_that_never_sends_connect_is_dropped() {
+    let t = Mqtt::start().await;
+    // Connected, silent: closed after the CONNECT timeout (10 s), without an answer.
+    let mut silent = Client::open(t.hub.mqtt_addr()).await;
+    // Half a CONNECT: the same.
+    let mut slow = Client::open(t.hub.mqtt_addr()).await;
+    slow.send_bytes(&[0x10, 0x20, 0x00]).await;
+    silent.assert_closed().await;
+    slow.assert_closed().await;
+    wait_until("no connection left open", || async {
+        t.hub.running().mqtt_connections() == 0
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn disabling_or_deleting_a_connected_device_closes_its_connection() {
+    let t = Mqtt::start().await;
+    let key1 = t.device("dev-1").await;
+    let key2 = t.device("dev-2").await;
+    let mut one = t.connect("dev-1", &key1).await;
+    let mut two = t.connect("dev-2", &key2).await;
+    let owner = t.hub.owner().await;
+    let disabled = t
+        .hub
+        .request(Method::PUT, &device_path("dev-1"), &owner)
+        .header("If-Match", "*")
+        .json(&serde_json::json!({"deviceId": "dev-1", "status": "disabled"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(disabled.status(), 200);
+    one.assert_closed().await;
+    t.wait_for_connection_state("dev-1", "Disconnected").await;
+    two.ping().await;
+    let deleted = t
+        .hub
+        .request(Method::DELETE, &device_path("dev-2"), &owner)
+        .header("If-Match", "*")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(deleted.status(), 204);
+    two.assert_closed().await;
+}

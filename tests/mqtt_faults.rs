@@ -111,7 +111,7 @@ async fn a_connection_to_another_process_takes_over() {
 #[tokio::test]
 async fn a_killed_process_loses_no_acknowledged_telemetry() {
     const DEVICES: usize = 4;
-    const PER_DEVICE: u16 = 400;
+    const PER_DEVICE: u16 = 5000;
     const WINDOW: u16 = 8;
     let p = Processes::new().await;
     let addr = free_addr();
@@ -237,4 +237,24 @@ async fn a_c2d_message_enqueued_through_another_process_reaches_the_device_at_on
     device.ping().await;
     a.kill().await;
     b.kill().await;
+}
+
+#[tokio::test]
+async fn a_stopping_process_closes_its_connections_and_marks_devices_disconnected() {
+    let p = Processes::new().await;
+    let addr = free_addr();
+    let hub = p.start(addr).await;
+    let key = p.device(&hub, "dev-1").await;
+    let mut client = Client::connect(addr, "dev-1", &key).await;
+    client.send_event("dev-1", "", 1, b"before").await;
+    hub.terminate();
+    client.assert_closed().await;
+    let status = hub.exit_status(std::time::Duration::from_secs(60)).await;
+    assert!(status.success(), "{status}");
+    let state: String =
+        sqlx::query_scalar("SELECT connection_state FROM devices WHERE device_id = 'dev-1'")
+            .fetch_one(&p.pool)
+            .await
+            .unwrap();
+    assert_eq!(state, "Disconnected");
 }

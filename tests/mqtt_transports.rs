@@ -66,8 +66,10 @@ async fn round_trip(hub: &TestHub, device: &str, options: MqttOptions) {
     client.subscribe(&c2d, QoS::AtLeastOnce).await.unwrap();
     let service = hub.policy_token("service").await;
     let (mut acked, mut subscribed) = (false, false);
-    let received = tokio::time::timeout(LIVENESS, async {
-        loop {
+    let mut received = None;
+    tokio::time::timeout(LIVENESS, async {
+        // Until both the telemetry's PUBACK and the C2D message came, in whichever order.
+        while !(acked && received.is_some()) {
             match events.poll().await.expect("the connection stays up") {
                 Event::Incoming(Packet::ConnAck(ack)) => {
                     assert_eq!(ack.code, rumqttc::ConnectReturnCode::Success)
@@ -87,15 +89,15 @@ async fn round_trip(hub: &TestHub, device: &str, options: MqttOptions) {
                         .unwrap();
                     assert_eq!(response.status(), 201);
                 }
-                Event::Incoming(Packet::Publish(publish)) => return publish,
+                Event::Incoming(Packet::Publish(publish)) => received = Some(publish),
                 _ => {}
             }
         }
     })
     .await
-    .expect("a C2D message arrives");
-    assert!(acked && subscribed);
-    assert_eq!(&received.payload[..], b"to you");
+    .expect("the PUBACK and a C2D message arrive");
+    assert!(subscribed);
+    assert_eq!(&received.unwrap().payload[..], b"to you");
     let stored = hub.events().await;
     assert!(stored
         .iter()

@@ -122,7 +122,7 @@ where
     tracing::debug!(device = %device, clean = connect.clean_session, "MQTT device connected");
     metrics::gauge!("iothub_mqtt_connected_devices").increment(1.0);
     let mut connection = Connection {
-        delivery: present.then(|| Delivery::start(&endpoint, &device)),
+        delivery: present.then(|| Delivery::start(&endpoint, &device, QoS::AtLeastOnce)),
         endpoint,
         wire,
         caller,
@@ -349,23 +349,28 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
                     return Err(Close::TooManyFilters(MAX_FILTERS));
                 }
                 let device = &self.caller.device_id;
-                let filters: Vec<Filter> = subscribe
+                let mut c2d = None;
+                let codes = subscribe
                     .filters
                     .iter()
-                    .map(|f| topic::filter(device, &f.path))
-                    .collect();
-                let codes = filters
-                    .iter()
-                    .map(|f| match f {
-                        Filter::C2d => SubscribeReasonCode::Success(QoS::AtLeastOnce),
+                    .map(|f| match topic::filter(device, &f.path) {
+                        Filter::C2d => {
+                            // QoS 0 if asked, else 1: C2D messages are never sent at QoS 2.
+                            let granted = match f.qos {
+                                QoS::AtMostOnce => QoS::AtMostOnce,
+                                _ => QoS::AtLeastOnce,
+                            };
+                            c2d = Some(granted);
+                            SubscribeReasonCode::Success(granted)
+                        }
                         Filter::Refused => SubscribeReasonCode::Failure,
                     })
                     .collect();
                 self.wire
                     .send(Packet::SubAck(SubAck::new(subscribe.pkid, codes)))
                     .await?;
-                if filters.contains(&Filter::C2d) {
-                    self.subscribe_c2d().await?;
+                if let Some(qos) = c2d {
+                    self.subscribe_c2d(qos).await?;
                 }
             }
             Packet::Unsubscribe(unsubscribe) => {
@@ -436,18 +441,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
         }
     }
 
-    async fn subscribe_c2d(&mut self) -> Result<(), Close> {
-        if self.delivery.is_none() {
-            self.delivery = Some(Delivery::start(&self.endpoint, &self.caller.device_id));
+    async fn subscribe_c2d(&mut self, qos: QoS) -> Result<(), Close> {
+        let device = &self.caller.device_id;
+        match &mut self.delivery {
+            Some(delivery) => delivery.set_qos(qos),
+            None => self.delivery = Some(Delivery::start(&self.endpoint, device, qos)),
         }
         if !self.clean_session {
-            registry::remember_c2d_subscription(
-                &self.endpoint.db,
-                &self.caller.device_id,
-                self.id,
-                true,
-            )
-            .await?;
+            // A persistent session keeps a QoS 1 subscription only: at-most-once ends with the connection.
+            let kept = qos == QoS::AtLeastOnce;
+            registry::remember_c2d_subscription(&self.endpoint.db, device, self.id, kept).await?;
         }
         self.deliver().await
     }
@@ -470,20 +473,41 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
 
     /// Publishes what the device's queue has for it, within the in-flight bound.
     async fn deliver(&mut self) -> Result<(), Close> {
-        let Some(delivery) = &mut self.delivery else {
-            return Ok(());
-        };
-        for publish in delivery.fill(&self.endpoint).await? {
-            self.wire.send(Packet::Publish(publish)).await?;
+        let at_most_once = self
+            .delivery
+            .as_ref()
+            .is_some_and(|d| d.qos() == QoS::AtMostOnce);
+        loop {
+            let Some(delivery) = &mut self.delivery else {
+                return Ok(());
+            };
+            let publishes = delivery.fill(&self.endpoint).await?;
+            if publishes.is_empty() {
+                return Ok(());
+            }
+            for (lease, publish) in publishes {
+                self.wire.send(Packet::Publish(publish)).await?;
+                if at_most_once {
+                    // Written: at QoS 0 that is delivered, so it completes (after the write, never before).
+                    if let Some(delivery) = &mut self.delivery {
+                        delivery.acknowledge(&self.endpoint, lease).await?;
+                    }
+                }
+            }
+            // At QoS 1 the in-flight bound is reached or the queue is empty; at QoS 0 nothing stays in flight.
+            if !at_most_once {
+                return Ok(());
+            }
         }
-        Ok(())
     }
 
-    /// After a take-over notification: closes when another connection now holds the device.
+    /// After a session notification: closes when another connection now holds the device, or the device was
+    /// disabled or deleted.
     async fn check_still_held(&mut self) -> Result<(), Close> {
         match registry::holder(&self.endpoint.db, &self.caller.device_id).await {
             Ok(Some(holder)) if holder == self.id => Ok(()),
-            Ok(_) => Err(Close::TakenOver),
+            Ok(Some(_)) => Err(Close::TakenOver),
+            Ok(None) => Err(Close::DeviceGone),
             Err(error) => {
                 tracing::warn!(%error, "cannot check which connection holds the device");
                 Ok(())

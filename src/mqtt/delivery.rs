@@ -28,6 +28,9 @@ struct Lease {
 
 pub struct Delivery {
     device: DeviceId,
+    /// The QoS the device subscribed with: at QoS 0 a message is completed as soon as it is written (at most once,
+    /// as the device asked).
+    qos: QoS,
     wake: Subscription,
     inflight: HashMap<u16, Lease>,
     next_pkid: u16,
@@ -38,14 +41,23 @@ pub struct Delivery {
 impl Delivery {
     /// Starts listening for the device's C2D messages; call [`Delivery::fill`] next (the subscription comes
     /// first, so nothing committed after it is missed).
-    pub fn start(endpoint: &Endpoint, device: &DeviceId) -> Delivery {
+    pub fn start(endpoint: &Endpoint, device: &DeviceId, qos: QoS) -> Delivery {
         Delivery {
             device: device.clone(),
+            qos,
             wake: endpoint.notifier.subscribe(channel::C2D, device.as_str()),
             inflight: HashMap::new(),
             next_pkid: 0,
             retry_at: None,
         }
+    }
+
+    pub fn qos(&self) -> QoS {
+        self.qos
+    }
+
+    pub fn set_qos(&mut self, qos: QoS) {
+        self.qos = qos;
     }
 
     /// Resolves when there may be something to deliver: a notification, or a lock running out.
@@ -66,8 +78,8 @@ impl Delivery {
     }
 
     /// Claims deliverable messages while fewer than the in-flight bound are unacknowledged; the PUBLISH packets
-    /// to send, in order.
-    pub async fn fill(&mut self, endpoint: &Endpoint) -> Result<Vec<Publish>, c2d::Error> {
+    /// to send, in order, each with the id of its lease (its packet id at QoS 1).
+    pub async fn fill(&mut self, endpoint: &Endpoint) -> Result<Vec<(u16, Publish)>, c2d::Error> {
         let now = Instant::now();
         // A lease whose lock ran out is the queue's again; a late PUBACK for it finds nothing to settle.
         self.inflight.retain(|_, lease| lease.until > now);
@@ -102,14 +114,16 @@ impl Delivery {
             );
             let mut publish = Publish::new(
                 messages::devicebound_topic(&self.device, &row),
-                QoS::AtLeastOnce,
+                self.qos,
                 Vec::new(),
             );
             publish.payload = Bytes::from(row.body);
-            publish.pkid = pkid;
-            // Delivered before (its lock ran out, or a connection dropped): MQTT's redelivery flag.
-            publish.dup = row.delivery_count > 1;
-            out.push(publish);
+            if self.qos == QoS::AtLeastOnce {
+                publish.pkid = pkid;
+                // Delivered before (its lock ran out, or a connection dropped): MQTT's redelivery flag.
+                publish.dup = row.delivery_count > 1;
+            }
+            out.push((pkid, publish));
         }
         Ok(out)
     }

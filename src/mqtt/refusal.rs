@@ -61,6 +61,8 @@ pub enum Close {
     KeepAlive,
     #[error("another connection of the device took over")]
     TakenOver,
+    #[error("the device was disabled or deleted")]
+    DeviceGone,
     #[error("the hub is stopping")]
     ShuttingDown,
     #[error(transparent)]
@@ -93,6 +95,7 @@ impl Close {
             Close::WriteTimeout => "write_timeout",
             Close::KeepAlive => "keep_alive",
             Close::TakenOver => "taken_over",
+            Close::DeviceGone => "device_gone",
             Close::ShuttingDown => "shutting_down",
             Close::Codec(_) => "malformed",
             Close::Topic(_) => "topic",
@@ -106,9 +109,13 @@ impl Close {
         }
     }
 
-    /// Whether the device's last will is sent: it did not say goodbye with DISCONNECT, and the hub is not stopping.
+    /// Whether the device's last will is sent: it did not say goodbye with DISCONNECT, the hub is not stopping, and
+    /// the device still may send.
     pub fn sends_will(&self) -> bool {
-        !matches!(self, Close::Disconnected | Close::ShuttingDown)
+        !matches!(
+            self,
+            Close::Disconnected | Close::ShuttingDown | Close::DeviceGone
+        )
     }
 
     /// Whether the client or the hub ended the connection as the protocol intends (logged at debug, not warn).
@@ -119,6 +126,7 @@ impl Close {
                 | Close::Dropped
                 | Close::Io(_)
                 | Close::TakenOver
+                | Close::DeviceGone
                 | Close::ShuttingDown
         )
     }

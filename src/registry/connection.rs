@@ -3,7 +3,8 @@
 //!
 //! Take-over works across hub processes through the database: a connection that starts writes its random id into
 //! the device's row and notifies the session channel in the same transaction; every connection of that device, in
-//! any process, is woken, reads the row, and closes itself when the id there is no longer its own.
+//! any process, is woken, reads the row, and closes itself when the id there is no longer its own. A registry
+//! change of a connected device (disabled, deleted) sends the same notification.
 
 use sqlx::PgPool;
 use uuid::Uuid;
@@ -52,13 +53,14 @@ pub async fn take(
     Ok(subscribed.map(|c2d_subscribed| Taken { c2d_subscribed }))
 }
 
-/// The connection that holds the device now, if any.
+/// The connection that may hold the device now: `None` when none does, or the device was disabled or deleted.
 pub async fn holder(db: &PgPool, device_id: &DeviceId) -> Result<Option<Uuid>, sqlx::Error> {
-    let holder: Option<Option<Uuid>> =
-        sqlx::query_scalar("SELECT connection_id FROM devices WHERE device_id = $1")
-            .bind(device_id.as_str())
-            .fetch_optional(db)
-            .await?;
+    let holder: Option<Option<Uuid>> = sqlx::query_scalar(
+        "SELECT connection_id FROM devices WHERE device_id = $1 AND status = 'enabled'",
+    )
+    .bind(device_id.as_str())
+    .fetch_optional(db)
+    .await?;
     Ok(holder.flatten())
 }
 

@@ -4,9 +4,11 @@
 use rand::Rng;
 use sqlx::{PgPool, Postgres, Transaction};
 
+use super::connection::ConnectionState;
 use super::model::{AuthType, DeviceChanges, DeviceId, DeviceRecord, Statistics, Status};
 use super::{Error, Result};
 use crate::keys;
+use crate::notify::{self, channel};
 
 const COLUMNS: &str =
     "device_id, generation_id, etag_version, status, status_reason, status_updated_time,
@@ -225,8 +227,21 @@ pub async fn update(
     check_etag(&current, device_id, expected)?;
     let f = DeviceFields::resolve(changes, Some(&current))?;
     let updated = write(&mut tx, device_id, &f).await?;
+    tell_connection(&mut tx, &current).await?;
     tx.commit().await?;
     Ok(updated)
+}
+
+/// A connected device changed or went away: its connection, in whichever process, looks again (and closes when the
+/// device is disabled or deleted). Sent inside the change's transaction, so it arrives once the change commits.
+async fn tell_connection(
+    tx: &mut Transaction<'_, Postgres>,
+    device: &DeviceRecord,
+) -> Result<(), sqlx::Error> {
+    if device.connection_state == ConnectionState::Connected {
+        notify::notify(tx, channel::SESSION, &device.device_id).await?;
+    }
+    Ok(())
 }
 
 async fn write(
@@ -259,6 +274,7 @@ pub async fn delete(db: &PgPool, device_id: &DeviceId, expected: Option<i64>) ->
         .bind(device_id.as_str())
         .execute(&mut *tx)
         .await?;
+    tell_connection(&mut tx, &current).await?;
     tx.commit().await?;
     Ok(())
 }
@@ -362,6 +378,7 @@ async fn create_or_update(
         Some(current) => {
             let f = DeviceFields::resolve(changes, Some(&current))?;
             write(&mut tx, device_id, &f).await?;
+            tell_connection(&mut tx, &current).await?;
         }
         None => {
             let f = DeviceFields::resolve(changes, None)?;
