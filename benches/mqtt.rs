@@ -9,6 +9,10 @@
 //!    the message), against the HTTP cycle (enqueue → long-poll receive → complete) and the raw-SQL `SKIP LOCKED`
 //!    cycle of `benches/common`.
 //!
+//! When a NATS server with JetStream answers at `NATS_URL` (default 127.0.0.1:4222), the telemetry phase also
+//! measures JetStream's acknowledged publish to a file-backed stream with the same publishers and windows: the
+//! fastest durable acknowledged publish commonly at hand, which does not even fsync each message.
+//!
 //! Plain MQTT and plain HTTP, so that TLS (the same rustls for both) is not what is compared. Process CPU per
 //! message includes the load generator's, which runs in the same process.
 //!
@@ -35,7 +39,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 
-use common::{http_cycle, sql_cycle, window, Figures, Latencies};
+use common::{http_cycle, nats, sql_cycle, window, Figures, Latencies};
 
 const HOST: &str = "bench.local";
 const API: &str = "api-version=2021-04-12";
@@ -141,6 +145,26 @@ async fn run(options: PgConnectOptions) -> anyhow::Result<()> {
     http.print("HTTP POST …/messages/events, 1 at a time");
     let sql = measure(|| sql_telemetry(&options, devices, config.db_pool_size, secs)).await?;
     sql.print("SQL one INSERT per commit");
+    match nats::address() {
+        Some(nats) => {
+            let acked = measure(|| nats::publish_acked(nats, payload, devices, 1, secs)).await?;
+            acked.print("NATS JetStream publish → ack, 1 in flight");
+            let windowed =
+                measure(|| nats::publish_acked(nats, payload, devices, in_flight, secs)).await?;
+            windowed.print(&format!(
+                "NATS JetStream publish → ack, {in_flight} in flight"
+            ));
+            println!(
+                "ratios: MQTT(1)/NATS(1) {:.2}  MQTT({in_flight})/NATS({in_flight}) {:.2}",
+                mqtt_1.rate() / acked.rate(),
+                mqtt_w.rate() / windowed.rate(),
+            );
+        }
+        None => println!(
+            "NATS JetStream: no server at {} (NATS_URL), skipped",
+            nats::DEFAULT
+        ),
+    }
     println!(
         "ratios: MQTT(1)/HTTP {:.2}  MQTT(1)/SQL {:.2}  MQTT({in_flight})/SQL {:.2}  HTTP/SQL {:.2}",
         mqtt_1.rate() / http.rate(),
@@ -164,7 +188,8 @@ async fn run(options: PgConnectOptions) -> anyhow::Result<()> {
     })
     .await?;
     http_c2d.print("HTTP long-poll receive → complete");
-    let sql_c2d = measure(|| sql_cycle(&options, devices, senders, config.db_pool_size, secs)).await?;
+    let sql_c2d =
+        measure(|| sql_cycle(&options, devices, senders, config.db_pool_size, secs)).await?;
     sql_c2d.print("SQL insert → SKIP LOCKED claim → delete");
     println!(
         "ratios: MQTT/HTTP {:.2}  MQTT/SQL {:.2}  HTTP/SQL {:.2}",
@@ -223,9 +248,19 @@ async fn setup(
     let base = format!("http://{http_addr}");
     let expiry = chrono::Utc::now().timestamp() + 3600;
     let key_of = |policy: &'static str| async move {
-        anyhow::Ok(policies::get(pool, policy).await?.expect(policy).primary_key)
+        anyhow::Ok(
+            policies::get(pool, policy)
+                .await?
+                .expect(policy)
+                .primary_key,
+        )
     };
-    let owner = sas::sign(HOST, &key_of("iothubowner").await?, Some("iothubowner"), expiry)?;
+    let owner = sas::sign(
+        HOST,
+        &key_of("iothubowner").await?,
+        Some("iothubowner"),
+        expiry,
+    )?;
     let service = sas::sign(HOST, &key_of("service").await?, Some("service"), expiry)?;
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(1024)
