@@ -121,6 +121,8 @@ async fn run(
                     http: tokio::net::TcpListener::bind(config.listen).await?,
                     tls: None,
                     metrics: None,
+                    mqtts: None,
+                    mqtt: None,
                 };
                 let hub = iothub::launch(config, pool.clone(), listeners, async move {
                     let _ = stopped.await;

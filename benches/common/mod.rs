@@ -2,6 +2,8 @@
 //! the raw-SQL `SKIP LOCKED` baseline of the same cycle on the same database.
 #![allow(dead_code)]
 
+pub mod nats;
+
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
