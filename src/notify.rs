@@ -1,10 +1,11 @@
 //! One LISTEN connection per hub process, fanned out to the requests waiting on it (long polls, event streams).
 //!
-//! A writer notifies inside the transaction that makes something visible, so the notification is delivered exactly
-//! when that transaction commits: on hot paths as a CTE of the very statement that makes the change
-//! ([`in_statement`], no round trip of its own), elsewhere as a statement of its own ([`notify`]); never from a
-//! trigger. On distributed PostgreSQL notifications from inside queries over distributed tables do not reach the
-//! hub, so there the CTEs have to become statements of their own again. Waiters [`Notifier::subscribe`] to a (channel, key) *before*
+//! A NOTIFY is always a statement of its own, never part of a query over a queue or stream table, nor a trigger:
+//! once those tables are distributed, such a query runs on a worker node where no hub listens. Where a waiter waits
+//! for nothing else (an MQTT connection for its C2D messages, event streams), the writer notifies inside the
+//! transaction that makes the change visible ([`notify`]), so the notification is delivered exactly when it
+//! commits. Where waiters look again by themselves within a bounded time (feedback long polls), the change stays a
+//! single statement and the notification follows its commit ([`after_commit`]). Waiters [`Notifier::subscribe`] to a (channel, key) *before*
 //! they look in the database, so a commit between the look and the wait still wakes them. Only keys that someone
 //! waits on have an entry, so memory follows the number of waiters, not the traffic.
 //!
@@ -146,7 +147,7 @@ impl Notifier {
 }
 
 /// Sends a notification as its own statement in `tx`; it is delivered when (and only if) `tx` commits.
-/// Call it at most once per transaction. Hot paths use [`in_statement`] instead, which costs no round trip.
+/// Call it at most once per transaction.
 pub async fn notify(
     tx: &mut sqlx::Transaction<'_, Postgres>,
     channel: &str,
@@ -160,17 +161,16 @@ pub async fn notify(
     Ok(())
 }
 
-/// A query for a writable statement's `WITH` list that sends a notification on `channel` with the payload `key` (an
-/// SQL expression, usually a parameter) when `condition` (an SQL expression over the statement's other CTEs) holds.
-/// The statement's outer query must read the CTE (e.g. `(SELECT count(*) FROM woken)`), or PostgreSQL skips it.
-///
-/// It makes a state change and its wake-up one statement, so one round trip when the statement commits on its
-/// own: the notification is delivered when (and only if) it commits. Only one such CTE may fire per statement.
-/// On a distributed database (Citus) a statement over a distributed table runs on a worker, where nobody listens:
-/// there the wake-up has to go back to a statement of its own ([`notify`]).
-pub fn in_statement(channel: &str, key: &str, condition: &str) -> String {
-    debug_assert!(channel::ALL.contains(&channel));
-    format!("SELECT pg_notify('{channel}', {key}) WHERE {condition}")
+/// Sends a notification as a statement of its own after the change it announces has committed: for waiters that
+/// look again by themselves within a bounded time (long polls), where a change's own statement should stay one
+/// round trip. If the process dies between the commit and this, those waiters find the change when their wait ends.
+pub async fn after_commit(db: &PgPool, channel: &str, key: &str) -> Result<(), sqlx::Error> {
+    sqlx::query("SELECT pg_notify($1, $2)")
+        .bind(channel)
+        .bind(key)
+        .execute(db)
+        .await?;
+    Ok(())
 }
 
 #[cfg(test)]

@@ -74,6 +74,7 @@ pub async fn enqueue(
         Expiry::Ttl(secs) => (None, secs.clamp(0, max_ttl + 1)),
         Expiry::At(at) => (Some(at), 0),
     };
+    let mut tx = db.begin().await?;
     let row: Option<EnqueueOutcome> = sqlx::query_as(&enqueue_sql())
         .bind(device_id.as_str())
         .bind(&message.message_id)
@@ -88,9 +89,14 @@ pub async fn enqueue(
         .bind(ttl_secs)
         .bind(i64::from(settings.max_queue_depth))
         .bind(max_ttl)
-        .fetch_optional(db)
+        .fetch_optional(&mut *tx)
         .await?;
     let r = row.ok_or_else(|| Error::DeviceNotFound(device_id.clone()))?;
+    if r.inserted > 0 {
+        // In the same transaction: a connection that waits only for this (MQTT) cannot miss it.
+        notify::notify(&mut tx, channel::C2D, device_id.as_str()).await?;
+    }
+    tx.commit().await?;
     if r.inserted == 0 && r.live >= i64::from(settings.max_queue_depth) {
         return Err(Error::QueueFull {
             device: device_id.clone(),
@@ -144,11 +150,9 @@ fn enqueue_sql() -> String {
              RETURNING 1
          ), counted AS (
              UPDATE devices SET c2d_next_seq = admitted.seq + 1 FROM admitted WHERE devices.device_id = $1
-         ), woken AS ({woken})
-         SELECT seq, live, now, expires_at, (SELECT count(*) FROM inserted) AS inserted,
-             (SELECT count(*) FROM woken) AS woken
-         FROM checked",
-        woken = notify::in_statement(channel::C2D, "$1", "EXISTS (SELECT 1 FROM inserted)")
+         )
+         SELECT seq, live, now, expires_at, (SELECT count(*) FROM inserted) AS inserted
+         FROM checked"
     )
 }
 
@@ -176,9 +180,10 @@ pub async fn receive(
     will_wait: bool,
 ) -> Result<Received> {
     let sql = claim_sql();
-    // Each claim is one statement, so one transaction of its own: a dead-lettered candidate, its feedback and the
-    // feedback receivers' wake-up commit together, and a delivery needs no more round trips than the statement.
+    // Each claim is one statement, so one transaction of its own: a dead-lettered candidate and its feedback
+    // commit together, and a delivery needs no more round trips than the statement.
     let mut delivered = None;
+    let mut dead_lettered = 0;
     // Bounded: each round ends one message for good, and a queue holds at most the configured depth (plus what
     // expired meanwhile); the bound only guards against surprises.
     for _ in 0..10_000 {
@@ -191,7 +196,7 @@ pub async fn receive(
             .fetch_optional(db)
             .await?;
         match row {
-            Some(r) if r.state == State::DeadLettered => {}
+            Some(r) if r.state == State::DeadLettered => dead_lettered += 1,
             Some(r) => {
                 delivered = Some(r);
                 break;
@@ -199,6 +204,8 @@ pub async fn receive(
             None => break,
         }
     }
+    // Rare, so the receivers are woken whether or not the message's ack mode asked for a record.
+    wake_feedback(db, dead_lettered).await?;
     Ok(match delivered {
         Some(row) => Received::Message(Box::new(row)),
         None if will_wait => Received::Empty {
@@ -248,17 +255,20 @@ fn claim_sql() -> String {
              FROM candidate c
              WHERE m.device_id = $1 AND m.seq = c.seq
              RETURNING m.*
-         ), feedback AS ({feedback}), woken AS ({woken})
-         SELECT {ROW}, (SELECT count(*) FROM woken) AS woken FROM taken",
+         ), feedback AS ({feedback})
+         SELECT {ROW} FROM taken",
         feedback = record_outcomes("taken", "$5"),
-        woken = wake_feedback(),
     )
 }
 
-/// A CTE query for [`notify::in_statement`] that wakes feedback receivers when the statement's `feedback` CTE wrote
-/// records.
-fn wake_feedback() -> String {
-    notify::in_statement(channel::FEEDBACK, "''", "EXISTS (SELECT 1 FROM feedback)")
+/// Wakes the service's feedback receivers after a statement that wrote feedback records has committed. Not in the
+/// statement: a NOTIFY inside a query over a per-device table would run where no hub listens once the table is
+/// distributed. A receiver that misses it (the hub died in between) finds the records when its long poll ends.
+async fn wake_feedback(db: &PgPool, fed: i64) -> Result<()> {
+    if fed > 0 {
+        notify::after_commit(db, channel::FEEDBACK, "").await?;
+    }
+    Ok(())
 }
 
 /// Completes or rejects the message the device holds under `lock_token`; [`Error::LockLost`] when that lock is
@@ -281,8 +291,8 @@ pub async fn settle(
         "state = 'invisible' AND lock_token = $2 AND locked_until > now()",
         "$5",
     );
-    // One statement: the outcome, its feedback record and the feedback receivers' wake-up commit together.
-    let settled: i64 = sqlx::query_scalar(&sql)
+    // One statement: the outcome and its feedback record commit together.
+    let (settled, fed): (i64, i64) = sqlx::query_as(&sql)
         .bind(device_id.as_str())
         .bind(lock_token.0)
         .bind(state)
@@ -293,12 +303,12 @@ pub async fn settle(
     if settled == 0 {
         return Err(Error::LockLost);
     }
-    Ok(())
+    wake_feedback(db, fed).await
 }
 
 /// One statement that ends the device's (`$1`) live messages that `condition` selects, with `state` and `outcome`
 /// (SQL expressions), and writes their feedback, kept `ttl_param` seconds: the outcome and its feedback record
-/// commit together, and feedback receivers are woken when records were written. It answers how many ended.
+/// commit together. It answers how many ended and how many feedback records it wrote.
 fn end_sql(state: &str, outcome: &str, condition: &str, ttl_param: &str) -> String {
     format!(
         "WITH ended AS (
@@ -306,10 +316,9 @@ fn end_sql(state: &str, outcome: &str, condition: &str, ttl_param: &str) -> Stri
                  lock_token = NULL, locked_until = NULL
              WHERE device_id = $1 AND {LIVE} AND {condition}
              RETURNING *
-         ), feedback AS ({feedback}), woken AS ({woken})
-         SELECT (SELECT count(*) FROM ended), (SELECT count(*) FROM woken)",
+         ), feedback AS ({feedback})
+         SELECT (SELECT count(*) FROM ended), (SELECT count(*) FROM feedback)",
         feedback = record_outcomes("ended", ttl_param),
-        woken = wake_feedback(),
     )
 }
 
@@ -332,29 +341,30 @@ pub async fn abandon(
              WHERE device_id = $1 AND {LIVE} AND state = 'invisible' AND lock_token = $2
                AND locked_until > now()
              RETURNING *
-         ), feedback AS ({feedback}), woken AS ({requeued} UNION ALL {fed})
-         SELECT (SELECT count(*) FROM abandoned), (SELECT count(*) FROM woken)",
+         ), feedback AS ({feedback})
+         SELECT (SELECT count(*) FROM abandoned),
+             (SELECT count(*) FROM abandoned WHERE state = 'enqueued'), (SELECT count(*) FROM feedback)",
         feedback = record_outcomes("abandoned", "$4"),
-        // Back in the queue: a device's long poll may be waiting for it. Dead-lettered instead: its feedback may
-        // be awaited. One of the two at most.
-        requeued = notify::in_statement(
-            channel::C2D,
-            "$1",
-            "EXISTS (SELECT 1 FROM abandoned WHERE state = 'enqueued')"
-        ),
-        fed = wake_feedback(),
     );
-    // One statement, so one round trip: the new state, its feedback and the wake-up commit together.
-    let (abandoned, _woken): (i64, i64) = sqlx::query_as(&sql)
+    let mut tx = db.begin().await?;
+    let (abandoned, requeued, fed): (i64, i64, i64) = sqlx::query_as(&sql)
         .bind(device_id.as_str())
         .bind(lock_token.0)
         .bind(settings.max_delivery_count as i32)
         .bind(feedback.ttl_secs as i32)
-        .fetch_one(db)
+        .fetch_one(&mut *tx)
         .await?;
     if abandoned == 0 {
         return Err(Error::LockLost);
     }
+    // Back in the queue: a device may be waiting for it (an MQTT connection waits for nothing else), so the wake-up
+    // commits with it. Dead-lettered instead: its feedback may be awaited. One of the two at most.
+    if requeued > 0 {
+        notify::notify(&mut tx, channel::C2D, device_id.as_str()).await?;
+    } else if fed > 0 {
+        notify::notify(&mut tx, channel::FEEDBACK, "").await?;
+    }
+    tx.commit().await?;
     Ok(())
 }
 
@@ -364,11 +374,14 @@ pub async fn purge(db: &PgPool, feedback: &FeedbackSettings, device_id: &DeviceI
     let mut tx = db.begin().await?;
     lock_device(&mut tx, device_id).await?;
     let sql = end_sql("'purged'", "'Purged'", "expires_at > now()", "$2");
-    let (purged, _woken): (i64, i64) = sqlx::query_as(&sql)
+    let (purged, fed): (i64, i64) = sqlx::query_as(&sql)
         .bind(device_id.as_str())
         .bind(feedback.ttl_secs as i32)
         .fetch_one(&mut *tx)
         .await?;
+    if fed > 0 {
+        notify::notify(&mut tx, channel::FEEDBACK, "").await?;
+    }
     tx.commit().await?;
     Ok(purged)
 }
@@ -471,17 +484,19 @@ pub async fn dead_letter_due(
                AND (m.expires_at <= now()
                     OR (m.state = 'invisible' AND m.locked_until <= now() AND m.delivery_count >= $1))
              RETURNING m.*
-         ), feedback AS ({feedback}), woken AS ({woken})
-         SELECT (SELECT count(*) FROM ended), (SELECT count(*) FROM woken)",
+         ), feedback AS ({feedback})
+         SELECT (SELECT count(*) FROM ended), (SELECT count(*) FROM feedback)",
         feedback = record_outcomes("ended", "$3"),
-        woken = wake_feedback(),
     );
-    let (ended, _woken): (i64, i64) = sqlx::query_as(&sql)
+    let (ended, fed): (i64, i64) = sqlx::query_as(&sql)
         .bind(settings.max_delivery_count as i32)
         .bind(batch)
         .bind(feedback.ttl_secs as i32)
         .fetch_one(db)
         .await?;
+    if fed > 0 {
+        notify::after_commit(db, channel::FEEDBACK, "").await?;
+    }
     Ok(ended)
 }
 

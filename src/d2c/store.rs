@@ -60,10 +60,11 @@ pub async fn append(
         props.push(serde_json::to_string(&e.properties).unwrap_or_default());
         bodies.push(&e.body);
     }
-    // One statement that commits on its own, wake-up included: one round trip. Enqueued times never go backwards
-    // along the sequence: a transaction that started earlier (its now() is older) but got the lock later takes the
-    // previous event's time.
-    let row = sqlx::query(&format!(
+    // Enqueued times never go backwards along the sequence: a transaction that started earlier (its now() is older)
+    // but got the lock later takes the previous event's time. The wake-up is a statement of its own in the same
+    // transaction: readers waiting on the stream learn of the events exactly when they commit.
+    let mut tx = db.begin().await?;
+    let row = sqlx::query(
         "WITH c AS (
              UPDATE d2c_partitions
                 SET next_seq = next_seq + $2, last_enqueued_at = GREATEST(now(), last_enqueued_at)
@@ -75,19 +76,16 @@ pub async fn append(
                FROM c, unnest($3::text[], $4::text[], $5::text[], $6::bytea[]) WITH ORDINALITY
                        AS u(device_id, sys, props, body, ord)
              RETURNING 1
-         ), woken AS ({woken})
-         SELECT (SELECT first_seq FROM c) AS first_seq, (SELECT count(*) FROM i) AS inserted,
-             (SELECT count(*) FROM woken) AS woken",
-        woken = notify::in_statement(notify::channel::D2C, "$7", "EXISTS (SELECT 1 FROM i)")
-    ))
+         )
+         SELECT (SELECT first_seq FROM c) AS first_seq, (SELECT count(*) FROM i) AS inserted",
+    )
     .bind(partition)
     .bind(n)
     .bind(&devices)
     .bind(&systems)
     .bind(&props)
     .bind(&bodies)
-    .bind(partition.to_string())
-    .fetch_one(db)
+    .fetch_one(&mut *tx)
     .await?;
     let first: Option<i64> = row.try_get("first_seq")?;
     let inserted: i64 = row.try_get("inserted")?;
@@ -96,6 +94,8 @@ pub async fn append(
             "partition {partition} has no counter row"
         )));
     };
+    notify::notify(&mut tx, notify::channel::D2C, &partition.to_string()).await?;
+    tx.commit().await?;
     Ok(first)
 }
 

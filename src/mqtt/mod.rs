@@ -55,8 +55,8 @@ impl fmt::Debug for Listen {
 #[derive(Args, Clone, Debug)]
 #[group(id = "mqtt_settings")]
 pub struct Settings {
-    /// MQTT over TLS (IoT Hub's port is 8883); `off` for none. Needs a certificate (`IOTHUB_TLS_CERT`,
-    /// `IOTHUB_TLS_KEY`): without one it is not started.
+    /// MQTT over TLS (IoT Hub's port is 8883); `off` for none. Uses `IOTHUB_TLS_CERT`/`IOTHUB_TLS_KEY`, or
+    /// without them a certificate of the hub's own CA (`<data dir>/tls/ca.pem`).
     #[arg(long, env = "IOTHUB_MQTTS_LISTEN", default_value = "127.0.0.1:8883")]
     pub mqtts_listen: Listen,
 
