@@ -7,13 +7,11 @@
 
 mod common;
 
-use std::str::FromStr;
 use std::time::Duration;
 
 use iothub::auth::{policies, sas};
 use iothub::{Config, Listeners};
 use sqlx::postgres::PgConnectOptions;
-use sqlx::{ConnectOptions, Connection};
 
 use common::{http_cycle, sql_cycle};
 
@@ -32,36 +30,7 @@ async fn main() -> anyhow::Result<()> {
     let devices = env_number("C2D_BENCH_DEVICES", 64) as usize;
     let senders = env_number("C2D_BENCH_SENDERS", 32) as usize;
 
-    let mut cluster = None;
-    let server = match std::env::var("DATABASE_URL") {
-        Ok(url) => PgConnectOptions::from_str(&url)?,
-        Err(_) => {
-            let root = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("bench-postgres");
-            let managed = iothub::postgres::ManagedCluster::start(&root).await?;
-            let options = managed.options("postgres");
-            cluster = Some(managed);
-            options
-        }
-    };
-    let name = format!("iothub_bench_{}", uuid::Uuid::new_v4().simple());
-    let mut admin = server.connect().await?;
-    sqlx::query(&format!("CREATE DATABASE {name}"))
-        .execute(&mut admin)
-        .await?;
-    let options = server.clone().database(&name);
-
-    let result = run(options, secs, devices, senders).await;
-
-    sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-        .execute(&mut admin)
-        .await?;
-    admin.close().await?;
-    if let Some(cluster) = cluster {
-        if cluster.started_here() {
-            cluster.stop().await?;
-        }
-    }
-    result
+    common::with_scratch_database(&[], |options| run(options, secs, devices, senders)).await
 }
 
 async fn run(

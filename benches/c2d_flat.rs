@@ -16,13 +16,12 @@
 
 mod common;
 
-use std::str::FromStr;
 use std::time::{Duration, Instant};
 
 use iothub::auth::{policies, sas};
 use iothub::{Config, Listeners};
 use sqlx::postgres::PgConnectOptions;
-use sqlx::{ConnectOptions, Connection, PgPool};
+use sqlx::PgPool;
 
 use common::{http_cycle, sql_cycle, Figures};
 
@@ -63,38 +62,10 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn with_database(hub: tokio::runtime::Handle, settings: Settings) -> anyhow::Result<()> {
-    let mut cluster = None;
-    let server = match std::env::var("DATABASE_URL") {
-        Ok(url) => PgConnectOptions::from_str(&url)?,
-        Err(_) => {
-            let root = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("bench-postgres");
-            let managed = iothub::postgres::ManagedCluster::start(&root).await?;
-            let options = managed.options("postgres");
-            cluster = Some(managed);
-            options
-        }
-    };
-    let name = format!("iothub_bench_{}", uuid::Uuid::new_v4().simple());
-    let mut admin = server.connect().await?;
-    sqlx::query(&format!("CREATE DATABASE {name}"))
-        .execute(&mut admin)
-        .await?;
-    sqlx::query(&format!(
-        "ALTER DATABASE {name} SET plan_cache_mode = force_generic_plan"
-    ))
-    .execute(&mut admin)
-    .await?;
-    let result = run(hub, server.clone().database(&name), &settings).await;
-    sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-        .execute(&mut admin)
-        .await?;
-    admin.close().await?;
-    if let Some(cluster) = cluster {
-        if cluster.started_here() {
-            cluster.stop().await?;
-        }
-    }
-    result
+    common::with_scratch_database(&["plan_cache_mode = force_generic_plan"], |options| {
+        run(hub, options, &settings)
+    })
+    .await
 }
 
 /// Devices registered through the API, with their SAS tokens.

@@ -23,7 +23,6 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -34,12 +33,12 @@ use iothub::mqtt::codec::{self, Connect, ConnectReturnCode, Packet, Publish, QoS
 use iothub::{Config, Listeners};
 use rumqttc::mqttbytes::v4::{PubAck, Subscribe, SubscribeFilter};
 use sqlx::postgres::PgConnectOptions;
-use sqlx::{ConnectOptions, Connection, PgPool};
+use sqlx::PgPool;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 
-use common::{http_cycle, nats, sql_cycle, window, Figures, Latencies};
+use common::{http_cycle, nats, sql_cycle, window, Figures, Latencies, Load};
 
 const HOST: &str = "bench.local";
 const API: &str = "api-version=2021-04-12";
@@ -69,33 +68,7 @@ fn process_cpu() -> f64 {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let mut cluster = None;
-    let server = match std::env::var("DATABASE_URL") {
-        Ok(url) => PgConnectOptions::from_str(&url)?,
-        Err(_) => {
-            let root = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("bench-postgres");
-            let managed = iothub::postgres::ManagedCluster::start(&root).await?;
-            let options = managed.options("postgres");
-            cluster = Some(managed);
-            options
-        }
-    };
-    let name = format!("iothub_bench_{}", uuid::Uuid::new_v4().simple());
-    let mut admin = server.connect().await?;
-    sqlx::query(&format!("CREATE DATABASE {name}"))
-        .execute(&mut admin)
-        .await?;
-    let result = run(server.clone().database(&name)).await;
-    sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-        .execute(&mut admin)
-        .await?;
-    admin.close().await?;
-    if let Some(cluster) = cluster {
-        if cluster.started_here() {
-            cluster.stop().await?;
-        }
-    }
-    result
+    common::with_scratch_database(&[], run).await
 }
 
 struct Setup {
@@ -536,40 +509,13 @@ async fn mqtt_c2d_cycle(
             }
         }));
     }
-    let ids: Arc<Vec<String>> = Arc::new(setup.devices.iter().map(|(id, _)| id.clone()).collect());
-    let mut enqueuers = Vec::new();
-    for s in 0..senders {
-        let (http, base, service, ids, in_flight) = (
-            setup.http.clone(),
-            setup.base.clone(),
-            setup.service.clone(),
-            ids.clone(),
-            in_flight.clone(),
-        );
-        enqueuers.push(tokio::spawn(async move {
-            let mut next = s;
-            while Instant::now() < deadline {
-                let Ok(Ok(permit)) =
-                    tokio::time::timeout(Duration::from_millis(200), in_flight.acquire()).await
-                else {
-                    continue;
-                };
-                permit.forget();
-                let id = &ids[next % ids.len()];
-                next += senders;
-                let sent = t0.elapsed().as_micros() as u64;
-                let response = http
-                    .post(format!("{base}/devices/{id}/commands?{API}"))
-                    .header("Authorization", &service)
-                    .body(sent.to_string())
-                    .send()
-                    .await;
-                if !matches!(response, Ok(r) if r.status() == 201) {
-                    in_flight.add_permits(1);
-                }
-            }
-        }));
-    }
+    let ids = setup.devices.iter().map(|(id, _)| id.clone()).collect();
+    let load = Load {
+        t0,
+        deadline,
+        in_flight,
+    };
+    let enqueuers = load.enqueue_over_rest(&setup.base, &setup.http, &setup.service, ids, senders);
     for task in enqueuers {
         task.await?;
     }

@@ -294,15 +294,7 @@ async fn device_credentials_reach_only_their_own_enabled_device() {
     assert_eq!(err.code, ErrorCode::DeviceNotFound);
 
     // A disabled device is refused, whatever the credential.
-    let owner = hub.owner().await;
-    let response = hub
-        .request(Method::PUT, "/devices/dev-a", &owner)
-        .header("If-Match", "*")
-        .json(&json!({"deviceId": "dev-a", "status": "disabled"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
+    hub.disable_device("dev-a").await;
     let err = check(device_token("dev-a", &primary_key(&a)), "dev-a")
         .await
         .unwrap_err();

@@ -310,15 +310,7 @@ async fn devices_send_only_as_themselves() {
     assert_error(response, 401, "IotHubUnauthorizedAccess").await;
 
     // A disabled device cannot send.
-    let owner = hub.owner().await;
-    let response = hub
-        .request(Method::PUT, &device_path("dev-b"), &owner)
-        .header("If-Match", "*")
-        .json(&json!({"deviceId": "dev-b", "status": "disabled"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
+    hub.disable_device("dev-b").await;
     assert_error(
         send(&hub, &b, "x", &[]).await,
         401,

@@ -283,16 +283,7 @@ async fn connect_refusals_have_their_return_codes() {
     );
 
     // A disabled device.
-    let owner = t.hub.owner().await;
-    let response = t
-        .hub
-        .request(Method::PUT, &device_path("dev-1"), &owner)
-        .header("If-Match", "*")
-        .json(&serde_json::json!({"deviceId": "dev-1", "status": "disabled"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
+    t.hub.disable_device("dev-1").await;
     wait_until("the disabled device is refused", || async {
         let mut client = Client::open(t.hub.mqtt_addr()).await;
         client
@@ -871,19 +862,11 @@ async fn disabling_or_deleting_a_connected_device_closes_its_connection() {
     let key2 = t.device("dev-2").await;
     let mut one = t.connect("dev-1", &key1).await;
     let mut two = t.connect("dev-2", &key2).await;
-    let owner = t.hub.owner().await;
-    let disabled = t
-        .hub
-        .request(Method::PUT, &device_path("dev-1"), &owner)
-        .header("If-Match", "*")
-        .json(&serde_json::json!({"deviceId": "dev-1", "status": "disabled"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(disabled.status(), 200);
+    t.hub.disable_device("dev-1").await;
     one.assert_closed().await;
     t.wait_for_connection_state("dev-1", "Disconnected").await;
     two.ping().await;
+    let owner = t.hub.owner().await;
     let deleted = t
         .hub
         .request(Method::DELETE, &device_path("dev-2"), &owner)

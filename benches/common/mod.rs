@@ -1,5 +1,6 @@
-//! The C2D cycle both C2D benchmarks drive: over the hub's HTTP API (enqueue → long-poll receive → complete), and
-//! the raw-SQL `SKIP LOCKED` baseline of the same cycle on the same database.
+//! What the benchmarks share: a database of their own for a run, and the C2D cycle they drive over the hub's HTTP
+//! API (enqueue → long-poll receive → complete) with the raw-SQL `SKIP LOCKED` baseline of the same cycle on the
+//! same database.
 #![allow(dead_code)]
 
 pub mod nats;
@@ -9,8 +10,50 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use sqlx::postgres::PgConnectOptions;
-use sqlx::PgPool;
+use sqlx::{ConnectOptions, Connection, PgPool};
 use tokio::sync::Semaphore;
+
+/// Runs `run` on a database created for it on `DATABASE_URL`'s server, or on a private cluster under the target
+/// folder; `settings` (e.g. `plan_cache_mode = force_generic_plan`) are set on the database first. The database is
+/// dropped, and a cluster started here stopped, when `run` returns.
+pub async fn with_scratch_database<F, Fut>(settings: &[&str], run: F) -> anyhow::Result<()>
+where
+    F: FnOnce(PgConnectOptions) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    let mut cluster = None;
+    let server = match std::env::var("DATABASE_URL") {
+        Ok(url) => url.parse::<PgConnectOptions>()?,
+        Err(_) => {
+            let root = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("bench-postgres");
+            let managed = iothub::postgres::ManagedCluster::start(&root).await?;
+            let options = managed.options("postgres");
+            cluster = Some(managed);
+            options
+        }
+    };
+    let name = format!("iothub_bench_{}", uuid::Uuid::new_v4().simple());
+    let mut admin = server.connect().await?;
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&mut admin)
+        .await?;
+    for setting in settings {
+        sqlx::query(&format!("ALTER DATABASE {name} SET {setting}"))
+            .execute(&mut admin)
+            .await?;
+    }
+    let result = run(server.clone().database(&name)).await;
+    sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        .execute(&mut admin)
+        .await?;
+    admin.close().await?;
+    if let Some(cluster) = cluster {
+        if cluster.started_here() {
+            cluster.stop().await?;
+        }
+    }
+    result
+}
 
 /// Latencies in microseconds (bounded: one sample per cycle of a bounded run).
 #[derive(Default)]
@@ -126,41 +169,13 @@ pub async fn http_cycle(
             }
         }));
     }
-    let ids: Arc<Vec<String>> = Arc::new(devices.iter().map(|(id, _)| id.clone()).collect());
-    for s in 0..senders {
-        let (http, base, service, ids, in_flight) = (
-            http.clone(),
-            base.to_string(),
-            service.to_string(),
-            ids.clone(),
-            in_flight.clone(),
-        );
-        tasks.push(tokio::spawn(async move {
-            let mut next = s;
-            while Instant::now() < deadline {
-                let Ok(Ok(permit)) =
-                    tokio::time::timeout(Duration::from_millis(200), in_flight.acquire()).await
-                else {
-                    continue;
-                };
-                permit.forget();
-                let id = &ids[next % ids.len()];
-                next += senders;
-                let sent = t0.elapsed().as_micros() as u64;
-                let response = http
-                    .post(format!(
-                        "{base}/devices/{id}/commands?api-version=2021-04-12"
-                    ))
-                    .header("Authorization", &service)
-                    .body(sent.to_string())
-                    .send()
-                    .await;
-                if !matches!(response, Ok(r) if r.status() == 201) {
-                    in_flight.add_permits(1);
-                }
-            }
-        }));
-    }
+    let ids = devices.iter().map(|(id, _)| id.clone()).collect();
+    let load = Load {
+        t0,
+        deadline,
+        in_flight,
+    };
+    tasks.extend(load.enqueue_over_rest(base, http, service, ids, senders));
     for task in tasks {
         task.await?;
     }
@@ -169,6 +184,66 @@ pub async fn http_cycle(
         elapsed: t0.elapsed(),
         latencies: Arc::try_unwrap(latencies).unwrap_or_default(),
     })
+}
+
+/// The pace of a C2D run: messages carry their send time (µs since `t0`) as their body, and at most
+/// `in_flight` permits' worth are on their way (the receiving side gives a permit back per message it ends).
+pub struct Load {
+    pub t0: Instant,
+    pub deadline: Instant,
+    pub in_flight: Arc<Semaphore>,
+}
+
+impl Load {
+    /// `senders` tasks enqueuing over REST until the deadline, round-robin over `ids`, each when a permit is free.
+    pub fn enqueue_over_rest(
+        &self,
+        base: &str,
+        http: &reqwest::Client,
+        service: &str,
+        ids: Vec<String>,
+        senders: usize,
+    ) -> Vec<tokio::task::JoinHandle<()>> {
+        let ids = Arc::new(ids);
+        (0..senders)
+            .map(|s| {
+                let (http, base, service, ids, in_flight) = (
+                    http.clone(),
+                    base.to_string(),
+                    service.to_string(),
+                    ids.clone(),
+                    self.in_flight.clone(),
+                );
+                let (t0, deadline) = (self.t0, self.deadline);
+                tokio::spawn(async move {
+                    let mut next = s;
+                    while Instant::now() < deadline {
+                        let Ok(Ok(permit)) =
+                            tokio::time::timeout(Duration::from_millis(200), in_flight.acquire())
+                                .await
+                        else {
+                            continue;
+                        };
+                        permit.forget();
+                        let id = &ids[next % ids.len()];
+                        next += senders;
+                        let sent = t0.elapsed().as_micros() as u64;
+                        let response = http
+                            .post(format!(
+                                "{base}/devices/{id}/commands?api-version=2021-04-12"
+                            ))
+                            .header("Authorization", &service)
+                            .body(sent.to_string())
+                            .send()
+                            .await;
+                        if !matches!(response, Ok(r) if r.status() == 201) {
+                            in_flight.add_permits(1);
+                        }
+                    }
+                })
+            })
+            .collect()
+    }
 }
 
 pub async fn sql_cycle(

@@ -323,6 +323,19 @@ impl TestHub {
         assert_eq!(response.status(), 200, "create {id}");
         response.json().await.unwrap()
     }
+
+    /// Disables the device through the registry (as an operator would).
+    pub async fn disable_device(&self, id: &str) {
+        let owner = self.owner().await;
+        let response = self
+            .request(Method::PUT, &device_path(id), &owner)
+            .header("If-Match", "*")
+            .json(&serde_json::json!({"deviceId": id, "status": "disabled"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200, "disable {id}");
+    }
 }
 
 impl Drop for TestHub {
