@@ -9,7 +9,6 @@ mod common;
 
 use std::time::Duration;
 
-use iothub::auth::{policies, sas};
 use iothub::{Config, Listeners};
 use sqlx::postgres::PgConnectOptions;
 
@@ -56,43 +55,9 @@ async fn run(
         let _ = stopped.await;
     })
     .await?;
-    let base = format!("http://{}", hub.http_addr);
 
-    let expiry = chrono::Utc::now().timestamp() + 3600;
-    let owner_key = policies::get(&pool, "iothubowner")
-        .await?
-        .expect("owner")
-        .primary_key;
-    let owner = sas::sign(HOST, &owner_key, Some("iothubowner"), expiry)?;
-    let service_key = policies::get(&pool, "service")
-        .await?
-        .expect("service")
-        .primary_key;
-    let service = sas::sign(HOST, &service_key, Some("service"), expiry)?;
-    let http = reqwest::Client::builder()
-        .pool_max_idle_per_host(1024)
-        .timeout(Duration::from_secs(30))
-        .build()?;
-    let mut tokens = Vec::new();
-    for d in 0..devices {
-        let id = format!("bench-{d}");
-        let device: serde_json::Value = http
-            .put(format!("{base}/devices/{id}?api-version=2021-04-12"))
-            .header("Authorization", &owner)
-            .json(&serde_json::json!({"deviceId": id}))
-            .send()
-            .await?
-            .json()
-            .await?;
-        let key = device["authentication"]["symmetricKey"]["primaryKey"]
-            .as_str()
-            .expect("a key")
-            .to_string();
-        tokens.push((
-            id.clone(),
-            sas::sign(&format!("{HOST}/devices/{id}"), &key, None, expiry)?,
-        ));
-    }
+    let api = common::Api::new(&pool, hub.http_addr, HOST).await?;
+    let tokens = api.register("bench", devices).await?;
 
     println!(
         "C2D cycle benchmark: {devices} devices (one long-polling receiver each), {senders} senders, \
@@ -100,7 +65,15 @@ async fn run(
         config.db_pool_size
     );
     let duration = Duration::from_secs(secs);
-    let http_figures = http_cycle(&base, &http, &service, &tokens, senders, duration).await?;
+    let http_figures = http_cycle(
+        &api.base,
+        &api.http,
+        &api.service,
+        &tokens,
+        senders,
+        duration,
+    )
+    .await?;
     http_figures.print("HTTP  enqueue → receive (long poll) → complete");
     let sql_figures = sql_cycle(&options, devices, senders, config.db_pool_size, duration).await?;
     sql_figures.print("SQL   insert → SKIP LOCKED claim → delete");

@@ -18,7 +18,6 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use iothub::auth::{policies, sas};
 use iothub::{Config, Listeners};
 use sqlx::postgres::PgConnectOptions;
 use sqlx::PgPool;
@@ -111,21 +110,9 @@ async fn run(
         .fetch_one(&db)
         .await?;
 
-    let expiry = chrono::Utc::now().timestamp() + 3600;
-    let key = |name: &'static str| {
-        let db = db.clone();
-        async move {
-            let key = policies::get(&db, name).await?.expect("policy").primary_key;
-            anyhow::Ok(sas::sign(HOST, &key, Some(name), expiry)?)
-        }
-    };
-    let (owner, service) = (key("iothubowner").await?, key("service").await?);
-    let http = reqwest::Client::builder()
-        .pool_max_idle_per_host(1024)
-        .timeout(Duration::from_secs(30))
-        .build()?;
-    let register_set =
-        |set: &'static str| register(&http, &base, &owner, set, settings.devices, expiry);
+    let api = common::Api::new(&db, hub.http_addr, HOST).await?;
+    let (http, service) = (api.http.clone(), api.service.clone());
+    let register_set = |set: &'static str| api.register(set, settings.devices);
     let fresh = register_set("fresh").await?;
     let seeded = register_set("ended").await?;
     let fresh_many = register_set("fresh-many").await?;
@@ -247,35 +234,6 @@ async fn run(
 }
 
 /// Registers `count` devices named after `set` through the registry API.
-async fn register(
-    http: &reqwest::Client,
-    base: &str,
-    owner: &str,
-    set: &str,
-    count: usize,
-    expiry: i64,
-) -> anyhow::Result<DeviceSet> {
-    let mut devices = Vec::new();
-    for d in 0..count {
-        let id = format!("{set}-{d}");
-        let device: serde_json::Value = http
-            .put(format!("{base}/devices/{id}?api-version=2021-04-12"))
-            .header("Authorization", owner)
-            .json(&serde_json::json!({"deviceId": id}))
-            .send()
-            .await?
-            .json()
-            .await?;
-        let key = device["authentication"]["symmetricKey"]["primaryKey"]
-            .as_str()
-            .expect("a key")
-            .to_string();
-        let token = sas::sign(&format!("{HOST}/devices/{id}"), &key, None, expiry)?;
-        devices.push((id, token));
-    }
-    Ok(devices)
-}
-
 /// Gives each device of `set` `ended` completed messages, as a long run of traffic would leave them (kept for status
 /// queries until the feedback TTL), with one statement, and refreshes the planner's statistics.
 async fn seed_ended(db: &PgPool, set: &DeviceSet, ended: i64) -> anyhow::Result<()> {

@@ -28,7 +28,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use iothub::auth::{policies, sas};
 use iothub::mqtt::codec::{self, Connect, ConnectReturnCode, Packet, Publish, QoS};
 use iothub::{Config, Listeners};
 use rumqttc::mqttbytes::v4::{PubAck, Subscribe, SubscribeFilter};
@@ -218,50 +217,13 @@ async fn setup(
     mqtt: SocketAddr,
     count: usize,
 ) -> anyhow::Result<Setup> {
-    let base = format!("http://{http_addr}");
-    let expiry = chrono::Utc::now().timestamp() + 3600;
-    let key_of = |policy: &'static str| async move {
-        anyhow::Ok(
-            policies::get(pool, policy)
-                .await?
-                .expect(policy)
-                .primary_key,
-        )
-    };
-    let owner = sas::sign(
-        HOST,
-        &key_of("iothubowner").await?,
-        Some("iothubowner"),
-        expiry,
-    )?;
-    let service = sas::sign(HOST, &key_of("service").await?, Some("service"), expiry)?;
-    let http = reqwest::Client::builder()
-        .pool_max_idle_per_host(1024)
-        .timeout(Duration::from_secs(30))
-        .build()?;
-    let mut devices = Vec::new();
-    for d in 0..count {
-        let id = format!("bench-{d}");
-        let device: serde_json::Value = http
-            .put(format!("{base}/devices/{id}?{API}"))
-            .header("Authorization", &owner)
-            .json(&serde_json::json!({ "deviceId": id }))
-            .send()
-            .await?
-            .json()
-            .await?;
-        let key = device["authentication"]["symmetricKey"]["primaryKey"]
-            .as_str()
-            .expect("a key")
-            .to_string();
-        let token = sas::sign(&format!("{HOST}/devices/{id}"), &key, None, expiry)?;
-        devices.push((id, token));
-    }
+    let api = common::Api::new(pool, http_addr, HOST).await?;
+    let devices = api.register("bench", count).await?;
     Ok(Setup {
-        base,
+        base: api.base,
         mqtt,
-        http,
-        service,
+        http: api.http,
+        service: api.service,
         devices,
     })
 }

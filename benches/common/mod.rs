@@ -13,6 +13,73 @@ use sqlx::postgres::PgConnectOptions;
 use sqlx::{ConnectOptions, Connection, PgPool};
 use tokio::sync::Semaphore;
 
+/// A hub's REST API as a benchmark drives it: an HTTP client with room for every device's connection, and tokens
+/// of the owner and service policies, valid for an hour.
+pub struct Api {
+    pub base: String,
+    pub http: reqwest::Client,
+    pub owner: String,
+    pub service: String,
+    host: String,
+    expiry: i64,
+}
+
+impl Api {
+    pub async fn new(
+        db: &PgPool,
+        http_addr: std::net::SocketAddr,
+        host: &str,
+    ) -> anyhow::Result<Api> {
+        let expiry = chrono::Utc::now().timestamp() + 3600;
+        let token = |name: &'static str| async move {
+            let key = iothub::auth::policies::get(db, name)
+                .await?
+                .expect("policy")
+                .primary_key;
+            anyhow::Ok(iothub::auth::sas::sign(host, &key, Some(name), expiry)?)
+        };
+        Ok(Api {
+            base: format!("http://{http_addr}"),
+            http: reqwest::Client::builder()
+                .pool_max_idle_per_host(1024)
+                .timeout(Duration::from_secs(30))
+                .build()?,
+            owner: token("iothubowner").await?,
+            service: token("service").await?,
+            host: host.to_string(),
+            expiry,
+        })
+    }
+
+    /// Registers `{prefix}-0` … through the registry API; each device's id and SAS token.
+    pub async fn register(
+        &self,
+        prefix: &str,
+        count: usize,
+    ) -> anyhow::Result<Vec<(String, String)>> {
+        let mut devices = Vec::with_capacity(count);
+        for d in 0..count {
+            let id = format!("{prefix}-{d}");
+            let device: serde_json::Value = self
+                .http
+                .put(format!("{}/devices/{id}?api-version=2021-04-12", self.base))
+                .header("Authorization", &self.owner)
+                .json(&serde_json::json!({ "deviceId": id }))
+                .send()
+                .await?
+                .json()
+                .await?;
+            let key = device["authentication"]["symmetricKey"]["primaryKey"]
+                .as_str()
+                .expect("a key");
+            let audience = format!("{}/devices/{id}", self.host);
+            let token = iothub::auth::sas::sign(&audience, key, None, self.expiry)?;
+            devices.push((id, token));
+        }
+        Ok(devices)
+    }
+}
+
 /// Runs `run` on a database created for it on `DATABASE_URL`'s server, or on a private cluster under the target
 /// folder; `settings` (e.g. `plan_cache_mode = force_generic_plan`) are set on the database first. The database is
 /// dropped, and a cluster started here stopped, when `run` returns.
