@@ -57,9 +57,9 @@ async fn lock_device(tx: &mut Transaction<'_, Postgres>, device_id: &DeviceId) -
     Ok(())
 }
 
-/// Enqueues `message` for `device_id` in one statement (one round trip): checks the queue depth and expiry against
-/// the database's clock under the device's row lock, assigns the next sequence number and wakes the device's long
-/// polls on commit.
+/// Enqueues `message` for `device_id` in one statement: checks the queue depth and expiry against the database's
+/// clock under the device's row lock and assigns the next sequence number; the wake-up of the device's waiters
+/// (long polls, an MQTT connection) commits with it.
 pub async fn enqueue(
     db: &PgPool,
     settings: &Settings,
