@@ -18,6 +18,11 @@ async fn no_key_or_token_in_the_log_at_trace_level() {
         .local_addr()
         .unwrap()
         .port();
+    let mqtt_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let data_dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
         .join(format!("logs-{}", uuid::Uuid::new_v4()));
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_iothub"))
@@ -29,6 +34,8 @@ async fn no_key_or_token_in_the_log_at_trace_level() {
         // side by side).
         .env("IOTHUB_DATA_DIR", &data_dir)
         .env("IOTHUB_MQTTS_LISTEN", "127.0.0.1:0")
+        // Plain MQTT, where a device's token arrives as the CONNECT password.
+        .env("IOTHUB_MQTT_LISTEN", format!("127.0.0.1:{mqtt_port}"))
         .env("RUST_LOG", "trace")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -82,6 +89,22 @@ async fn no_key_or_token_in_the_log_at_trace_level() {
         .send()
         .await
         .unwrap();
+    // Over MQTT: a token that connects, and one signed with a key the device does not have.
+    let forged_device = common::device_token("logged", &sas::generate_key());
+    let mqtt_addr: std::net::SocketAddr = format!("127.0.0.1:{mqtt_port}").parse().unwrap();
+    for (token, accepted) in [(&device_token, true), (&forged_device, false)] {
+        let mut client = mqtt::Client::open(mqtt_addr).await;
+        let ack = client
+            .handshake(mqtt::Client::connect_packet("logged", token))
+            .await;
+        assert_eq!(
+            ack.code == iothub::mqtt::codec::ConnectReturnCode::Success,
+            accepted,
+            "CONNECT answered {:?}",
+            ack.code
+        );
+        client.send(iothub::mqtt::codec::Packet::Disconnect).await;
+    }
 
     // SAFETY: kill(2) on our own child.
     unsafe { libc::kill(child.id().unwrap() as i32, libc::SIGTERM) };
@@ -95,7 +118,7 @@ async fn no_key_or_token_in_the_log_at_trace_level() {
         secrets.push(policy.primary_key);
         secrets.push(policy.secondary_key);
     }
-    for token in [&owner, &device_token, &forged] {
+    for token in [&owner, &device_token, &forged, &forged_device] {
         let sig = token
             .split("sig=")
             .nth(1)
