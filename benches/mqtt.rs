@@ -18,7 +18,9 @@
 //!
 //! Environment: `DATABASE_URL` (else a private cluster under the target folder), `MQTT_BENCH_SECS` (per phase,
 //! default 8), `MQTT_BENCH_DEVICES` (default 64), `MQTT_BENCH_WINDOW` (publishes in flight per device in the
-//! windowed phase, default 8), `MQTT_BENCH_SENDERS` (C2D enqueuers, default 32).
+//! windowed phase, default 8), `MQTT_BENCH_SENDERS` (C2D enqueuers, default 32), `MQTT_BENCH_SOAK_SECS` (default 0:
+//! none; 600 for the ten-minute soak): after the phases, the same workloads again in rounds of 30 s until that time
+//! has passed, printing the process's resident memory after each round — it must not grow with time.
 
 mod common;
 
@@ -170,9 +172,66 @@ async fn run(options: PgConnectOptions) -> anyhow::Result<()> {
         http_c2d.rate() / sql_c2d.rate(),
     );
 
+    let soak = Duration::from_secs(env_number("MQTT_BENCH_SOAK_SECS", 0));
+    if !soak.is_zero() {
+        soak_rounds(&setup, in_flight, senders, soak).await?;
+    }
+
     let _ = stop.send(());
     hub.wait().await?;
     pool.close().await;
+    Ok(())
+}
+
+/// The process's resident memory (hub and load generator together), in MiB.
+fn resident_mib() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(f64::NAN, |kb| kb / 1024.0)
+}
+
+/// Telemetry and the C2D cycle over MQTT and HTTP, round after round, for `duration`; resident memory after each.
+async fn soak_rounds(
+    setup: &Setup,
+    in_flight: usize,
+    senders: usize,
+    duration: Duration,
+) -> anyhow::Result<()> {
+    let round = Duration::from_secs(10);
+    let start = Instant::now();
+    let at_start = resident_mib();
+    println!(
+        "— soak: {} s; resident memory at its start {at_start:.1} MiB —",
+        duration.as_secs()
+    );
+    let (mut messages, mut highest) = (0u64, at_start);
+    while start.elapsed() < duration {
+        messages += mqtt_telemetry(setup, in_flight, round).await?.cycles;
+        messages += mqtt_c2d_cycle(setup, senders, round).await?.cycles;
+        let http = http_cycle(
+            &setup.base,
+            &setup.http,
+            &setup.service,
+            &setup.devices,
+            senders,
+            round,
+        );
+        messages += http.await?.cycles;
+        let now = resident_mib();
+        highest = highest.max(now);
+        println!(
+            "soak {:>4.0} s: {messages:>9} messages, resident {now:.1} MiB",
+            start.elapsed().as_secs_f64()
+        );
+    }
+    println!(
+        "soak: resident memory {at_start:.1} MiB at the start, {:.1} MiB at the end, {highest:.1} MiB at most, \
+         after {messages} messages",
+        resident_mib()
+    );
     Ok(())
 }
 
