@@ -162,6 +162,7 @@ pub async fn launch(
         db: db.clone(),
     }));
     tasks.spawn(forget_idle_buckets(state.clone(), stop.clone()));
+    tasks.spawn(http::metrics::upkeep(stop.clone()));
     tasks.spawn(sweep(db, config.clone(), stop.clone()));
     let mut serving = JoinSet::new();
     let Listeners {

@@ -43,6 +43,22 @@ pub async fn track(request: Request, next: Next) -> Response {
     response
 }
 
+/// How often recorded latencies are folded into their histogram buckets when nobody scrapes.
+pub const UPKEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Folds recorded latencies into their buckets every [`UPKEEP_EVERY`] until `stop`. The recorder keeps every
+/// sample until it is rendered or kept up, so without this a hub that no one scrapes would grow by every request
+/// it answers.
+pub async fn upkeep(mut stop: tokio::sync::watch::Receiver<bool>) -> anyhow::Result<()> {
+    let mut tick = tokio::time::interval(UPKEEP_EVERY);
+    loop {
+        tokio::select! {
+            _ = stop.wait_for(|s| *s) => return Ok(()),
+            _ = tick.tick() => handle().run_upkeep(),
+        }
+    }
+}
+
 /// Renders the metrics, with the pool's current figures.
 pub fn render(pool: &sqlx::PgPool) -> String {
     metrics::gauge!("iothub_db_pool_connections").set(pool.size() as f64);
