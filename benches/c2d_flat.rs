@@ -22,11 +22,10 @@ use iothub::{Config, Listeners};
 use sqlx::postgres::PgConnectOptions;
 use sqlx::PgPool;
 
+use common::cpu::{hub_cpu, proc_stat, server_cpu, HUB_THREAD};
 use common::{http_cycle, sql_cycle, Figures};
 
 const HOST: &str = "bench.local";
-/// The hub's runtime threads carry this name, so their CPU time can be told from the load generator's.
-const HUB_THREAD: &str = "hub";
 
 fn env_number(name: &str, default: u64) -> u64 {
     std::env::var(name)
@@ -399,71 +398,4 @@ impl Meter {
         }
         Ok(())
     }
-}
-
-/// Fields of `/proc/<pid>/stat` (or of a thread's) that the meter needs.
-struct ProcStat {
-    comm: String,
-    ppid: u32,
-    /// utime + stime
-    cpu: u64,
-    /// cutime + cstime: children that exited and were waited for
-    children_cpu: u64,
-}
-
-fn parse_stat(text: &str) -> Option<ProcStat> {
-    let open = text.find('(')?;
-    let close = text.rfind(')')?;
-    let fields: Vec<&str> = text[close + 1..].split_whitespace().collect();
-    let number = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok());
-    Some(ProcStat {
-        comm: text[open + 1..close].to_string(),
-        ppid: number(1)? as u32,
-        cpu: number(11)? + number(12)?,
-        children_cpu: number(13)? + number(14)?,
-    })
-}
-
-fn proc_stat(pid: u32) -> Option<ProcStat> {
-    parse_stat(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
-}
-
-fn ticks(n: u64) -> Duration {
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    Duration::from_secs_f64(n as f64 / hz)
-}
-
-/// CPU time of this process's threads that belong to the hub's runtime.
-fn hub_cpu() -> Duration {
-    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
-        return Duration::ZERO;
-    };
-    let total = tasks
-        .flatten()
-        .filter_map(|t| parse_stat(&std::fs::read_to_string(t.path().join("stat")).ok()?))
-        .filter(|s| s.comm.starts_with(HUB_THREAD))
-        .map(|s| s.cpu)
-        .sum();
-    ticks(total)
-}
-
-/// CPU time of the PostgreSQL server: the postmaster, its live children, and its children that exited.
-fn server_cpu(postmaster: u32) -> Duration {
-    let own = proc_stat(postmaster).map_or(0, |s| s.cpu + s.children_cpu);
-    let children: u64 = std::fs::read_dir("/proc")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter(|e| {
-            e.file_name()
-                .to_string_lossy()
-                .bytes()
-                .all(|b| b.is_ascii_digit())
-        })
-        .filter_map(|e| parse_stat(&std::fs::read_to_string(e.path().join("stat")).ok()?))
-        .filter(|s| s.ppid == postmaster)
-        .map(|s| s.cpu)
-        .sum();
-    ticks(own + children)
 }

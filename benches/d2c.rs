@@ -7,11 +7,18 @@
 //! 2. batched sends (`application/vnd.microsoft.iothub.json`), messages/s;
 //! 3. send → readable latency (p50/p99) during the single-message run, seen by long-polling readers;
 //! 4. the HTTP + authentication ceiling: the same sends refused (a malformed batch) before anything is written;
-//! 5. baselines straight into one table: one INSERT per message (autocommit), and multi-row INSERTs.
+//! 5. baselines straight into one table: one INSERT per message (autocommit), and multi-row INSERTs;
+//! 6. reads of the same stored JSON events with `body=all` (every form of each body), `body=base64` and
+//!    `body=decoded`, side by side (in the order A B C C B A): events/s, hub CPU and answer bytes per event.
 //!
 //! Environment: `D2C_BENCH_SECS` (per phase, default 5), `D2C_BENCH_DEVICES` (concurrent devices, default 64),
 //! `D2C_BENCH_BATCH` (messages per batch, default 50), `D2C_BENCH_DB_CONNECTIONS` (baseline connections, default
-//! 16, the hub's pool size).
+//! 16, the hub's pool size), `D2C_BENCH_READ_EVENTS` (events stored for the read phases, default 20000),
+//! `D2C_BENCH_READ_SECS` (per read phase, default 3).
+//!
+//! Hub CPU is the CPU time of the threads of the runtime the hub runs on (named `hub`), not of the load generator.
+
+mod common;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -21,6 +28,8 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine;
 use serde_json::{json, Value};
 use sqlx::PgPool;
+
+use common::cpu::{hub_cpu, HUB_THREAD};
 
 const HOST: &str = "bench.example.net";
 const API: &str = "api-version=2021-04-12";
@@ -216,6 +225,171 @@ fn spawn_readers(
         .collect()
 }
 
+/// Every partition's next sequence number, from the event endpoint.
+async fn next_positions(
+    http: &reqwest::Client,
+    base: &str,
+    token: &str,
+) -> anyhow::Result<Vec<(u32, i64)>> {
+    let info: Value = http
+        .get(format!("{base}/messages/events?{API}"))
+        .header("Authorization", token)
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+    Ok(info["partitions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|p| {
+            let id = p["partitionId"].as_str().unwrap().parse().unwrap();
+            (id, p["lastSequenceNumber"].as_i64().map_or(0, |s| s + 1))
+        })
+        .collect())
+}
+
+/// Stores about `count` JSON events (`iothub-contenttype: application/json`) from every device in batches of 100;
+/// returns each partition's range of them, `(partition, first, end)`.
+async fn store_json_events(
+    http: &reqwest::Client,
+    base: &str,
+    devices: &Devices,
+    service: &str,
+    count: usize,
+) -> anyhow::Result<Vec<(u32, i64, i64)>> {
+    const PER_BATCH: usize = 100;
+    let before = next_positions(http, base, service).await?;
+    let batches_per_device = count.div_ceil(PER_BATCH * devices.ids.len());
+    let mut tasks = Vec::new();
+    for (id, token) in &devices.ids {
+        let request = http
+            .post(format!("{base}/devices/{id}/messages/events?{API}"))
+            .header("Authorization", token)
+            .header("Content-Type", "application/vnd.microsoft.iothub.json");
+        tasks.push(tokio::spawn(async move {
+            for b in 0..batches_per_device {
+                let items: Vec<Value> = (0..PER_BATCH)
+                    .map(|k| {
+                        json!({"body": payload((b * PER_BATCH + k) as u64), "base64Encoded": false,
+                        "properties": {"iothub-contenttype": "application/json"}})
+                    })
+                    .collect();
+                let response = request
+                    .try_clone()
+                    .unwrap()
+                    .body(serde_json::to_string(&items).unwrap())
+                    .send()
+                    .await?;
+                anyhow::ensure!(
+                    response.status() == 204,
+                    "storing events: {}",
+                    response.status()
+                );
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    let after = next_positions(http, base, service).await?;
+    Ok(before
+        .into_iter()
+        .zip(after)
+        .map(|((p, start), (_, end))| (p, start, end))
+        .filter(|(_, start, end)| end > start)
+        .collect())
+}
+
+/// What one read phase measured.
+#[derive(Clone, Copy)]
+struct ReadFigures {
+    rate: f64,
+    hub_us: f64,
+    bytes: f64,
+}
+
+impl ReadFigures {
+    fn mean<'a>(runs: impl Iterator<Item = &'a ReadFigures>) -> ReadFigures {
+        let runs: Vec<&ReadFigures> = runs.collect();
+        let n = runs.len().max(1) as f64;
+        ReadFigures {
+            rate: runs.iter().map(|r| r.rate).sum::<f64>() / n,
+            hub_us: runs.iter().map(|r| r.hub_us).sum::<f64>() / n,
+            bytes: runs.iter().map(|r| r.bytes).sum::<f64>() / n,
+        }
+    }
+}
+
+/// Reads the stored `ranges` over and over for `secs` with `body=format`, one reader per partition, in pages of up
+/// to 1000. Each answer is checked for its status and its `nextSequenceNumber`, not parsed, so the load generator's
+/// CPU goes to the hub.
+async fn read_phase(
+    http: &reqwest::Client,
+    base: &str,
+    token: &str,
+    ranges: &[(u32, i64, i64)],
+    format: &str,
+    secs: f64,
+) -> anyhow::Result<ReadFigures> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let events = Arc::new(AtomicU64::new(0));
+    let bytes = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for &(p, start, end) in ranges {
+        let (http, token) = (http.clone(), token.to_string());
+        let (stop, events, bytes) = (stop.clone(), events.clone(), bytes.clone());
+        let url = format!("{base}/messages/events/partitions/{p}?{API}&body={format}");
+        tasks.push(tokio::spawn(async move {
+            let mut from = start;
+            while !stop.load(Ordering::Relaxed) {
+                let n = (end - from).min(1000);
+                let answer = http
+                    .get(format!("{url}&from-sequence-number={from}&max-count={n}"))
+                    .header("Authorization", &token)
+                    .send()
+                    .await?
+                    .error_for_status()?
+                    .bytes()
+                    .await?;
+                // The page's last field: where the next read continues.
+                let next = format!("\"nextSequenceNumber\":{}}}", from + n);
+                anyhow::ensure!(
+                    answer.ends_with(next.as_bytes()),
+                    "partition {p}: a page from {from} did not hold {n} events"
+                );
+                events.fetch_add(n as u64, Ordering::Relaxed);
+                bytes.fetch_add(answer.len() as u64, Ordering::Relaxed);
+                from = if from + n >= end { start } else { from + n };
+            }
+            anyhow::Ok(())
+        }));
+    }
+    let cpu_before = hub_cpu();
+    let started = Instant::now();
+    tokio::time::sleep(Duration::from_secs_f64(secs)).await;
+    let (read, sent) = (
+        events.load(Ordering::Relaxed),
+        bytes.load(Ordering::Relaxed),
+    );
+    let (elapsed, cpu) = (
+        started.elapsed().as_secs_f64(),
+        hub_cpu().saturating_sub(cpu_before),
+    );
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        t.await??;
+    }
+    let n = read.max(1) as f64;
+    Ok(ReadFigures {
+        rate: read as f64 / elapsed,
+        hub_us: cpu.as_secs_f64() * 1e6 / n,
+        bytes: sent as f64 / n,
+    })
+}
+
 /// One autocommit INSERT per message from `connections` connections; rows per second.
 async fn baseline_single(pool: &PgPool, secs: u64, connections: usize) -> anyhow::Result<f64> {
     let stop = Arc::new(AtomicBool::new(false));
@@ -291,32 +465,50 @@ async fn baseline_multi(
     Ok(n as f64 / elapsed)
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
+    let hub_runtime = tokio::runtime::Builder::new_multi_thread()
+        .thread_name(HUB_THREAD)
+        .enable_all()
+        .build()?;
+    let load = tokio::runtime::Builder::new_multi_thread()
+        .thread_name("load")
+        .enable_all()
+        .build()?;
+    load.block_on(run(hub_runtime.handle().clone()))
+}
+
+async fn run(hub_runtime: tokio::runtime::Handle) -> anyhow::Result<()> {
     let secs: u64 = env_or("D2C_BENCH_SECS", 5);
     let device_count: usize = env_or("D2C_BENCH_DEVICES", 64);
     let batch: usize = env_or("D2C_BENCH_BATCH", 50);
     let connections: usize = env_or("D2C_BENCH_DB_CONNECTIONS", 16);
+    let read_events: usize = env_or("D2C_BENCH_READ_EVENTS", 20_000);
+    let read_secs: f64 = env_or("D2C_BENCH_READ_SECS", 3.0);
 
     let (pool, cluster) = database().await?;
     let mut config = iothub::Config::with_database("postgres://unused");
     config.hostname = HOST.to_string();
     config.listen = "127.0.0.1:0".parse()?;
-    let listeners = iothub::Listeners {
-        http: tokio::net::TcpListener::bind(config.listen).await?,
-        tls: None,
-        metrics: None,
-        mqtts: None,
-        mqtt: None,
-    };
-    let hub_pool =
-        iothub::postgres::connect(pool.connect_options().as_ref().clone(), config.db_pool_size)
-            .await?;
     let (stop_hub, stopped) = tokio::sync::oneshot::channel::<()>();
-    let running = iothub::launch(config, hub_pool.clone(), listeners, async move {
-        let _ = stopped.await;
-    })
-    .await?;
+    // The hub, its pool and every task it starts live on the hub's runtime.
+    let hub_options = pool.connect_options().as_ref().clone();
+    let (running, hub_pool) = hub_runtime
+        .spawn(async move {
+            let listeners = iothub::Listeners {
+                http: tokio::net::TcpListener::bind(config.listen).await?,
+                tls: None,
+                metrics: None,
+                mqtts: None,
+                mqtt: None,
+            };
+            let hub_pool = iothub::postgres::connect(hub_options, config.db_pool_size).await?;
+            let running = iothub::launch(config, hub_pool.clone(), listeners, async move {
+                let _ = stopped.await;
+            })
+            .await?;
+            anyhow::Ok((running, hub_pool))
+        })
+        .await??;
     let base = format!("http://{}", running.http_addr);
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(device_count * 2)
@@ -374,6 +566,21 @@ async fn main() -> anyhow::Result<()> {
     // The same requests refused after authentication, before any write: what HTTP + SAS + the device lookup cost.
     let ceiling = http_phase(&http, &base, &devices, secs, 0, epoch).await;
 
+    let ranges = store_json_events(&http, &base, &devices, &service, read_events).await?;
+    let stored: i64 = ranges.iter().map(|(_, start, end)| end - start).sum();
+    // A B C C B A: a drift of the shared machine's load weighs on every format alike.
+    let formats = ["all", "base64", "decoded"];
+    let mut reads = Vec::new();
+    for format in formats.iter().chain(formats.iter().rev()) {
+        reads.push((
+            *format,
+            read_phase(&http, &base, &service, &ranges, format, read_secs).await?,
+        ));
+    }
+    let read = |format: &str| {
+        ReadFigures::mean(reads.iter().filter(|(f, _)| *f == format).map(|(_, r)| r))
+    };
+
     sqlx::query("CREATE TABLE IF NOT EXISTS bench_raw (id bigserial PRIMARY KEY, device_id text NOT NULL, properties jsonb NOT NULL, body bytea NOT NULL, at timestamptz NOT NULL DEFAULT now())")
         .execute(&pool)
         .await?;
@@ -420,6 +627,21 @@ async fn main() -> anyhow::Result<()> {
             percentile(&lat, 0.99)
         )
     );
+    println!(
+        "reads of {stored} stored JSON events ({} B bodies), pages of up to 1000, one reader per partition, \
+         {read_secs} s per phase, A B C C B A:",
+        payload(0).len()
+    );
+    for format in formats {
+        let r = read(format);
+        println!(
+            "  {:<50} {:>12} {:>14} {:>14}",
+            format!("body={format}"),
+            format!("{:.0} events/s", r.rate),
+            format!("hub {:.1} µs/event", r.hub_us),
+            format!("{:.0} B/event", r.bytes),
+        );
+    }
     println!();
     println!("ratios (target):");
     println!(
@@ -434,9 +656,20 @@ async fn main() -> anyhow::Result<()> {
         "  p99 send -> readable                  = {:.1} ms (< 50 ms)",
         percentile(&lat, 0.99)
     );
+    let (all, base64, decoded) = (read("all"), read("base64"), read("decoded"));
+    println!(
+        "  reads body=base64 / body=all          = {:.2} events/s, {:.2} hub CPU per event",
+        base64.rate / all.rate,
+        base64.hub_us / all.hub_us
+    );
+    println!(
+        "  reads body=decoded / body=all         = {:.2} events/s, {:.2} hub CPU per event",
+        decoded.rate / all.rate,
+        decoded.hub_us / all.hub_us
+    );
 
     let _ = stop_hub.send(());
-    running.wait().await?;
+    hub_runtime.spawn(running.wait()).await??;
     hub_pool.close().await;
     pool.close().await;
     if let Some(cluster) = cluster {

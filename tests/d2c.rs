@@ -514,6 +514,97 @@ async fn read_api_positions_limits_and_errors() {
     assert_error(response, 401, "IotHubUnauthorizedAccess").await;
 }
 
+/// The body fields an event carries, with their values.
+fn body_fields(event: &Value) -> Value {
+    let mut fields = serde_json::Map::new();
+    for name in ["body", "bodyJson", "bodyText"] {
+        if let Some(value) = event.get(name) {
+            fields.insert(name.to_string(), value.clone());
+        }
+    }
+    Value::Object(fields)
+}
+
+#[tokio::test]
+async fn reads_carry_the_body_in_the_forms_asked_for() {
+    let hub = TestHub::start().await;
+    let dev = device(&hub, "forms").await;
+    let json_body = r#"{"t":21.5}"#;
+    let binary = [0u8, 255, 1];
+    let batch = json!([
+        {"body": json_body, "base64Encoded": false, "properties": {"iothub-contenttype": "application/json"}},
+        {"body": "hello", "base64Encoded": false, "properties": {"iothub-contenttype": "text/plain; charset=utf-8"}},
+        {"body": BASE64.encode(binary), "properties": {"iothub-contenttype": "application/octet-stream"}},
+    ]);
+    assert_eq!(send_batch(&hub, &dev, &batch).await.status(), 204);
+    let (b64_json, b64_text, b64_binary) = (
+        BASE64.encode(json_body),
+        BASE64.encode("hello"),
+        BASE64.encode(binary),
+    );
+    let all = [
+        json!({"body": b64_json, "bodyJson": {"t": 21.5}, "bodyText": json_body}),
+        json!({"body": b64_text, "bodyText": "hello"}),
+        json!({"body": b64_binary}),
+    ];
+    let expected = [
+        // Without the parameter: every form that applies, as before it existed.
+        ("", all.clone()),
+        ("&body=all", all.clone()),
+        (
+            "&body=base64",
+            [
+                json!({"body": b64_json}),
+                json!({"body": b64_text}),
+                json!({"body": b64_binary}),
+            ],
+        ),
+        // Every body in exactly one form.
+        (
+            "&body=decoded",
+            [
+                json!({"bodyJson": {"t": 21.5}}),
+                json!({"bodyText": "hello"}),
+                json!({"body": b64_binary}),
+            ],
+        ),
+    ];
+    let p = iothub::d2c::partition_for("forms", 4);
+    let token = hub.policy_token("service").await;
+    for read in [
+        format!("/messages/events/partitions/{p}?from=start"),
+        format!("/messages/events/consumerGroups/$Default/partitions/{p}?max-count=10"),
+    ] {
+        for (query, forms) in &expected {
+            let page = get_json(&hub, &format!("{read}{query}")).await;
+            let events = page["events"].as_array().unwrap();
+            let got: Vec<Value> = events.iter().map(body_fields).collect();
+            assert_eq!(got, forms.to_vec(), "{read}{query}");
+            // Everything but the body is the same whatever the format.
+            for event in events {
+                assert_eq!(event["deviceId"], "forms");
+                assert!(event["systemProperties"]["iothub-contenttype"].is_string());
+            }
+        }
+        for bad in ["&body=json", "&body=", "&body=base64,all"] {
+            let response = hub
+                .request(Method::GET, &format!("{read}{bad}"), &token)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), 400, "{read}{bad}");
+            assert_eq!(response.headers()["iothub-errorcode"], "ArgumentInvalid");
+            let body: Value = response.json().await.unwrap();
+            let text = body["Message"].as_str().unwrap();
+            assert!(
+                text.starts_with("ErrorCode:ArgumentInvalid;") && text.contains("body must be"),
+                "{text}"
+            );
+            assert!(body["ExceptionMessage"].is_string());
+        }
+    }
+}
+
 #[tokio::test]
 async fn long_poll_wakes_when_an_event_commits() {
     let hub = TestHub::start().await;

@@ -238,17 +238,18 @@ struct Sse {
     data: Value,
 }
 
-/// Opens the stream and reads `count` events, then drops the connection.
+/// Opens the stream (with `query`, e.g. `?body=decoded`) and reads `count` events, then drops the connection.
 async fn read_sse(
     hub: &TestHub,
     group: &str,
+    query: &str,
     last_event_id: Option<&str>,
     count: usize,
 ) -> Vec<Sse> {
     let token = hub.policy_token("service").await;
     let mut request = hub.request(
         Method::GET,
-        &format!("/messages/events/consumerGroups/{group}/stream"),
+        &format!("/messages/events/consumerGroups/{group}/stream{query}"),
         &token,
     );
     if let Some(id) = last_event_id {
@@ -328,7 +329,7 @@ async fn sse_stream_resumes_with_last_event_id_and_starts_after_checkpoints() {
         send(n).await;
     }
 
-    let first = read_sse(&hub, "$Default", None, 3).await;
+    let first = read_sse(&hub, "$Default", "", None, 3).await;
     for e in &first {
         // The id starts with the event's own partition and sequence number, then every other partition.
         let own = format!(
@@ -342,7 +343,7 @@ async fn sse_stream_resumes_with_last_event_id_and_starts_after_checkpoints() {
     for n in 6..10 {
         send(n).await;
     }
-    let rest = read_sse(&hub, "$Default", Some(&first.last().unwrap().id), 7).await;
+    let rest = read_sse(&hub, "$Default", "", Some(&first.last().unwrap().id), 7).await;
     let mut all: Vec<(String, String)> = first.iter().chain(&rest).map(key).collect();
     let unique: HashSet<_> = all.iter().cloned().collect();
     assert_eq!(
@@ -400,7 +401,7 @@ async fn sse_stream_resumes_with_last_event_id_and_starts_after_checkpoints() {
         }
     }
     send(10).await;
-    let after = read_sse(&hub, "$Default", None, 1).await;
+    let after = read_sse(&hub, "$Default", "", None, 1).await;
     assert_eq!(key(&after[0]), ("sse-1".to_string(), "m10".to_string()));
 
     // Bad Last-Event-ID and unknown group.
@@ -425,4 +426,64 @@ async fn sse_stream_resumes_with_last_event_id_and_starts_after_checkpoints() {
         .await
         .unwrap();
     assert_error(response, 404, "NotFound").await;
+}
+
+#[tokio::test]
+async fn sse_stream_carries_the_body_forms_its_url_asks_for_across_resumes() {
+    let hub = TestHub::start().await;
+    let device = hub.create_device("forms").await;
+    let token = device_token("forms", &primary_key(&device));
+    let batch = json!([
+        {"body": r#"{"n":0}"#, "base64Encoded": false, "properties": {"iothub-contenttype": "application/json"}},
+        {"body": "one", "base64Encoded": false, "properties": {"iothub-contenttype": "text/plain"}},
+        {"body": BASE64.encode([2u8, 255]), "properties": {"iothub-contenttype": "application/octet-stream"}},
+        {"body": r#"{"n":3}"#, "base64Encoded": false, "properties": {"iothub-contenttype": "application/json"}},
+    ]);
+    let response = hub
+        .request(Method::POST, "/devices/forms/messages/events", &token)
+        .header("Content-Type", "application/vnd.microsoft.iothub.json")
+        .body(batch.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 204);
+    let fields = |e: &Sse| -> Vec<&str> {
+        ["body", "bodyJson", "bodyText"]
+            .into_iter()
+            .filter(|f| e.data.get(*f).is_some())
+            .collect()
+    };
+
+    let decoded = read_sse(&hub, "$Default", "?body=decoded", None, 3).await;
+    assert_eq!(decoded[0].data["bodyJson"], json!({"n": 0}));
+    let forms: Vec<Vec<&str>> = decoded.iter().map(fields).collect();
+    assert_eq!(forms, [vec!["bodyJson"], vec!["bodyText"], vec!["body"]]);
+    assert_eq!(decoded[1].data["bodyText"], "one");
+    assert_eq!(decoded[2].data["body"], BASE64.encode([2u8, 255]));
+
+    // The id carries positions only: a resume may name another format and continues at the same place.
+    let last = decoded.last().unwrap().id.clone();
+    let resumed = read_sse(&hub, "$Default", "?body=base64", Some(&last), 1).await;
+    assert_eq!(resumed[0].data["sequenceNumber"], 3);
+    assert_eq!(fields(&resumed[0]), ["body"]);
+    assert_eq!(resumed[0].data["body"], BASE64.encode(r#"{"n":3}"#));
+    // The default is every form, as before the parameter existed.
+    let resumed = read_sse(&hub, "$Default", "", Some(&last), 1).await;
+    assert_eq!(fields(&resumed[0]), ["body", "bodyJson", "bodyText"]);
+    let resumed = read_sse(&hub, "$Default", "?body=ALL", Some(&last), 1).await;
+    assert_eq!(fields(&resumed[0]), ["body", "bodyJson", "bodyText"]);
+    assert_eq!(resumed[0].data["bodyText"], r#"{"n":3}"#);
+
+    // A bad value is refused before the stream starts.
+    let service = hub.policy_token("service").await;
+    let response = hub
+        .request(
+            Method::GET,
+            "/messages/events/consumerGroups/$Default/stream?body=text",
+            &service,
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_error(response, 400, "ArgumentInvalid").await;
 }

@@ -3,6 +3,7 @@
 //! same database.
 #![allow(dead_code)]
 
+pub mod cpu;
 pub mod nats;
 
 use std::sync::atomic::{AtomicU64, Ordering};

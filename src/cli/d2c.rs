@@ -98,7 +98,8 @@ pub async fn send(base: &str, credentials: ConnectionString, args: SendArgs) -> 
     Ok(())
 }
 
-/// The way `az iot hub monitor-events` prints an event.
+/// The way `az iot hub monitor-events` prints an event: the body parsed, else as text, else in base64 (the one form
+/// a `body=decoded` read gives).
 pub fn render(event: &Value, with_properties: bool) -> Value {
     let payload = event
         .get("bodyJson")
@@ -186,8 +187,9 @@ pub async fn monitor(
     let path = format!("/messages/events/consumerGroups/{group}/stream");
     // Reconnects with the last id seen when the connection drops (e.g. the hub restarts).
     loop {
+        // Each body in the one form `render` prints, so the hub encodes nothing else.
         let mut request = http
-            .get(url(base, &path))
+            .get(format!("{}&body=decoded", url(base, &path)))
             .header("Authorization", credentials.token(3600)?);
         if let Some(id) = &last_event_id {
             request = request.header("Last-Event-ID", id.as_str());

@@ -1,6 +1,7 @@
 //! D2C over HTTP: the device's send (IoT Hub's wire format, one message or a batch) and the service's read API
 //! (an extension): partitions, consumer groups with checkpoints, and the live stream ([`stream`]).
 
+mod body;
 mod stream;
 
 use std::collections::BTreeMap;
@@ -31,6 +32,8 @@ use crate::http::poll::{long_poll, Look};
 use crate::http::wire::format_time;
 use crate::http::{ApiVersion, AppState};
 use crate::notify::channel;
+use body::ContentKind;
+pub use body::{BodyFormat, BodyQuery};
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
@@ -206,39 +209,29 @@ pub struct Event {
     pub content_type: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub content_encoding: Option<String>,
-    /// The body, base64.
-    pub body: String,
-    /// The body parsed, when the content type is JSON and it parses.
+    /// The body, base64: with `body=all` and `body=base64` always, with `body=decoded` only when the body is
+    /// neither JSON nor text.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub body: Option<String>,
+    /// The body parsed, when the content type is JSON and it parses (`body=all` or `body=decoded`).
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<Object>)]
     pub body_json: Option<serde_json::Value>,
-    /// The body as text, when the content type is text (or JSON) and it is UTF-8.
+    /// The body as text, when the content type is text (or JSON) and it is UTF-8: with `body=all`; with
+    /// `body=decoded` only when there is no `bodyJson`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub body_text: Option<String>,
 }
 
-impl From<StoredEvent> for Event {
-    fn from(e: StoredEvent) -> Event {
+impl Event {
+    /// A stored event as readers get it, its body in the forms `format` asks for.
+    pub fn new(e: StoredEvent, format: BodyFormat) -> Event {
         let enqueued = crate::http::wire::format_time(e.enqueued_at);
         let mut system = e.system_properties;
         system.insert(ENQUEUED_TIME.into(), enqueued.clone());
         let content_type = system.get("iothub-contenttype").cloned();
         let content_encoding = system.get("iothub-contentencoding").cloned();
-        let media = content_type
-            .as_deref()
-            .and_then(|c| c.split(';').next())
-            .map(|c| c.trim().to_ascii_lowercase())
-            .unwrap_or_default();
-        let is_json = media == "application/json" || media.ends_with("+json");
-        let is_text = media.starts_with("text/") || is_json;
-        let text = is_text
-            .then(|| String::from_utf8(e.body.clone()).ok())
-            .flatten();
-        let body_json = if is_json {
-            serde_json::from_slice(&e.body).ok()
-        } else {
-            None
-        };
+        let body = format.encode(ContentKind::of(content_type.as_deref()), e.body);
         Event {
             partition_id: e.partition_id.to_string(),
             sequence_number: e.seq,
@@ -249,9 +242,9 @@ impl From<StoredEvent> for Event {
             properties: e.properties,
             content_type,
             content_encoding,
-            body: BASE64.encode(&e.body),
-            body_json,
-            body_text: text,
+            body: body.base64,
+            body_json: body.json,
+            body_text: body.text,
         }
     }
 }
@@ -428,6 +421,7 @@ async fn read_page(
     from: i64,
     max: PageSize,
     wait: LongPoll,
+    format: BodyFormat,
 ) -> ApiResult<EventPage> {
     let key = partition.to_string();
     let db = &state.db;
@@ -446,7 +440,7 @@ async fn read_page(
     let next = found.last().map_or(from, |e| e.seq + 1);
     Ok(EventPage {
         partition_id: key,
-        events: found.into_iter().map(Event::from).collect(),
+        events: found.into_iter().map(|e| Event::new(e, format)).collect(),
         next_sequence_number: next,
     })
 }
@@ -460,7 +454,7 @@ pub struct PartitionPath {
 
 /// Read events of one partition from a position (default: the oldest retained event).
 #[utoipa::path(get, path = "/messages/events/partitions/{p}", tag = "telemetry",
-    params(PartitionPath, ReadQuery, ApiVersion),
+    params(PartitionPath, ReadQuery, BodyQuery, ApiVersion),
     responses(
         (status = 200, description = "Events in sequence order and where to continue", body = EventPage),
         (status = 400, description = "Bad query value or partition id (400004)", body = ErrorBody),
@@ -472,12 +466,14 @@ async fn read_partition(
     State(state): State<AppState>,
     Path(PartitionPath { p }): Path<PartitionPath>,
     Query(query): Query<ReadQuery>,
+    Query(body): Query<BodyQuery>,
 ) -> ApiResult<Json<EventPage>> {
     let partition = partition(&state, &p)?;
     let options = query.parse(&state)?;
+    let format = body.parse()?;
     let from = resolve(&state, partition, options.from.unwrap_or(Position::Start)).await?;
     Ok(Json(
-        read_page(&state, partition, from, options.max, options.wait).await?,
+        read_page(&state, partition, from, options.max, options.wait, format).await?,
     ))
 }
 
@@ -650,7 +646,7 @@ async fn put_checkpoint(
 /// Read a partition through a group: from just after the group's checkpoint (or the oldest retained event when it
 /// has none), unless a `from…` option says otherwise. Reading does not move the checkpoint.
 #[utoipa::path(get, path = "/messages/events/consumerGroups/{cg}/partitions/{p}", tag = "telemetry",
-    params(GroupPartitionPath, ReadQuery, ApiVersion),
+    params(GroupPartitionPath, ReadQuery, BodyQuery, ApiVersion),
     responses(
         (status = 200, description = "Events in sequence order and where to continue", body = EventPage),
         (status = 400, description = "Bad query value, group name or partition id (400004)", body = ErrorBody),
@@ -662,10 +658,12 @@ async fn read_group_partition(
     State(state): State<AppState>,
     Path(GroupPartitionPath { cg, p }): Path<GroupPartitionPath>,
     Query(query): Query<ReadQuery>,
+    Query(body): Query<BodyQuery>,
 ) -> ApiResult<Json<EventPage>> {
     let name: ConsumerGroupName = cg.parse()?;
     let partition = partition(&state, &p)?;
     let options = query.parse(&state)?;
+    let format = body.parse()?;
     consumer_groups::get(&state.db, &name).await?;
     let from = match options.from {
         Some(from) => resolve(&state, partition, from).await?,
@@ -675,7 +673,7 @@ async fn read_group_partition(
             .map_or(0, |s| s + 1),
     };
     Ok(Json(
-        read_page(&state, partition, from, options.max, options.wait).await?,
+        read_page(&state, partition, from, options.max, options.wait, format).await?,
     ))
 }
 

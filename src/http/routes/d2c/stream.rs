@@ -5,6 +5,8 @@
 //! other partition, where `seq` is the last sequence number already delivered (or processed) there, `-1` for none.
 //! Example: `2:41,0:17,1:-1,3:8`. A partition missing from `Last-Event-ID` starts after the group's checkpoint.
 //! Without `Last-Event-ID` every partition starts after the group's checkpoint (or at the oldest retained event).
+//! The body's forms (`body=`) are the connection's choice, not part of the position: a client reconnects with the
+//! URL it used (as `EventSource` does) and keeps its format, or names another.
 //!
 //! Memory stays bounded: one page of one partition is held at a time; when nothing is new the stream waits on the
 //! notifier's D2C channel for any partition.
@@ -18,12 +20,12 @@ use axum::http::HeaderMap;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use futures::stream::{self, Stream};
 
-use super::{Event, GroupPath};
+use super::{BodyFormat, BodyQuery, Event, GroupPath};
 use crate::d2c::consumer_groups::{self, ConsumerGroupName};
 use crate::d2c::{store, PartitionId};
 use crate::http::error::{ApiError, ApiResult, ErrorBody};
 use crate::http::extract::rights::ServiceConnect;
-use crate::http::extract::{Path, Service};
+use crate::http::extract::{Path, Query, Service};
 use crate::http::{ApiVersion, AppState};
 use crate::notify::{channel, Subscription};
 
@@ -71,6 +73,8 @@ struct Cursor {
     /// Partition to look at first next time (round robin, so one busy partition cannot starve the others).
     turn: usize,
     buffer: VecDeque<Event>,
+    /// The forms of the body each event carries, as the connection asked.
+    format: BodyFormat,
     subs: Vec<Subscription>,
     shutdown: tokio::sync::watch::Receiver<bool>,
 }
@@ -113,7 +117,9 @@ impl Cursor {
             let p = (self.turn + i) % n;
             match store::read(&self.state.db, self.partitions[p], self.next[p], PAGE).await {
                 Ok(events) if !events.is_empty() => {
-                    self.buffer.extend(events.into_iter().map(Event::from));
+                    let format = self.format;
+                    self.buffer
+                        .extend(events.into_iter().map(|e| Event::new(e, format)));
                     self.turn = (p + 1) % n;
                     return true;
                 }
@@ -147,14 +153,15 @@ pub struct SseMessage {
 /// Each event's `data` is the event JSON (as in partition reads); its `id` holds the position of every partition
 /// (`{p}:{seq}` of the event first, then the others' last delivered sequence numbers), so reconnecting with
 /// `Last-Event-ID` resumes every partition where it stopped. Without it, each partition starts after the group's
-/// checkpoint. The stream does not move checkpoints.
+/// checkpoint. The stream does not move checkpoints. `body=` chooses the forms of each event's body, as in
+/// partition reads; the id holds positions only, so a reconnection keeps the format its URL names.
 #[utoipa::path(get, path = "/messages/events/consumerGroups/{cg}/stream", tag = "telemetry",
-    params(GroupPath, ApiVersion,
+    params(GroupPath, BodyQuery, ApiVersion,
         ("Last-Event-ID" = Option<String>, Header, description = "Resume after this event id, e.g. `2:41,0:17,1:-1,3:8`")),
     responses(
         (status = 200, description = "An endless `text/event-stream`: each event's `id` is the stream position \
             (e.g. `2:41,0:17,1:-1,3:8`), its `data` one event as JSON", content_type = "text/event-stream", body = SseMessage),
-        (status = 400, description = "Invalid group name or Last-Event-ID (400004)", body = ErrorBody),
+        (status = 400, description = "Invalid group name, `body` or Last-Event-ID (400004)", body = ErrorBody),
         (status = 404, description = "No such group (404000)", body = ErrorBody),
     ),
     security(("sas" = ["ServiceConnect"])))]
@@ -162,9 +169,11 @@ pub async fn stream(
     _caller: Service<ServiceConnect>,
     State(state): State<AppState>,
     Path(GroupPath { cg }): Path<GroupPath>,
+    Query(body): Query<BodyQuery>,
     headers: HeaderMap,
 ) -> ApiResult<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>> {
     let name: ConsumerGroupName = cg.parse()?;
+    let format = body.parse()?;
     let group = consumer_groups::get(&state.db, &name).await?;
     let partitions = state.d2c.partitions;
     let mut next: Vec<i64> = (0..partitions as i32)
@@ -188,6 +197,7 @@ pub async fn stream(
         next,
         turn: 0,
         buffer: VecDeque::new(),
+        format,
         subs,
     };
     let events = stream::unfold(cursor, |mut cursor| async move {
