@@ -1,9 +1,10 @@
 //! What the benchmarks share: a database of their own for a run, and the C2D cycle they drive over the hub's HTTP
 //! API (enqueue → long-poll receive → complete) with the raw-SQL `SKIP LOCKED` baseline of the same cycle on the
-//! same database; what the brokers' baselines share.
+//! same database; the brokers' baselines, each measured only when its variable names a broker.
 #![allow(dead_code)]
 
 pub mod nats;
+pub mod rabbitmq;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
