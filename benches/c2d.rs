@@ -1,9 +1,12 @@
 //! C2D throughput and latency: the full HTTP cycle (enqueue → long-poll receive → complete) over many devices with
 //! keep-alive connections, and, on the same database in the same run, a raw-SQL baseline of the same cycle (one
-//! `SKIP LOCKED` queue table driven directly by sqlx, one transaction per operation).
+//! `SKIP LOCKED` queue table driven directly by sqlx, one transaction per operation). When `AMQP_URL` names a
+//! RabbitMQ broker that answers, the same cycle on it as well: a classic durable queue per device, persistent
+//! messages each published with a confirm awaited, one consumer per queue with a prefetch of 1 and manual acks.
 //!
 //! `cargo bench --bench c2d`. Environment: `DATABASE_URL` (else a private cluster under the target folder),
-//! `C2D_BENCH_SECS` (per phase, default 10), `C2D_BENCH_DEVICES` (default 64), `C2D_BENCH_SENDERS` (default 32).
+//! `C2D_BENCH_SECS` (per phase, default 10), `C2D_BENCH_DEVICES` (default 64), `C2D_BENCH_SENDERS` (default 32),
+//! `AMQP_URL` (e.g. `amqp://guest:guest@127.0.0.1:5672/%2f`; unset: no RabbitMQ phase).
 
 mod common;
 
@@ -12,7 +15,7 @@ use std::time::Duration;
 use iothub::{Config, Listeners};
 use sqlx::postgres::PgConnectOptions;
 
-use common::{http_cycle, sql_cycle};
+use common::{http_cycle, rabbitmq, sql_cycle};
 
 const HOST: &str = "bench.local";
 
@@ -77,12 +80,36 @@ async fn run(
     http_figures.print("HTTP  enqueue → receive (long poll) → complete");
     let sql_figures = sql_cycle(&options, devices, senders, config.db_pool_size, duration).await?;
     sql_figures.print("SQL   insert → SKIP LOCKED claim → delete");
-    println!(
-        "ratio HTTP / SQL: {:.2} (throughput)   p99 latency HTTP {:.2} ms vs SQL {:.2} ms",
-        http_figures.rate() / sql_figures.rate(),
+    let rabbit_figures = match rabbitmq::broker().await {
+        Ok(broker) => {
+            let figures = rabbitmq::cycle(&broker, devices, senders, duration).await?;
+            figures.print("AMQP  publish+confirm → consume → ack");
+            Some(figures)
+        }
+        Err(why) => {
+            println!("RabbitMQ baseline skipped: {why}");
+            None
+        }
+    };
+    print!(
+        "ratio HTTP / SQL: {:.2}",
+        http_figures.rate() / sql_figures.rate()
+    );
+    if let Some(rabbit) = &rabbit_figures {
+        print!(
+            "  HTTP / RabbitMQ: {:.2}",
+            http_figures.rate() / rabbit.rate()
+        );
+    }
+    print!(
+        " (throughput)   p99 latency HTTP {:.2} ms vs SQL {:.2} ms",
         http_figures.latencies.percentile(0.99),
         sql_figures.latencies.percentile(0.99),
     );
+    if let Some(rabbit) = &rabbit_figures {
+        print!(" vs RabbitMQ {:.2} ms", rabbit.latencies.percentile(0.99));
+    }
+    println!();
 
     let _ = stop.send(());
     hub.wait().await?;

@@ -9,12 +9,15 @@
 //! 4. the HTTP + authentication ceiling: the same sends refused (a malformed batch) before anything is written;
 //! 5. baselines straight into one table: one INSERT per message (autocommit), and multi-row INSERTs;
 //! 6. reads of the same stored JSON events with `body=all` (every form of each body), `body=base64` and
-//!    `body=decoded`, side by side (in the order A B C C B A): events/s, hub CPU and answer bytes per event.
+//!    `body=decoded`, side by side (in the order A B C C B A): events/s, hub CPU and answer bytes per event;
+//! 7. when `NATS_URL` names a NATS server with JetStream that answers: its acknowledged publish to a file-backed
+//!    stream, one publisher per device with one publish awaiting its ack, as the single HTTP sends do.
 //!
 //! Environment: `D2C_BENCH_SECS` (per phase, default 5), `D2C_BENCH_DEVICES` (concurrent devices, default 64),
 //! `D2C_BENCH_BATCH` (messages per batch, default 50), `D2C_BENCH_DB_CONNECTIONS` (baseline connections, default
 //! 16, the hub's pool size), `D2C_BENCH_READ_EVENTS` (events stored for the read phases, default 20000),
-//! `D2C_BENCH_READ_SECS` (per read phase, default 3).
+//! `D2C_BENCH_READ_SECS` (per read phase, default 3), `NATS_URL` (e.g. `nats://127.0.0.1:4222`; unset: no NATS
+//! phase).
 //!
 //! Hub CPU is the CPU time of the threads of the runtime the hub runs on (named `hub`), not of the load generator.
 
@@ -30,6 +33,7 @@ use serde_json::{json, Value};
 use sqlx::PgPool;
 
 use common::cpu::{hub_cpu, HUB_THREAD};
+use common::nats;
 
 const HOST: &str = "bench.example.net";
 const API: &str = "api-version=2021-04-12";
@@ -586,6 +590,16 @@ async fn run(hub_runtime: tokio::runtime::Handle) -> anyhow::Result<()> {
         .await?;
     let per_insert = baseline_single(&pool, secs, connections).await?;
     let multi = baseline_multi(&pool, secs, connections, 1000).await?;
+    let jetstream = match nats::server() {
+        Ok(server) => {
+            let duration = Duration::from_secs(secs);
+            Some(nats::publish_acked(server, payload, device_count, 1, duration).await?)
+        }
+        Err(why) => {
+            println!("NATS JetStream baseline skipped: {why}");
+            None
+        }
+    };
 
     println!();
     println!(
@@ -608,6 +622,13 @@ async fn run(hub_runtime: tokio::runtime::Handle) -> anyhow::Result<()> {
         format!("baseline: multi-row INSERT, 1000 rows ({connections} conns)"),
         format!("{multi:.0} rows/s")
     );
+    if let Some(jetstream) = &jetstream {
+        println!(
+            "{:<52} {:>12}",
+            format!("baseline: JetStream publish → ack ({device_count} publishers)"),
+            format!("{:.0} msg/s", jetstream.rate())
+        );
+    }
     println!(
         "{:<52} {:>12}",
         "HTTP sends refused after auth (no write)",
@@ -648,6 +669,12 @@ async fn run(hub_runtime: tokio::runtime::Handle) -> anyhow::Result<()> {
         "  HTTP single / one-INSERT-per-message  = {:.2}  (> 1)",
         single / per_insert
     );
+    if let Some(jetstream) = &jetstream {
+        println!(
+            "  HTTP single / NATS JetStream acked    = {:.2}  (toward 1)",
+            single / jetstream.rate()
+        );
+    }
     println!(
         "  HTTP batched / multi-row INSERT       = {:.2}  (>= 0.5)",
         batched / multi

@@ -9,7 +9,7 @@
 //!    the message), against the HTTP cycle (enqueue → long-poll receive → complete) and the raw-SQL `SKIP LOCKED`
 //!    cycle of `benches/common`.
 //!
-//! When a NATS server with JetStream answers at `NATS_URL` (default 127.0.0.1:4222), the telemetry phase also
+//! When a NATS server with JetStream answers at `NATS_URL` (e.g. `nats://127.0.0.1:4222`), the telemetry phase also
 //! measures JetStream's acknowledged publish to a file-backed stream with the same publishers and windows: the
 //! fastest durable acknowledged publish commonly at hand, which does not even fsync each message.
 //!
@@ -119,8 +119,8 @@ async fn run(options: PgConnectOptions) -> anyhow::Result<()> {
     http.print("HTTP POST …/messages/events, 1 at a time");
     let sql = measure(|| sql_telemetry(&options, devices, config.db_pool_size, secs)).await?;
     sql.print("SQL one INSERT per commit");
-    match nats::address() {
-        Some(nats) => {
+    match nats::server() {
+        Ok(nats) => {
             let acked = measure(|| nats::publish_acked(nats, payload, devices, 1, secs)).await?;
             acked.print("NATS JetStream publish → ack, 1 in flight");
             let windowed =
@@ -134,10 +134,7 @@ async fn run(options: PgConnectOptions) -> anyhow::Result<()> {
                 mqtt_w.rate() / windowed.rate(),
             );
         }
-        None => println!(
-            "NATS JetStream: no server at {} (NATS_URL), skipped",
-            nats::DEFAULT
-        ),
+        Err(why) => println!("NATS JetStream baseline skipped: {why}"),
     }
     println!(
         "ratios: MQTT(1)/HTTP {:.2}  MQTT(1)/SQL {:.2}  MQTT({in_flight})/SQL {:.2}  HTTP/SQL {:.2}",

@@ -1,10 +1,11 @@
 //! What the benchmarks share: a database of their own for a run, and the C2D cycle they drive over the hub's HTTP
 //! API (enqueue → long-poll receive → complete) with the raw-SQL `SKIP LOCKED` baseline of the same cycle on the
-//! same database.
+//! same database; the brokers' baselines, each measured only when its variable names a broker.
 #![allow(dead_code)]
 
 pub mod cpu;
 pub mod nats;
+pub mod rabbitmq;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -121,6 +122,24 @@ where
         }
     }
     result
+}
+
+/// The broker a baseline is to measure, from `variable`; when it is unset, why the baseline is skipped. A bench asks
+/// for a broker only when it is told where one is, so that it runs the same on a machine without any.
+pub fn baseline_url(variable: &str) -> Result<String, String> {
+    match std::env::var(variable) {
+        Ok(url) if !url.trim().is_empty() => Ok(url.trim().to_string()),
+        _ => Err(format!("{variable} not set")),
+    }
+}
+
+/// A broker's URL fit to print: any `user:password@` left out.
+pub fn without_credentials(url: &str) -> String {
+    match (url.split_once("://"), url.rsplit_once('@')) {
+        (Some((scheme, _)), Some((_, host))) => format!("{scheme}://{host}"),
+        (None, Some((_, host))) => host.to_string(),
+        _ => url.to_string(),
+    }
 }
 
 /// Latencies in microseconds (bounded: one sample per cycle of a bounded run).

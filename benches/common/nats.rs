@@ -1,7 +1,7 @@
 //! Just enough of the NATS client protocol (text over TCP) to publish to a JetStream stream and wait for each
 //! acknowledgement: a baseline for acknowledged telemetry, without a client crate for one benchmark.
 
-use std::net::SocketAddr;
+use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -12,15 +12,24 @@ use tokio::net::TcpStream;
 
 use super::{Figures, Latencies};
 
-pub const DEFAULT: &str = "127.0.0.1:4222";
+const VARIABLE: &str = "NATS_URL";
 const STREAM: &str = "IOTHUB_BENCH";
 
-/// The NATS server to measure, when one answers.
-pub fn address() -> Option<SocketAddr> {
-    let url = std::env::var("NATS_URL").unwrap_or_else(|_| DEFAULT.to_string());
-    let addr: SocketAddr = url.trim_start_matches("nats://").parse().ok()?;
-    std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(300)).ok()?;
-    Some(addr)
+/// The NATS server named by `NATS_URL` (e.g. `nats://127.0.0.1:4222`) when one answers there, or why there is none
+/// to measure.
+pub fn server() -> Result<SocketAddr, String> {
+    let url = super::baseline_url(VARIABLE)?;
+    let name = super::without_credentials(&url);
+    let unreachable = |why: String| format!("cannot connect to {name} ({VARIABLE}): {why}");
+    let addr = url
+        .trim_start_matches("nats://")
+        .to_socket_addrs()
+        .map_err(|e| unreachable(e.to_string()))?
+        .next()
+        .ok_or_else(|| unreachable("no address".to_string()))?;
+    std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(300))
+        .map_err(|e| unreachable(e.to_string()))?;
+    Ok(addr)
 }
 
 struct Connection {
