@@ -206,11 +206,12 @@ impl Notifier {
             return self.wake(n.channel(), n.payload());
         }
         // Evicted before the wake-up, so a connection that looks again reads the change.
-        match CredentialChange::parse(n.payload()) {
+        let change = CredentialChange::parse(n.payload());
+        match change {
             Some(change) => credentials.forget(change),
             None => credentials.clear(),
         }
-        if let Some(CredentialChange::Device(id)) = CredentialChange::parse(n.payload()) {
+        if let Some(CredentialChange::Device(id)) = change {
             self.wake(channel::SESSION, id);
         }
     }
