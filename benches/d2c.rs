@@ -12,6 +12,8 @@
 //!    `body=decoded`, side by side (in the order A B C C B A): events/s, hub CPU and answer bytes per event;
 //! 7. when `NATS_URL` names a NATS server with JetStream that answers: its acknowledged publish to a file-backed
 //!    stream, one publisher per device with one publish awaiting its ack, as the single HTTP sends do.
+//! 8. how often authentication found a device's keys in the credential cache during the single-message run
+//!    (`IOTHUB_AUTH_CACHE_MS` applies, as for `iothub serve`).
 //!
 //! Environment: `D2C_BENCH_SECS` (per phase, default 5), `D2C_BENCH_DEVICES` (concurrent devices, default 64),
 //! `D2C_BENCH_BATCH` (messages per batch, default 50), `D2C_BENCH_DB_CONNECTIONS` (baseline connections, default
@@ -50,6 +52,27 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
         return f64::NAN;
     }
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+/// Credential cache lookups so far, from the hub's metrics: (hits, misses).
+fn cache_lookups() -> (u64, u64) {
+    let (mut hits, mut misses) = (0, 0);
+    for line in iothub::http::metrics::handle().render().lines() {
+        let Some(labels) = line.strip_prefix("iothub_auth_cache_lookups_total{") else {
+            continue;
+        };
+        let count: u64 = line
+            .rsplit(' ')
+            .next()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0);
+        if labels.contains("outcome=\"hit\"") {
+            hits += count;
+        } else {
+            misses += count;
+        }
+    }
+    (hits, misses)
 }
 
 fn payload(i: u64) -> String {
@@ -493,6 +516,7 @@ async fn run(hub_runtime: tokio::runtime::Handle) -> anyhow::Result<()> {
     let mut config = iothub::Config::with_database("postgres://unused");
     config.hostname = HOST.to_string();
     config.listen = "127.0.0.1:0".parse()?;
+    let cache_ms = config.auth_cache_ms;
     let (stop_hub, stopped) = tokio::sync::oneshot::channel::<()>();
     // The hub, its pool and every task it starts live on the hub's runtime.
     let hub_options = pool.connect_options().as_ref().clone();
@@ -550,7 +574,10 @@ async fn run(hub_runtime: tokio::runtime::Handle) -> anyhow::Result<()> {
         stop_readers.clone(),
     );
     tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = cache_lookups();
     let single = http_phase(&http, &base, &devices, secs, 1, epoch).await;
+    let after = cache_lookups();
+    let (hits, misses) = (after.0 - before.0, after.1 - before.1);
     tokio::time::sleep(Duration::from_millis(1500)).await;
     stop_readers.store(true, Ordering::Relaxed);
     for r in readers {
@@ -663,6 +690,14 @@ async fn run(hub_runtime: tokio::runtime::Handle) -> anyhow::Result<()> {
             format!("{:.0} B/event", r.bytes),
         );
     }
+    println!(
+        "{:<52} {:>12}",
+        format!("credential cache (single run, {cache_ms} ms)"),
+        format!(
+            "{hits} hits, {misses} misses ({:.1} % missed)",
+            100.0 * misses as f64 / (hits + misses).max(1) as f64
+        )
+    );
     println!();
     println!("ratios (target):");
     println!(

@@ -56,8 +56,9 @@ pub struct Config {
     pub request_timeout_secs: u64,
 
     /// How long, in milliseconds, authentication may reuse a device's or policy's keys read from the database.
-    /// Changes made through other hub processes take effect within this time; 0 reads the database every time.
-    #[arg(long, env = "IOTHUB_AUTH_CACHE_MS", default_value_t = 1000)]
+    /// Changes reach every hub process at once through a notification; this bounds how stale a key can be when
+    /// one is lost. 0 reads the database every time.
+    #[arg(long, env = "IOTHUB_AUTH_CACHE_MS", default_value_t = 60_000)]
     pub auth_cache_ms: u64,
 
     #[command(flatten)]

@@ -134,9 +134,10 @@ pub async fn launch(
     // Telemetry writers outlive the listeners: a send still in flight when shutdown begins gets its commit.
     let (drained_tx, drained) = watch::channel(false);
     let mut tasks = JoinSet::new();
-    let notifier = notify::Notifier::start(db.clone(), stop.clone(), &mut tasks).await?;
-    let d2c = Arc::new(d2c::D2c::start(&db, &config.d2c, drained, &mut tasks).await?);
     let credentials = Arc::new(auth::Credentials::new(db.clone(), config.auth_cache()));
+    let notifier =
+        notify::Notifier::start(db.clone(), credentials.clone(), stop.clone(), &mut tasks).await?;
+    let d2c = Arc::new(d2c::D2c::start(&db, &config.d2c, drained, &mut tasks).await?);
     let throttle = Arc::new(throttle::Throttle::new(&config.throttle)?);
     let mqtt = Arc::new(mqtt::Endpoint {
         db: db.clone(),

@@ -9,15 +9,19 @@
 //! they look in the database, so a commit between the look and the wait still wakes them. Only keys that someone
 //! waits on have an entry, so memory follows the number of waiters, not the traffic.
 //!
-//! When the LISTEN connection drops, notifications sent meanwhile are lost: on reconnecting every waiter is woken to
-//! look again.
+//! The loop also keeps this process's credential cache coherent: every write that changes what authentication reads
+//! commits through [`commit_credential_change`], whose notification on [`channel::CREDENTIALS`] evicts what it
+//! names in every process (and wakes the device's connections, which look again whether they may stay).
+//!
+//! When the LISTEN connection drops, notifications sent meanwhile are lost: once it listens again, every waiter is
+//! woken to look again and the credential cache is cleared.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use sqlx::postgres::PgListener;
-use sqlx::{PgPool, Postgres};
+use sqlx::postgres::{PgListener, PgNotification};
+use sqlx::{PgPool, Postgres, Transaction};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
@@ -32,7 +36,56 @@ pub mod channel {
     /// Sessions: a connection took the device named in the payload; its other connections check whether they
     /// still hold it.
     pub const SESSION: &str = "iothub_session";
-    pub const ALL: [&str; 4] = [C2D, D2C, FEEDBACK, SESSION];
+    /// Credentials: a device or policy changed in a way authentication reads (payload a [`CredentialChange`]);
+    /// a device's connections check whether they may stay, too.
+    pub const CREDENTIALS: &str = "iothub_credentials";
+    pub const ALL: [&str; 5] = [C2D, D2C, FEEDBACK, SESSION, CREDENTIALS];
+}
+
+/// What a write changed in a way authentication reads, as it travels on [`channel::CREDENTIALS`]: `device:<id>`
+/// or `policy:<name>`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CredentialChange<'a> {
+    Device(&'a str),
+    Policy(&'a str),
+}
+
+impl<'a> CredentialChange<'a> {
+    fn payload(&self) -> String {
+        match self {
+            CredentialChange::Device(id) => format!("device:{id}"),
+            CredentialChange::Policy(name) => format!("policy:{name}"),
+        }
+    }
+
+    /// `None` for a payload this version does not know (a newer hub's): the cache then forgets everything.
+    fn parse(payload: &'a str) -> Option<CredentialChange<'a>> {
+        match payload.split_once(':')? {
+            ("device", id) => Some(CredentialChange::Device(id)),
+            ("policy", name) => Some(CredentialChange::Policy(name)),
+            _ => None,
+        }
+    }
+}
+
+/// A process's cache of what authentication reads, which the LISTEN loop keeps coherent.
+pub trait CredentialCache: Send + Sync {
+    fn forget(&self, change: CredentialChange<'_>);
+    /// Notifications may have been lost.
+    fn clear(&self);
+}
+
+/// Commits `tx`, which made `change`, with a notification of it as a statement of its own (the transaction's only
+/// one): every hub process's `cache` forgets what `change` names once it commits; this one's at once.
+pub async fn commit_credential_change(
+    mut tx: Transaction<'_, Postgres>,
+    cache: &dyn CredentialCache,
+    change: CredentialChange<'_>,
+) -> Result<(), sqlx::Error> {
+    notify(&mut tx, channel::CREDENTIALS, &change.payload()).await?;
+    tx.commit().await?;
+    cache.forget(change);
+    Ok(())
 }
 
 type Key = (String, String);
@@ -113,15 +166,16 @@ impl Notifier {
         self.epoch.send_modify(|n| *n += 1);
     }
 
-    /// Starts the LISTEN loop on `pool` in `tasks`; it runs until `shutdown` turns true.
+    /// Starts the LISTEN loop on `pool` in `tasks`, keeping `credentials` coherent; it runs until `shutdown` turns
+    /// true.
     pub async fn start(
         pool: PgPool,
+        credentials: Arc<dyn CredentialCache>,
         mut shutdown: watch::Receiver<bool>,
         tasks: &mut JoinSet<anyhow::Result<()>>,
     ) -> anyhow::Result<Notifier> {
         let notifier = Notifier::default();
-        let mut listener = PgListener::connect_with(&pool).await?;
-        listener.listen_all(channel::ALL).await?;
+        let mut listener = listen(&pool).await?;
         let this = notifier.clone();
         tasks.spawn(async move {
             loop {
@@ -130,19 +184,65 @@ impl Notifier {
                     received = listener.try_recv() => received,
                 };
                 match received {
-                    Ok(Some(n)) => this.wake(n.channel(), n.payload()),
-                    // The connection dropped and will be re-established by the next call: whatever was sent
-                    // meanwhile is lost, so everyone looks again.
-                    Ok(None) => this.wake_all(),
+                    Ok(Some(n)) => this.deliver(&n, &*credentials),
+                    // The connection dropped and sqlx listens again on a new one before it answers `None`.
+                    Ok(None) => this.missed(&*credentials),
                     Err(error) => {
-                        tracing::warn!(%error, "LISTEN connection failed; retrying");
-                        this.wake_all();
-                        tokio::time::sleep(Duration::from_millis(500)).await;
+                        tracing::warn!(%error, "LISTEN connection failed; reconnecting");
+                        match relisten(&pool, &mut shutdown).await {
+                            Some(again) => listener = again,
+                            None => return Ok(()),
+                        }
+                        this.missed(&*credentials);
                     }
                 }
             }
         });
         Ok(notifier)
+    }
+
+    fn deliver(&self, n: &PgNotification, credentials: &dyn CredentialCache) {
+        if n.channel() != channel::CREDENTIALS {
+            return self.wake(n.channel(), n.payload());
+        }
+        // Evicted before the wake-up, so a connection that looks again reads the change.
+        let change = CredentialChange::parse(n.payload());
+        match change {
+            Some(change) => credentials.forget(change),
+            None => credentials.clear(),
+        }
+        if let Some(CredentialChange::Device(id)) = change {
+            self.wake(channel::SESSION, id);
+        }
+    }
+
+    /// Notifications were lost while the connection was down; called once it listens again, so that nothing
+    /// committed after this goes unheard: what was cached may be stale, and every waiter looks again.
+    fn missed(&self, credentials: &dyn CredentialCache) {
+        credentials.clear();
+        self.wake_all();
+    }
+}
+
+/// A new connection that listens on every channel.
+async fn listen(pool: &PgPool) -> Result<PgListener, sqlx::Error> {
+    let mut listener = PgListener::connect_with(pool).await?;
+    listener.listen_all(channel::ALL).await?;
+    Ok(listener)
+}
+
+/// [`listen`], retried every 500 ms until it works (`None`: shutdown came first). A fresh listener rather than the
+/// failed one: its connection may be dead without sqlx knowing.
+async fn relisten(pool: &PgPool, shutdown: &mut watch::Receiver<bool>) -> Option<PgListener> {
+    loop {
+        tokio::select! {
+            _ = shutdown.wait_for(|s| *s) => return None,
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+        }
+        match listen(pool).await {
+            Ok(listener) => return Some(listener),
+            Err(error) => tracing::warn!(%error, "LISTEN connection failed; retrying"),
+        }
     }
 }
 
@@ -176,6 +276,18 @@ pub async fn after_commit(db: &PgPool, channel: &str, key: &str) -> Result<(), s
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn credential_payloads_round_trip_and_unknown_ones_are_none() {
+        for change in [
+            CredentialChange::Device("a:b"),
+            CredentialChange::Policy("iothubowner"),
+        ] {
+            assert_eq!(CredentialChange::parse(&change.payload()), Some(change));
+        }
+        assert_eq!(CredentialChange::parse("twin:a"), None);
+        assert_eq!(CredentialChange::parse("device"), None);
+    }
 
     #[tokio::test]
     async fn wakes_only_the_matching_key_and_cleans_up() {

@@ -341,14 +341,18 @@ async fn device_call(base: &str, id: &str, token: &str) -> reqwest::Response {
         .unwrap()
 }
 
-/// Polls `call` until it answers `status`, for at most 30 s (other hub processes see a change within their
-/// credential cache's lifetime, 1 s by default).
+/// How soon another hub process must refuse what a change through this one revoked: a quarter of the credential
+/// cache's default lifetime, so only the change's notification can make it in time (a liveness deadline for a
+/// loaded machine; a notification arrives within milliseconds).
+const PROMPTLY: std::time::Duration = std::time::Duration::from_secs(15);
+
+/// Polls `call` until it answers `status`, for at most [`PROMPTLY`].
 async fn eventually_answers<F, Fut>(status: u16, what: &str, mut call: F)
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = reqwest::Response>,
 {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let deadline = std::time::Instant::now() + PROMPTLY;
     loop {
         let got = call().await.status().as_u16();
         if got == status {
@@ -358,7 +362,7 @@ where
             std::time::Instant::now() < deadline,
             "{what}: still {got}, not {status}"
         );
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
 }
 
@@ -650,39 +654,156 @@ async fn the_last_policy_that_can_manage_the_registry_cannot_be_deleted() {
     assert_eq!(response.status(), 200);
 }
 
+#[test]
+fn the_default_cache_lifetime_is_far_above_the_prompt_deadline() {
+    let config = iothub::Config::with_database("postgres://unused");
+    assert!(
+        config.auth_cache() >= PROMPTLY * 4,
+        "{:?}",
+        config.auth_cache()
+    );
+}
+
+/// GET /devices with a service token: 200 while its policy's keys (and RegistryRead) hold.
+async fn list_devices(base: &str, token: &str) -> reqwest::Response {
+    reqwest::Client::new()
+        .get(format!(
+            "{base}/devices?api-version={}",
+            iothub::cli::client::API_VERSION
+        ))
+        .header("Authorization", token)
+        .send()
+        .await
+        .unwrap()
+}
+
 #[tokio::test]
-async fn key_changes_made_elsewhere_take_effect_within_the_cache_time() {
-    // Another hub process rotating a key is simulated by writing the database directly.
-    let hub = TestHub::start_with(|c| c.auth_cache_ms = 500).await;
-    let old = hub.owner().await;
-    let response = hub
-        .request(Method::GET, "/devices", &old)
+async fn changes_made_through_another_process_are_refused_promptly() {
+    // This process caches with the default lifetime; every change goes through the other one.
+    let hub = TestHub::start().await;
+    assert_eq!(
+        hub.config.auth_cache(),
+        iothub::Config::with_database("x").auth_cache()
+    );
+    let other = other_process(&hub, "elsewhere").await;
+    let owner = hub.owner().await;
+    let through_other = |method: Method, path: &str| {
+        let separator = if path.contains('?') { '&' } else { '?' };
+        reqwest::Client::new()
+            .request(
+                method,
+                format!(
+                    "{}{path}{separator}api-version={}",
+                    other.base,
+                    iothub::cli::client::API_VERSION
+                ),
+            )
+            .header("Authorization", &owner)
+    };
+    let mut device_tokens = Vec::new();
+    for id in ["disabled", "bulk-disabled", "bulk-deleted"] {
+        let device = hub.create_device(id).await;
+        let token = device_token(id, &primary_key(&device));
+        assert_eq!(
+            device_call(&hub.base, id, &token).await.status(),
+            204,
+            "{id}"
+        );
+        device_tokens.push((id, token));
+    }
+    let reader = hub.policy_token("registryRead").await;
+    let writer = hub.policy_token("registryReadWrite").await;
+    for token in [&reader, &writer] {
+        assert_eq!(list_devices(&hub.base, token).await.status(), 200);
+    }
+
+    let response = through_other(Method::PUT, "/devices/disabled")
+        .header("If-Match", "*")
+        .json(&json!({"deviceId": "disabled", "status": "disabled"}))
         .send()
         .await
         .unwrap();
     assert_eq!(response.status(), 200);
-    let rights =
-        iothub::auth::Rights::parse("RegistryWrite, ServiceConnect, DeviceConnect").unwrap();
-    iothub::auth::policies::update(
-        &hub.db,
-        "iothubowner",
-        rights,
-        Some(&sas::generate_key()),
-        None,
+    let response = through_other(Method::POST, "/devices")
+        .json(&json!([
+            {"id": "bulk-disabled", "importMode": "update", "status": "disabled"},
+            {"id": "bulk-deleted", "importMode": "delete"},
+        ]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let response = through_other(Method::POST, "/policies/registryRead/regenerateKey")
+        .json(&json!({"key": "both"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let response = through_other(Method::DELETE, "/policies/registryReadWrite")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 204);
+
+    for (id, token) in &device_tokens {
+        eventually_answers(401, id, || device_call(&hub.base, id, token)).await;
+    }
+    eventually_answers(401, "a rotated policy", || list_devices(&hub.base, &reader)).await;
+    eventually_answers(401, "a deleted policy", || list_devices(&hub.base, &writer)).await;
+    let rotated = hub.policy_token("registryRead").await;
+    assert_eq!(list_devices(&hub.base, &rotated).await.status(), 200);
+    other.kill().await;
+}
+
+/// Sets a device's primary key by SQL, as a write that sends no notification would.
+async fn set_key_silently(db: &sqlx::PgPool, id: &str, key: &str) {
+    sqlx::query("UPDATE devices SET primary_key = $2 WHERE device_id = $1")
+        .bind(id)
+        .bind(key)
+        .execute(db)
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn the_cache_serves_until_told_and_forgets_everything_when_listening_again() {
+    let hub = TestHub::start().await;
+    let device = hub.create_device("quiet").await;
+    let old = device_token("quiet", &primary_key(&device));
+    assert_eq!(device_call(&hub.base, "quiet", &old).await.status(), 204);
+    let new_key = sas::generate_key();
+    let new = device_token("quiet", &new_key);
+    set_key_silently(&hub.db, "quiet", &new_key).await;
+    // Nothing told this process: it still authenticates with the keys it read.
+    assert_eq!(device_call(&hub.base, "quiet", &old).await.status(), 204);
+    assert_eq!(device_call(&hub.base, "quiet", &new).await.status(), 401);
+
+    // The LISTEN connection is cut: whatever was sent meanwhile is lost, so once the hub listens again it
+    // forgets every entry.
+    let cut: Vec<bool> = sqlx::query_scalar(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+         WHERE datname = current_database() AND query LIKE 'LISTEN %' AND pid <> pg_backend_pid()",
     )
+    .fetch_all(&hub.db)
     .await
     .unwrap();
-    tokio::time::sleep(std::time::Duration::from_millis(700)).await;
-    let response = hub
-        .request(Method::GET, "/devices", &old)
-        .send()
-        .await
-        .unwrap();
-    assert_error(response, 401, "IotHubUnauthorizedAccess").await;
-    let response = hub
-        .request(Method::GET, "/devices", &hub.owner().await)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
+    assert_eq!(cut, vec![true], "the hub's one LISTEN connection");
+    eventually_answers(204, "the new key after reconnecting", || {
+        device_call(&hub.base, "quiet", &new)
+    })
+    .await;
+    assert_eq!(device_call(&hub.base, "quiet", &old).await.status(), 401);
+}
+
+#[tokio::test]
+async fn changes_whose_notification_is_lost_take_effect_within_the_cache_time() {
+    let hub = TestHub::start_with(|c| c.auth_cache_ms = 500).await;
+    let device = hub.create_device("lost").await;
+    let old = device_token("lost", &primary_key(&device));
+    assert_eq!(device_call(&hub.base, "lost", &old).await.status(), 204);
+    set_key_silently(&hub.db, "lost", &sas::generate_key()).await;
+    eventually_answers(401, "the old key once its entry expired", || {
+        device_call(&hub.base, "lost", &old)
+    })
+    .await;
 }

@@ -1,10 +1,13 @@
 //! Shared access policies: the hub's five defaults (spec §2.3), created with fresh keys on first start, plus any the
-//! operator adds. The SQL for the `policies` table lives here only.
+//! operator adds. The SQL for the `policies` table lives here only. Changing or deleting one commits through
+//! [`notify::commit_credential_change`], so no hub process keeps authenticating with what it was; creating one needs no
+//! notification (absent policies are never cached).
 
 use sqlx::PgPool;
 
 use super::{Error, Result, Right, Rights};
 use crate::keys;
+use crate::notify::{self, CredentialCache, CredentialChange};
 use crate::postgres::{sqlstate, UNIQUE_VIOLATION};
 
 #[derive(Clone)]
@@ -145,11 +148,13 @@ pub async fn create(db: &PgPool, policy: &Policy) -> Result<Policy> {
 /// Changes a policy's rights and, where given, its keys.
 pub async fn update(
     db: &PgPool,
+    credentials: &dyn CredentialCache,
     name: &str,
     rights: Rights,
     primary_key: Option<&str>,
     secondary_key: Option<&str>,
 ) -> Result<Policy> {
+    let mut tx = db.begin().await?;
     let row: Option<PolicyRow> = sqlx::query_as(
         "UPDATE policies SET rights = $2, primary_key = coalesce($3, primary_key),
                 secondary_key = coalesce($4, secondary_key), updated_at = now()
@@ -159,14 +164,17 @@ pub async fn update(
     .bind(rights.bits())
     .bind(primary_key)
     .bind(secondary_key)
-    .fetch_optional(db)
+    .fetch_optional(&mut *tx)
     .await?;
-    row.map(from_row)
-        .ok_or_else(|| Error::PolicyNotFound(name.to_string()))
+    let policy = row
+        .map(from_row)
+        .ok_or_else(|| Error::PolicyNotFound(name.to_string()))?;
+    notify::commit_credential_change(tx, credentials, CredentialChange::Policy(name)).await?;
+    Ok(policy)
 }
 
 /// Deletes a policy, unless it is the last one that can manage the registry (the hub would be locked for good).
-pub async fn delete(db: &PgPool, name: &str) -> Result<()> {
+pub async fn delete(db: &PgPool, credentials: &dyn CredentialCache, name: &str) -> Result<()> {
     let mut tx = db.begin().await?;
     let deleted = sqlx::query("DELETE FROM policies WHERE name = $1")
         .bind(name)
@@ -182,7 +190,7 @@ pub async fn delete(db: &PgPool, name: &str) -> Result<()> {
     if writers == 0 {
         return Err(Error::LastRegistryWriter);
     }
-    tx.commit().await?;
+    notify::commit_credential_change(tx, credentials, CredentialChange::Policy(name)).await?;
     Ok(())
 }
 

@@ -4,7 +4,7 @@
 //! Take-over works across hub processes through the database: a connection that starts writes its random id into
 //! the device's row and notifies the session channel in the same transaction; every connection of that device, in
 //! any process, is woken, reads the row, and closes itself when the id there is no longer its own. A registry
-//! change of a connected device (disabled, deleted) sends the same notification.
+//! change of the device (disabled, deleted) wakes them the same way, through its credentials notification.
 
 use sqlx::PgPool;
 use uuid::Uuid;

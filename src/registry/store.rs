@@ -1,14 +1,15 @@
 //! The registry's SQL. Every write is one transaction; etag checks happen under the device row's lock, so two
-//! updates racing with the same etag cannot both succeed.
+//! updates racing with the same etag cannot both succeed. A write that changes an existing device commits through
+//! [`notify::commit_credential_change`]: every hub process's credential cache forgets the device, and its connections look again
+//! (closing when it was disabled or deleted). Creating one needs neither: absent devices are never cached.
 
 use rand::Rng;
 use sqlx::{PgPool, Postgres, Transaction};
 
-use super::connection::ConnectionState;
 use super::model::{AuthType, DeviceChanges, DeviceId, DeviceRecord, Statistics, Status};
 use super::{Error, Result};
 use crate::keys;
-use crate::notify::{self, channel};
+use crate::notify::{self, CredentialCache, CredentialChange};
 
 const COLUMNS: &str =
     "device_id, generation_id, etag_version, status, status_reason, status_updated_time,
@@ -216,6 +217,7 @@ fn check_etag(device: &DeviceRecord, device_id: &DeviceId, expected: Option<i64>
 /// version.
 pub async fn update(
     db: &PgPool,
+    credentials: &dyn CredentialCache,
     device_id: &DeviceId,
     expected: Option<i64>,
     changes: &DeviceChanges,
@@ -227,21 +229,13 @@ pub async fn update(
     check_etag(&current, device_id, expected)?;
     let f = DeviceFields::resolve(changes, Some(&current))?;
     let updated = write(&mut tx, device_id, &f).await?;
-    tell_connection(&mut tx, &current).await?;
-    tx.commit().await?;
+    notify::commit_credential_change(
+        tx,
+        credentials,
+        CredentialChange::Device(device_id.as_str()),
+    )
+    .await?;
     Ok(updated)
-}
-
-/// A connected device changed or went away: its connection, in whichever process, looks again (and closes when the
-/// device is disabled or deleted). Sent inside the change's transaction, so it arrives once the change commits.
-async fn tell_connection(
-    tx: &mut Transaction<'_, Postgres>,
-    device: &DeviceRecord,
-) -> Result<(), sqlx::Error> {
-    if device.connection_state == ConnectionState::Connected {
-        notify::notify(tx, channel::SESSION, &device.device_id).await?;
-    }
-    Ok(())
 }
 
 async fn write(
@@ -264,7 +258,12 @@ async fn write(
 
 /// Deletes a device (and, through foreign keys, everything queued for it): not found when absent, an etag
 /// mismatch when `expected` names another version.
-pub async fn delete(db: &PgPool, device_id: &DeviceId, expected: Option<i64>) -> Result<()> {
+pub async fn delete(
+    db: &PgPool,
+    credentials: &dyn CredentialCache,
+    device_id: &DeviceId,
+    expected: Option<i64>,
+) -> Result<()> {
     let mut tx = db.begin().await?;
     let current = lock(&mut tx, device_id)
         .await?
@@ -274,8 +273,12 @@ pub async fn delete(db: &PgPool, device_id: &DeviceId, expected: Option<i64>) ->
         .bind(device_id.as_str())
         .execute(&mut *tx)
         .await?;
-    tell_connection(&mut tx, &current).await?;
-    tx.commit().await?;
+    notify::commit_credential_change(
+        tx,
+        credentials,
+        CredentialChange::Device(device_id.as_str()),
+    )
+    .await?;
     Ok(())
 }
 
@@ -344,9 +347,11 @@ pub enum BulkMode {
     DeleteIfMatchEtag(Option<i64>),
 }
 
-/// Applies one bulk entry in its own transaction (IoT Hub applies entries independently).
+/// Applies one bulk entry in its own transaction (IoT Hub applies entries independently), so each change sends
+/// its own notification.
 pub async fn apply_bulk(
     db: &PgPool,
+    credentials: &dyn CredentialCache,
     device_id: &DeviceId,
     mode: &BulkMode,
     changes: &DeviceChanges,
@@ -356,20 +361,21 @@ pub async fn apply_bulk(
             create(db, device_id, &DeviceFields::resolve(changes, None)?).await?;
         }
         BulkMode::Update => {
-            update(db, device_id, None, changes).await?;
+            update(db, credentials, device_id, None, changes).await?;
         }
         BulkMode::UpdateIfMatchEtag(v) => {
-            update(db, device_id, *v, changes).await?;
+            update(db, credentials, device_id, *v, changes).await?;
         }
-        BulkMode::Delete => delete(db, device_id, None).await?,
-        BulkMode::DeleteIfMatchEtag(v) => delete(db, device_id, *v).await?,
-        BulkMode::CreateOrUpdate => create_or_update(db, device_id, changes).await?,
+        BulkMode::Delete => delete(db, credentials, device_id, None).await?,
+        BulkMode::DeleteIfMatchEtag(v) => delete(db, credentials, device_id, *v).await?,
+        BulkMode::CreateOrUpdate => create_or_update(db, credentials, device_id, changes).await?,
     }
     Ok(())
 }
 
 async fn create_or_update(
     db: &PgPool,
+    credentials: &dyn CredentialCache,
     device_id: &DeviceId,
     changes: &DeviceChanges,
 ) -> Result<()> {
@@ -378,7 +384,12 @@ async fn create_or_update(
         Some(current) => {
             let f = DeviceFields::resolve(changes, Some(&current))?;
             write(&mut tx, device_id, &f).await?;
-            tell_connection(&mut tx, &current).await?;
+            notify::commit_credential_change(
+                tx,
+                credentials,
+                CredentialChange::Device(device_id.as_str()),
+            )
+            .await?;
         }
         None => {
             let f = DeviceFields::resolve(changes, None)?;
@@ -386,8 +397,8 @@ async fn create_or_update(
             if insert(&mut tx, device_id, &f).await?.is_none() {
                 return Err(Error::CreatedConcurrently(device_id.clone()));
             }
+            tx.commit().await?;
         }
     }
-    tx.commit().await?;
     Ok(())
 }

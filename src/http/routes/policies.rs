@@ -146,6 +146,7 @@ async fn put_policy(
             caller.caller.may_manage(existing.rights)?;
             policies::update(
                 &state.db,
+                &*state.credentials,
                 name,
                 rights,
                 input.primary_key.as_deref(),
@@ -166,7 +167,6 @@ async fn put_policy(
             .await?
         }
     };
-    state.credentials.forget_policy(name);
     Ok(Json(view(policy, &caller.caller, &state.config.hostname)))
 }
 
@@ -185,8 +185,7 @@ async fn delete_policy(
     Path(PolicyNamePath { name }): Path<PolicyNamePath>,
 ) -> ApiResult<StatusCode> {
     managed(&state, &caller.caller, &name).await?;
-    policies::delete(&state.db, &name).await?;
-    state.credentials.forget_policy(&name);
+    policies::delete(&state.db, &*state.credentials, &name).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -223,12 +222,12 @@ async fn regenerate_key(
     let existing = managed(&state, &caller.caller, &name).await?;
     let policy = policies::update(
         &state.db,
+        &*state.credentials,
         &name,
         existing.rights,
         primary.as_deref(),
         secondary.as_deref(),
     )
     .await?;
-    state.credentials.forget_policy(&name);
     Ok(Json(view(policy, &caller.caller, &state.config.hostname)))
 }

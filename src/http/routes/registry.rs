@@ -111,10 +111,10 @@ async fn put_device(
     let device = match if_match(&headers) {
         None => store::create(&state.db, &id, &DeviceFields::resolve(&changes, None)?).await?,
         Some(if_match) => {
-            store::update(&state.db, &id, if_match.expected_version(), &changes).await?
+            let expected = if_match.expected_version();
+            store::update(&state.db, &*state.credentials, &id, expected, &changes).await?
         }
     };
-    state.credentials.forget_device(id.as_str());
     with_etag(&state, device).await
 }
 
@@ -135,8 +135,13 @@ async fn delete_device(
 ) -> ApiResult<StatusCode> {
     let id: DeviceId = id.parse()?;
     let if_match = if_match(&headers).unwrap_or(IfMatch::Any);
-    store::delete(&state.db, &id, if_match.expected_version()).await?;
-    state.credentials.forget_device(id.as_str());
+    store::delete(
+        &state.db,
+        &*state.credentials,
+        &id,
+        if_match.expected_version(),
+    )
+    .await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -248,9 +253,8 @@ async fn bulk_devices(
             let id: DeviceId = entry.id.parse()?;
             let mode = bulk_mode(entry)?;
             let changes = DeviceChanges::try_from(entry)?;
-            let applied = store::apply_bulk(&state.db, &id, &mode, &changes).await;
-            state.credentials.forget_device(id.as_str());
-            Ok::<_, ApiError>(applied?)
+            store::apply_bulk(&state.db, &*state.credentials, &id, &mode, &changes).await?;
+            Ok::<_, ApiError>(())
         }
         .await;
         if let Err(e) = outcome {
