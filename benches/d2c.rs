@@ -11,7 +11,7 @@
 //! 6. reads of the same stored JSON events with `body=all` (every form of each body), `body=base64` and
 //!    `body=decoded`, side by side (in the order A B C C B A): events/s, hub CPU and answer bytes per event;
 //! 7. when `NATS_URL` names a NATS server with JetStream that answers: its acknowledged publish to a file-backed
-//!    stream, one publisher per device with one publish awaiting its ack, as the single HTTP sends do.
+//!    stream, one publisher per device with one publish awaiting its ack, as the single HTTP sends do;
 //! 8. how often authentication found a device's keys in the credential cache during the single-message run
 //!    (`IOTHUB_AUTH_CACHE_MS` applies, as for `iothub serve`).
 //!

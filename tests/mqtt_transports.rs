@@ -7,27 +7,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::mqtt::user_name;
+use common::pki;
 use common::*;
-use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, TlsConfiguration, Transport};
-
-/// A CA and a server certificate for localhost/127.0.0.1 signed by it; (CA PEM, cert path, key path).
-fn make_pki(dir: &std::path::Path) -> (String, std::path::PathBuf, std::path::PathBuf) {
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca = ca_params.self_signed(&ca_key).unwrap();
-    let key = KeyPair::generate().unwrap();
-    let mut params =
-        CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
-    params.is_ca = IsCa::ExplicitNoCa;
-    let cert = params.signed_by(&key, &ca, &ca_key).unwrap();
-    std::fs::create_dir_all(dir).unwrap();
-    let (cert_path, key_path) = (dir.join("server.pem"), dir.join("server.key"));
-    std::fs::write(&cert_path, cert.pem()).unwrap();
-    std::fs::write(&key_path, key.serialize_pem()).unwrap();
-    (ca.pem(), cert_path, key_path)
-}
 
 fn client_tls(ca_pem: &str) -> TlsConfiguration {
     use rustls::pki_types::pem::PemObject;
@@ -131,7 +113,11 @@ async fn round_trip(hub: &TestHub, device: &str, options: MqttOptions) {
 async fn mqtt_over_tls_carries_telemetry_and_c2d() {
     let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
         .join(format!("mqtts-{}", uuid::Uuid::new_v4()));
-    let (ca, cert, key) = make_pki(&dir);
+    let pki::Pki {
+        ca_pem: ca,
+        cert_path: cert,
+        key_path: key,
+    } = pki::make(&dir);
     let hub = TestHub::start_with(|c| {
         c.tls_cert = Some(cert.clone());
         c.tls_key = Some(key.clone());
@@ -162,7 +148,11 @@ async fn mqtt_over_websockets_carries_telemetry_and_c2d() {
 async fn mqtt_over_websockets_with_tls_on_the_https_listener() {
     let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
         .join(format!("wss-{}", uuid::Uuid::new_v4()));
-    let (ca, cert, key) = make_pki(&dir);
+    let pki::Pki {
+        ca_pem: ca,
+        cert_path: cert,
+        key_path: key,
+    } = pki::make(&dir);
     let hub = TestHub::start_with(|c| {
         c.tls_listen = Some("127.0.0.1:0".parse().unwrap());
         c.tls_cert = Some(cert.clone());

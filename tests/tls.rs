@@ -2,44 +2,15 @@
 
 mod common;
 
+use common::pki;
 use common::*;
-use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
 use reqwest::Method;
-
-struct Pki {
-    ca_pem: String,
-    cert_path: std::path::PathBuf,
-    key_path: std::path::PathBuf,
-}
-
-/// A CA and a server certificate for localhost and 127.0.0.1 (CA:FALSE, as rustls clients require).
-fn make_pki(dir: &std::path::Path) -> Pki {
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca = ca_params.self_signed(&ca_key).unwrap();
-    let key = KeyPair::generate().unwrap();
-    let mut params =
-        CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
-    params.is_ca = IsCa::ExplicitNoCa;
-    let cert = params.signed_by(&key, &ca, &ca_key).unwrap();
-    std::fs::create_dir_all(dir).unwrap();
-    let cert_path = dir.join("server.pem");
-    let key_path = dir.join("server.key");
-    std::fs::write(&cert_path, cert.pem()).unwrap();
-    std::fs::write(&key_path, key.serialize_pem()).unwrap();
-    Pki {
-        ca_pem: ca.pem(),
-        cert_path,
-        key_path,
-    }
-}
 
 #[tokio::test]
 async fn the_registry_answers_over_tls_with_modern_protocols_only() {
     let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
         .join(format!("tls-{}", uuid::Uuid::new_v4()));
-    let pki = make_pki(&dir);
+    let pki = pki::make(&dir);
     let hub = TestHub::start_with(|c| {
         c.tls_listen = Some("127.0.0.1:0".parse().unwrap());
         c.tls_cert = Some(pki.cert_path.clone());
@@ -129,7 +100,7 @@ fn a_missing_or_bad_certificate_is_a_clear_error() {
         format!("{} holds no certificate", dir.join("junk.pem").display())
     );
     // A good certificate with a key file that holds no key names the key file.
-    let pki = make_pki(&dir.join("good"));
+    let pki = pki::make(&dir.join("good"));
     let no_key = iothub::tls::server_config(
         &pki.cert_path,
         &dir.join("junk.pem"),
@@ -175,7 +146,7 @@ async fn raw_tls(addr: std::net::SocketAddr, ca_pem: &str, request: &str) -> Str
 async fn header_case_is_kept_both_ways_over_tls() {
     let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
         .join(format!("tls-case-{}", uuid::Uuid::new_v4()));
-    let pki = make_pki(&dir);
+    let pki = pki::make(&dir);
     let hub = TestHub::start_with(|c| {
         c.tls_listen = Some("127.0.0.1:0".parse().unwrap());
         c.tls_cert = Some(pki.cert_path.clone());
@@ -223,7 +194,7 @@ async fn header_case_is_kept_both_ways_over_tls() {
 async fn tls_hub(name: &str) -> (TestHub, std::net::SocketAddr, std::path::PathBuf) {
     let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
         .join(format!("{name}-{}", uuid::Uuid::new_v4()));
-    let pki = make_pki(&dir);
+    let pki = pki::make(&dir);
     let hub = TestHub::start_with(|c| {
         c.tls_listen = Some("127.0.0.1:0".parse().unwrap());
         c.tls_cert = Some(pki.cert_path.clone());

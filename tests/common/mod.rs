@@ -6,6 +6,7 @@
 #![allow(dead_code)]
 
 pub mod mqtt;
+pub mod pki;
 
 use std::str::FromStr;
 use std::time::Duration;
