@@ -7,6 +7,10 @@ pub mod cpu;
 pub mod nats;
 pub mod rabbitmq;
 
+/// The allocator the `iothub` binary ships with, so the hub measured here allocates as it does in production.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
