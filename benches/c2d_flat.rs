@@ -22,7 +22,7 @@ use iothub::{Config, Listeners};
 use sqlx::postgres::PgConnectOptions;
 use sqlx::PgPool;
 
-use common::cpu::{hub_cpu, proc_stat, server_cpu, HUB_THREAD};
+use common::cpu::{hub_cpu, proc_stat, server_cpu};
 use common::{http_cycle, sql_cycle, Figures};
 
 const HOST: &str = "bench.local";
@@ -48,15 +48,7 @@ fn main() -> anyhow::Result<()> {
         senders: env_number("C2D_FLAT_SENDERS", 8) as usize,
         ended: env_number("C2D_FLAT_ENDED", 100_000) as i64,
     };
-    let hub_runtime = tokio::runtime::Builder::new_multi_thread()
-        .thread_name(HUB_THREAD)
-        .enable_all()
-        .build()?;
-    let load = tokio::runtime::Builder::new_multi_thread()
-        .thread_name("load")
-        .enable_all()
-        .build()?;
-    load.block_on(with_database(hub_runtime.handle().clone(), settings))
+    common::cpu::with_hub_runtime(|hub| with_database(hub, settings))
 }
 
 async fn with_database(hub: tokio::runtime::Handle, settings: Settings) -> anyhow::Result<()> {

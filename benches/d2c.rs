@@ -34,7 +34,7 @@ use base64::Engine;
 use serde_json::{json, Value};
 use sqlx::PgPool;
 
-use common::cpu::{hub_cpu, HUB_THREAD};
+use common::cpu::hub_cpu;
 use common::nats;
 
 const HOST: &str = "bench.example.net";
@@ -103,48 +103,6 @@ async fn database() -> anyhow::Result<(PgPool, Option<iothub::postgres::ManagedC
 
 struct Devices {
     ids: Vec<(String, String)>,
-}
-
-async fn create_devices(
-    http: &reqwest::Client,
-    base: &str,
-    pool: &PgPool,
-    n: usize,
-) -> anyhow::Result<Devices> {
-    let key = iothub::auth::policies::get(pool, "iothubowner")
-        .await?
-        .unwrap()
-        .primary_key;
-    let owner = iothub::auth::sas::sign(
-        HOST,
-        &key,
-        Some("iothubowner"),
-        chrono::Utc::now().timestamp() + 7200,
-    )?;
-    let mut ids = Vec::new();
-    for i in 0..n {
-        let id = format!("bench-{i}");
-        let device: Value = http
-            .put(format!("{base}/devices/{id}?{API}"))
-            .header("Authorization", &owner)
-            .json(&json!({"deviceId": id}))
-            .send()
-            .await?
-            .json()
-            .await?;
-        let key = device["authentication"]["symmetricKey"]["primaryKey"]
-            .as_str()
-            .unwrap()
-            .to_string();
-        let token = iothub::auth::sas::sign(
-            &format!("{HOST}/devices/{id}"),
-            &key,
-            None,
-            chrono::Utc::now().timestamp() + 7200,
-        )?;
-        ids.push((id, token));
-    }
-    Ok(Devices { ids })
 }
 
 /// Sends for `secs` from every device at once; returns messages acknowledged per second.
@@ -493,15 +451,7 @@ async fn baseline_multi(
 }
 
 fn main() -> anyhow::Result<()> {
-    let hub_runtime = tokio::runtime::Builder::new_multi_thread()
-        .thread_name(HUB_THREAD)
-        .enable_all()
-        .build()?;
-    let load = tokio::runtime::Builder::new_multi_thread()
-        .thread_name("load")
-        .enable_all()
-        .build()?;
-    load.block_on(run(hub_runtime.handle().clone()))
+    common::cpu::with_hub_runtime(run)
 }
 
 async fn run(hub_runtime: tokio::runtime::Handle) -> anyhow::Result<()> {
@@ -541,7 +491,12 @@ async fn run(hub_runtime: tokio::runtime::Handle) -> anyhow::Result<()> {
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(device_count * 2)
         .build()?;
-    let devices = create_devices(&http, &base, &pool, device_count).await?;
+    let devices = Devices {
+        ids: common::Api::new(&pool, running.http_addr, HOST)
+            .await?
+            .register("bench", device_count)
+            .await?,
+    };
     let service_key = iothub::auth::policies::get(&pool, "service")
         .await?
         .unwrap()

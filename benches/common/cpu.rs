@@ -6,6 +6,24 @@ use std::time::Duration;
 /// The hub's runtime threads carry this name, so their CPU time can be told from the load generator's.
 pub const HUB_THREAD: &str = "hub";
 
+/// Runs `run` on a runtime of its own for the load generator, handing it a runtime whose threads are named
+/// [`HUB_THREAD`] for the hub: the hub launched there is metered apart from the load.
+pub fn with_hub_runtime<F, Fut>(run: F) -> anyhow::Result<()>
+where
+    F: FnOnce(tokio::runtime::Handle) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    let hub = tokio::runtime::Builder::new_multi_thread()
+        .thread_name(HUB_THREAD)
+        .enable_all()
+        .build()?;
+    let load = tokio::runtime::Builder::new_multi_thread()
+        .thread_name("load")
+        .enable_all()
+        .build()?;
+    load.block_on(run(hub.handle().clone()))
+}
+
 /// Fields of `/proc/<pid>/stat` (or of a thread's) that the meters need.
 pub struct ProcStat {
     pub comm: String,
