@@ -54,7 +54,12 @@ pub async fn upkeep(mut stop: tokio::sync::watch::Receiver<bool>) -> anyhow::Res
     loop {
         tokio::select! {
             _ = stop.wait_for(|s| *s) => return Ok(()),
-            _ = tick.tick() => handle().run_upkeep(),
+            _ = tick.tick() => {
+                handle().run_upkeep();
+                // The drained sample blocks are freed by crossbeam's epoch collector, which moves on only when
+                // threads pin it: without traffic, the last drain's blocks would wait for the next request.
+                crossbeam_epoch::pin().flush();
+            }
         }
     }
 }
