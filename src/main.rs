@@ -413,6 +413,10 @@ async fn service_client(hub: &HubArgs) -> anyhow::Result<HubClient> {
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {
+    // Caught from the first moment: until a handler is installed, SIGTERM's default action kills the process
+    // outright, cutting requests off mid-answer and leaving a managed PostgreSQL running. One that arrives while
+    // the hub starts is acted on as soon as it serves.
+    let shutdown = shutdown_signal()?;
     tracing::info!(config = %config, "starting");
     let (pool, cluster) = open_database(
         config.database_url.as_ref(),
@@ -421,7 +425,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     )
     .await?;
     let listeners = Listeners::bind(&config).await?;
-    let hub = iothub::launch(config, pool.clone(), listeners, shutdown_signal()).await?;
+    let hub = iothub::launch(config, pool.clone(), listeners, shutdown).await?;
     let result = hub.wait().await;
     pool.close().await;
     if let Some(cluster) = cluster {
@@ -432,13 +436,18 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     result
 }
 
-async fn shutdown_signal() {
+/// Installs the SIGTERM and SIGINT handlers now; the future resolves on the first of either, also one that came
+/// before it was polled.
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
     use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {},
-        _ = term.recv() => {},
-    }
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {},
+            _ = interrupt.recv() => {},
+        }
+    })
 }
 
 /// A service connection string: `--connection-string`, or the iothubowner policy read from the database.

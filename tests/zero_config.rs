@@ -142,6 +142,52 @@ async fn serve_with_no_configuration_runs_and_stops_its_own_postgres() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// `docker stop` or a service manager may stop the hub while it is still starting: it must stop as cleanly as a
+/// running hub, and take its PostgreSQL with it.
+#[tokio::test]
+async fn sigterm_while_starting_stops_the_hub_and_its_postgres_cleanly() {
+    let dir = workdir();
+    let port = free_port();
+    let mut hub = serve(&dir, port);
+    // The cluster is being created or started: the hub has not served yet.
+    let data = dir.join("data/postgres");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !data.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the hub never began its start-up"
+        );
+        assert!(hub.try_wait().unwrap().is_none(), "the hub exited early");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(hub.id() as i32, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let status = loop {
+        if let Some(status) = hub.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "the hub did not stop on SIGTERM");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let pid_file = data.join("pgdata/postmaster.pid");
+    let orphan = std::fs::read_to_string(&pid_file).ok();
+    if let Some(pid) = orphan
+        .as_deref()
+        .and_then(|t| t.lines().next()?.trim().parse::<i32>().ok())
+    {
+        // Left running: stop it before failing, so the failure does not outlive the test.
+        // SAFETY: kill(2) on the postmaster this test's hub started.
+        unsafe { libc::kill(pid, libc::SIGQUIT) };
+    }
+    assert!(status.success(), "a clean exit after SIGTERM: {status}");
+    assert!(
+        orphan.is_none(),
+        "the hub stops its PostgreSQL when it stops"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 #[test]
 fn an_unreachable_database_is_a_one_line_error_not_a_panic() {
     let dir = workdir();
