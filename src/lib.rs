@@ -97,6 +97,11 @@ impl RunningHub {
         self.state.d2c.ingest.queued(partition)
     }
 
+    /// C2D enqueues queued for the writer that takes `device_id`'s in this process, not yet in a transaction.
+    pub fn c2d_queued(&self, device_id: &registry::DeviceId) -> usize {
+        self.state.c2d.queued(device_id)
+    }
+
     /// MQTT connections open in this process (handshakes included).
     pub fn mqtt_connections(&self) -> usize {
         self.state.mqtt.sessions.open()
@@ -131,13 +136,14 @@ pub async fn launch(
     prepare_database(&db).await?;
     http::metrics::handle();
     let (stop_tx, stop) = watch::channel(false);
-    // Telemetry writers outlive the listeners: a send still in flight when shutdown begins gets its commit.
+    // Telemetry and C2D writers outlive the listeners: a send still in flight when shutdown begins gets its commit.
     let (drained_tx, drained) = watch::channel(false);
     let mut tasks = JoinSet::new();
     let credentials = Arc::new(auth::Credentials::new(db.clone(), config.auth_cache()));
     let notifier =
         notify::Notifier::start(db.clone(), credentials.clone(), stop.clone(), &mut tasks).await?;
-    let d2c = Arc::new(d2c::D2c::start(&db, &config.d2c, drained, &mut tasks).await?);
+    let d2c = Arc::new(d2c::D2c::start(&db, &config.d2c, drained.clone(), &mut tasks).await?);
+    let c2d = Arc::new(c2d::writers::Writers::start(&db, &config.c2d, drained, &mut tasks).await?);
     let throttle = Arc::new(throttle::Throttle::new(&config.throttle)?);
     let mqtt = Arc::new(mqtt::Endpoint {
         db: db.clone(),
@@ -156,6 +162,7 @@ pub async fn launch(
         throttle,
         notifier,
         d2c,
+        c2d,
         credentials,
         mqtt: mqtt.clone(),
         shutdown: stop.clone(),

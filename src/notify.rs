@@ -25,9 +25,11 @@ use sqlx::{PgPool, Postgres, Transaction};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-/// The channels the hub uses. A payload is the key waiters subscribe to.
+/// The channels the hub uses. A payload is the key waiters subscribe to, or several keys one per line ([`notify_keys`];
+/// no key holds a line break: device ids and partition numbers cannot).
 pub mod channel {
-    /// C2D: a message became deliverable for the device named in the payload.
+    /// C2D: a message became deliverable for each device named in the payload, one per line (a group commit of
+    /// enqueues names several).
     pub const C2D: &str = "iothub_c2d";
     /// D2C: events were committed to the partition named in the payload.
     pub const D2C: &str = "iothub_d2c";
@@ -162,6 +164,13 @@ impl Notifier {
         }
     }
 
+    /// Wakes every key a payload names (one per line).
+    fn wake_named(&self, channel: &str, payload: &str) {
+        for key in payload.split('\n') {
+            self.wake(channel, key);
+        }
+    }
+
     fn wake_all(&self) {
         self.epoch.send_modify(|n| *n += 1);
     }
@@ -203,7 +212,7 @@ impl Notifier {
 
     fn deliver(&self, n: &PgNotification, credentials: &dyn CredentialCache) {
         if n.channel() != channel::CREDENTIALS {
-            return self.wake(n.channel(), n.payload());
+            return self.wake_named(n.channel(), n.payload());
         }
         // Evicted before the wake-up, so a connection that looks again reads the change.
         let change = CredentialChange::parse(n.payload());
@@ -261,6 +270,16 @@ pub async fn notify(
     Ok(())
 }
 
+/// [`notify`] for several keys of one channel in one notification (a transaction sends at most one): each is woken
+/// as if notified alone. PostgreSQL limits a payload to 8000 bytes; callers bound how many keys they name.
+pub async fn notify_keys(
+    tx: &mut sqlx::Transaction<'_, Postgres>,
+    channel: &str,
+    keys: &[&str],
+) -> Result<(), sqlx::Error> {
+    notify(tx, channel, &keys.join("\n")).await
+}
+
 /// Sends a notification as a statement of its own after the change it announces has committed: for waiters that
 /// look again by themselves within a bounded time (long polls), where a change's own statement should stay one
 /// round trip. If the process dies between the commit and this, those waiters find the change when their wait ends.
@@ -287,6 +306,26 @@ mod tests {
         }
         assert_eq!(CredentialChange::parse("twin:a"), None);
         assert_eq!(CredentialChange::parse("device"), None);
+    }
+
+    #[tokio::test]
+    async fn a_payload_of_several_lines_wakes_each_key_it_names() {
+        let notifier = Notifier::default();
+        let mut a = notifier.subscribe(channel::C2D, "a");
+        let mut b = notifier.subscribe(channel::C2D, "b");
+        let mut c = notifier.subscribe(channel::C2D, "c");
+        notifier.wake_named(channel::C2D, "a\nc");
+        for (name, woken) in [("a", &mut a), ("c", &mut c)] {
+            tokio::time::timeout(Duration::from_millis(100), woken.changed())
+                .await
+                .unwrap_or_else(|_| panic!("{name} woken"));
+        }
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), b.changed())
+                .await
+                .is_err(),
+            "b is not named"
+        );
     }
 
     #[tokio::test]

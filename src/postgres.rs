@@ -29,6 +29,18 @@ pub async fn connect(options: PgConnectOptions, max_connections: u32) -> anyhow:
         .context("cannot connect to PostgreSQL")
 }
 
+/// A pool of `size` connections of their own, on `db`'s database, for writer tasks: their transactions never queue
+/// behind the requests' queries in the shared pool, and no connection test precedes each transaction.
+pub async fn writer_pool(db: &PgPool, size: u32) -> Result<PgPool, sqlx::Error> {
+    PgPoolOptions::new()
+        .max_connections(size)
+        .min_connections(0)
+        .test_before_acquire(false)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect_with(db.connect_options().as_ref().clone())
+        .await
+}
+
 pub fn parse_url(url: &str) -> anyhow::Result<PgConnectOptions> {
     PgConnectOptions::from_str(url)
         .map_err(|e| anyhow!("DATABASE_URL is not a PostgreSQL URL: {e}"))

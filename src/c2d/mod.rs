@@ -7,7 +7,9 @@
 pub mod model;
 pub mod store;
 pub mod sweeper;
+pub mod writers;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Args;
@@ -89,8 +91,16 @@ pub enum Error {
         "Device {device} has no message with sequence number {seq} (or it ended too long ago)"
     )]
     MessageNotFound { device: DeviceId, seq: i64 },
+    /// The writers' queues stayed full for [`writers::ENQUEUE_WAIT`]: the database is behind.
+    #[error("The hub is busy enqueuing; retry later")]
+    Busy,
+    #[error("The hub is shutting down")]
+    ShuttingDown,
     #[error(transparent)]
     Database(#[from] sqlx::Error),
+    /// The group commit that held an enqueue failed; every enqueue in it shares the one error.
+    #[error("{0}")]
+    Commit(Arc<sqlx::Error>),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -57,15 +57,77 @@ async fn lock_device(tx: &mut Transaction<'_, Postgres>, device_id: &DeviceId) -
     Ok(())
 }
 
-/// Enqueues `message` for `device_id` in one statement: checks the queue depth and expiry against the database's
-/// clock under the device's row lock and assigns the next sequence number; the wake-up of the device's waiters
-/// (long polls, an MQTT connection) commits with it.
+/// Enqueues `message` for `device_id` in a transaction of its own: one statement checks the queue depth and expiry
+/// against the database's clock under the device's row lock and assigns the next sequence number; the wake-up of
+/// the device's waiters (long polls, an MQTT connection) commits with it. [`group`] does the same for several.
 pub async fn enqueue(
     db: &PgPool,
     settings: &Settings,
     device_id: &DeviceId,
     message: &NewMessage,
 ) -> Result<Enqueued> {
+    let mut tx = db.begin().await?;
+    let outcome = enqueue_in(&mut tx, settings, device_id, message).await?;
+    if outcome.as_ref().is_some_and(|o| o.inserted > 0) {
+        // In the same transaction: a connection that waits only for this (MQTT) cannot miss it.
+        notify::notify(&mut tx, channel::C2D, device_id.as_str()).await?;
+    }
+    tx.commit().await?;
+    admitted(outcome, settings, device_id, message)
+}
+
+/// Why a [`group`] of enqueues failed as a whole.
+#[derive(Debug)]
+pub enum GroupFailure {
+    /// Before the commit: nothing of the group is stored, so each message may be enqueued again alone.
+    NotCommitted(sqlx::Error),
+    /// At the commit: whether it took effect is unknown.
+    Commit(sqlx::Error),
+}
+
+/// Enqueues several messages in one transaction (one commit, one `NOTIFY` naming every device that got a
+/// message): each is decided as [`enqueue`] would decide it alone, in the order given. The devices' rows are locked
+/// in that order and held to the commit, so callers give them sorted by device id: two groups then never wait on
+/// each other in a cycle.
+pub async fn group(
+    db: &PgPool,
+    settings: &Settings,
+    messages: &[(&DeviceId, &NewMessage)],
+) -> Result<Vec<Result<Enqueued>>, GroupFailure> {
+    use GroupFailure::NotCommitted;
+    let mut tx = db.begin().await.map_err(NotCommitted)?;
+    let mut outcomes = Vec::with_capacity(messages.len());
+    let mut woken: Vec<&str> = Vec::new();
+    for (device_id, message) in messages {
+        let outcome = enqueue_in(&mut tx, settings, device_id, message)
+            .await
+            .map_err(NotCommitted)?;
+        if outcome.as_ref().is_some_and(|o| o.inserted > 0) && !woken.contains(&device_id.as_str())
+        {
+            woken.push(device_id.as_str());
+        }
+        outcomes.push(outcome);
+    }
+    if !woken.is_empty() {
+        notify::notify_keys(&mut tx, channel::C2D, &woken)
+            .await
+            .map_err(NotCommitted)?;
+    }
+    tx.commit().await.map_err(GroupFailure::Commit)?;
+    Ok(outcomes
+        .into_iter()
+        .zip(messages)
+        .map(|(outcome, (device_id, message))| admitted(outcome, settings, device_id, message))
+        .collect())
+}
+
+/// Runs [`enqueue_sql`] in `tx`; `None` when the device is not registered.
+async fn enqueue_in(
+    tx: &mut Transaction<'_, Postgres>,
+    settings: &Settings,
+    device_id: &DeviceId,
+    message: &NewMessage,
+) -> Result<Option<EnqueueOutcome>, sqlx::Error> {
     let max_ttl = i64::from(settings.max_ttl_secs);
     // The statement checks the expiry against the database's clock; a relative one out of range is clamped to a
     // value just as far out of range, so the interval arithmetic cannot overflow.
@@ -74,8 +136,7 @@ pub async fn enqueue(
         Expiry::Ttl(secs) => (None, secs.clamp(0, max_ttl + 1)),
         Expiry::At(at) => (Some(at), 0),
     };
-    let mut tx = db.begin().await?;
-    let row: Option<EnqueueOutcome> = sqlx::query_as(&enqueue_sql())
+    sqlx::query_as(ENQUEUE_SQL.as_str())
         .bind(device_id.as_str())
         .bind(&message.message_id)
         .bind(&message.correlation_id)
@@ -89,14 +150,18 @@ pub async fn enqueue(
         .bind(ttl_secs)
         .bind(i64::from(settings.max_queue_depth))
         .bind(max_ttl)
-        .fetch_optional(&mut *tx)
-        .await?;
-    let r = row.ok_or_else(|| Error::DeviceNotFound(device_id.clone()))?;
-    if r.inserted > 0 {
-        // In the same transaction: a connection that waits only for this (MQTT) cannot miss it.
-        notify::notify(&mut tx, channel::C2D, device_id.as_str()).await?;
-    }
-    tx.commit().await?;
+        .fetch_optional(&mut **tx)
+        .await
+}
+
+/// What the statement decided for one message, as the sender learns it.
+fn admitted(
+    outcome: Option<EnqueueOutcome>,
+    settings: &Settings,
+    device_id: &DeviceId,
+    message: &NewMessage,
+) -> Result<Enqueued> {
+    let r = outcome.ok_or_else(|| Error::DeviceNotFound(device_id.clone()))?;
     if r.inserted == 0 && r.live >= i64::from(settings.max_queue_depth) {
         return Err(Error::QueueFull {
             device: device_id.clone(),
@@ -129,7 +194,7 @@ struct EnqueueOutcome {
 /// The statement of [`enqueue`]. The device's row is the per-device lock: it serialises the depth count and the
 /// sequence counter. The message (`$2`–`$9`) expires at `$10`, or `$11` seconds from now; it is inserted only when
 /// fewer than `$12` live messages are queued and its expiry lies within `$13` seconds from now.
-fn enqueue_sql() -> String {
+static ENQUEUE_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     format!(
         "WITH device AS (
              SELECT generation_id, c2d_next_seq AS seq, now() AS now,
@@ -154,7 +219,7 @@ fn enqueue_sql() -> String {
          SELECT seq, live, now, expires_at, (SELECT count(*) FROM inserted) AS inserted
          FROM checked"
     )
-}
+});
 
 /// What one receive found.
 pub enum Received {

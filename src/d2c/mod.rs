@@ -16,7 +16,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Args;
-use sqlx::postgres::PgPoolOptions;
 use sqlx::PgPool;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -131,15 +130,7 @@ impl D2c {
         }
         store::maintain(db, config.retention_days).await?;
         tasks.spawn(maintenance(db.clone(), config.clone(), shutdown.clone()));
-        // The writers get connections of their own: a send's transaction never queues behind the requests'
-        // authentication queries in the shared pool, and no connection test precedes each transaction.
-        let writers = PgPoolOptions::new()
-            .max_connections(partitions.min(32))
-            .min_connections(0)
-            .test_before_acquire(false)
-            .acquire_timeout(Duration::from_secs(5))
-            .connect_with(db.connect_options().as_ref().clone())
-            .await?;
+        let writers = crate::postgres::writer_pool(db, partitions.min(32)).await?;
         let ingest = ingest::Ingest::start(writers, partitions, config, shutdown, tasks);
         Ok(D2c {
             partitions,

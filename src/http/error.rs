@@ -278,7 +278,9 @@ impl From<c2d::Error> for ApiError {
             ExpiryOutOfRange { .. } => ErrorCode::InvalidMessageExpiryTime,
             LockLost => ErrorCode::DeviceMessageLockLost,
             MessageNotFound { .. } => ErrorCode::NotFound,
+            Busy | ShuttingDown => return ApiError::unavailable(error.to_string()),
             Database(e) => return database(e),
+            Commit(e) => return database(e),
         };
         refusal(code, error)
     }

@@ -279,12 +279,9 @@ async fn enqueue(
 ) -> ApiResult<Response> {
     let id: DeviceId = id.parse()?;
     let message = new_message(&headers, &names, body, state.config.c2d.max_ttl_secs)?;
-    let enqueued = store::enqueue(&state.db, &state.config.c2d, &id, &message).await?;
-    let location = format!(
-        "{}/commands/{}",
-        wire::device_path(id.as_str()),
-        enqueued.seq
-    );
+    let location = wire::device_path(id.as_str());
+    let enqueued = state.c2d.enqueue(id, message).await?;
+    let location = format!("{location}/commands/{}", enqueued.seq);
     let mut response = (StatusCode::CREATED, Json(Enqueued::from(enqueued))).into_response();
     if let Ok(value) = HeaderValue::from_str(&location) {
         response.headers_mut().insert(http::header::LOCATION, value);
