@@ -196,6 +196,21 @@ pub fn window(devices: usize) -> usize {
     devices * 2
 }
 
+/// Takes one of the `in_flight` slots for a send; `false` once `deadline` has passed. Whoever ends the message
+/// gives the slot back (or the sender, when the send fails), so a run never has more than the window on its way.
+pub async fn take_slot(in_flight: &Semaphore, deadline: Instant) -> bool {
+    while Instant::now() < deadline {
+        // Bounded waits: a run whose receivers stall still ends at its deadline.
+        if let Ok(Ok(permit)) =
+            tokio::time::timeout(Duration::from_millis(200), in_flight.acquire()).await
+        {
+            permit.forget();
+            return true;
+        }
+    }
+    false
+}
+
 pub async fn http_cycle(
     base: &str,
     http: &reqwest::Client,
@@ -308,14 +323,7 @@ impl Load {
                 let (t0, deadline) = (self.t0, self.deadline);
                 tokio::spawn(async move {
                     let mut next = s;
-                    while Instant::now() < deadline {
-                        let Ok(Ok(permit)) =
-                            tokio::time::timeout(Duration::from_millis(200), in_flight.acquire())
-                                .await
-                        else {
-                            continue;
-                        };
-                        permit.forget();
+                    while take_slot(&in_flight, deadline).await {
                         let id = &ids[next % ids.len()];
                         next += senders;
                         let sent = t0.elapsed().as_micros() as u64;
@@ -406,13 +414,7 @@ pub async fn sql_cycle(
         let (pool, in_flight, seq) = (pool.clone(), in_flight.clone(), seq.clone());
         tasks.push(tokio::spawn(async move {
             let mut next = s;
-            while Instant::now() < deadline {
-                let Ok(Ok(permit)) =
-                    tokio::time::timeout(Duration::from_millis(200), in_flight.acquire()).await
-                else {
-                    continue;
-                };
-                permit.forget();
+            while take_slot(&in_flight, deadline).await {
                 let id = format!("bench-{}", next % devices);
                 next += senders;
                 let sent = t0.elapsed().as_micros() as u64;

@@ -15,7 +15,7 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use tokio::sync::Semaphore;
 
-use super::{window, Figures, Latencies};
+use super::{take_slot, window, Figures, Latencies};
 
 const VARIABLE: &str = "AMQP_URL";
 /// Delivery mode 2: written to disk before the broker confirms it (unless consumed and acked before that).
@@ -168,13 +168,7 @@ async fn run(
         tasks.push(tokio::spawn(async move {
             let persistent = BasicProperties::default().with_delivery_mode(PERSISTENT);
             let mut next = s;
-            while Instant::now() < deadline {
-                let Ok(Ok(permit)) =
-                    tokio::time::timeout(Duration::from_millis(200), in_flight.acquire()).await
-                else {
-                    continue;
-                };
-                permit.forget();
+            while take_slot(&in_flight, deadline).await {
                 let queue = &queues[next % queues.len()];
                 next += senders;
                 let sent = t0.elapsed().as_micros() as u64;

@@ -111,7 +111,7 @@ impl Properties {
         );
         system.insert(
             CONNECTION_AUTH_METHOD.into(),
-            auth_method(&caller.credential),
+            auth_method(&caller.credential).to_string(),
         );
         system.insert(MESSAGE_SOURCE.into(), "Telemetry".into());
         Ok(NewEvent {
@@ -124,13 +124,16 @@ impl Properties {
 }
 
 /// `iothub-connection-auth-method`: a JSON string, scope "device" for the device's own key, "hub" for a policy.
-pub fn auth_method(credential: &DeviceCredential) -> String {
-    let scope = match credential {
-        DeviceCredential::DeviceKey => "device",
-        DeviceCredential::Policy(_) => "hub",
-    };
-    serde_json::json!({"scope": scope, "type": "sas", "issuer": "iothub", "acceptingIpFilterRule": null})
-        .to_string()
+/// Written out rather than built per message: every message carries one.
+pub fn auth_method(credential: &DeviceCredential) -> &'static str {
+    match credential {
+        DeviceCredential::DeviceKey => {
+            r#"{"acceptingIpFilterRule":null,"issuer":"iothub","scope":"device","type":"sas"}"#
+        }
+        DeviceCredential::Policy(_) => {
+            r#"{"acceptingIpFilterRule":null,"issuer":"iothub","scope":"hub","type":"sas"}"#
+        }
+    }
 }
 
 /// HTTP token characters (RFC 9110), the names IoT Hub allows for properties.
@@ -178,6 +181,21 @@ pub struct StoredEvent {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_auth_method_is_the_json_iot_hub_writes() {
+        for (credential, scope) in [
+            (DeviceCredential::DeviceKey, "device"),
+            (DeviceCredential::Policy("registryReadWrite".into()), "hub"),
+        ] {
+            let written: serde_json::Value =
+                serde_json::from_str(auth_method(&credential)).unwrap();
+            assert_eq!(
+                written,
+                serde_json::json!({"scope": scope, "type": "sas", "issuer": "iothub", "acceptingIpFilterRule": null})
+            );
+        }
+    }
 
     #[test]
     fn token_characters() {
