@@ -97,9 +97,9 @@ impl RunningHub {
         self.state.d2c.ingest.queued(partition)
     }
 
-    /// C2D enqueues queued for the writer that takes `device_id`'s in this process, not yet in a transaction.
-    pub fn c2d_queued(&self, device_id: &registry::DeviceId) -> usize {
-        self.state.c2d.queued(device_id)
+    /// C2D enqueues queued for this process's writers, not yet in a transaction.
+    pub fn c2d_queued(&self) -> usize {
+        self.state.c2d.queued()
     }
 
     /// MQTT connections open in this process (handshakes included).

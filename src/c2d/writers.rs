@@ -1,19 +1,18 @@
-//! Group commit for C2D enqueues: a few writer tasks, each draining the enqueues waiting for it into one
-//! transaction ([`store::group`]: one commit, one `NOTIFY`). A sender is answered only after the transaction that
-//! holds its message has committed, so `201` still means durable; each message is decided (queue depth, expiry,
-//! device gone) exactly as if it were enqueued alone.
+//! Group commit for C2D enqueues: a few writer tasks share one queue, and whichever is free takes every enqueue
+//! waiting in it into one transaction ([`store::group`]: one commit, one `NOTIFY`). A sender is answered only after
+//! the transaction that holds its message has committed, so `201` still means durable; each message is decided
+//! (queue depth, expiry, device gone) exactly as if it were enqueued alone.
 //!
-//! A device's enqueues always go to the same writer, so two writers never wait for the same device's row, and
-//! within a group the rows are locked in device-id order, as in every group of every hub process. Memory stays
-//! bounded: each writer's queue is a bounded channel, and a sender that finds it full waits for room, at most
-//! [`ENQUEUE_WAIT`], then gets a 503.
+//! Within a group the devices' rows are locked in device-id order, as in every group of every writer and hub
+//! process, so two groups that share devices wait for each other at most, never in a cycle. Memory stays bounded:
+//! the queue is a bounded channel, and a sender that finds it full waits for room, at most [`ENQUEUE_WAIT`], then
+//! gets a 503.
 
-use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::PgPool;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch, Mutex};
 use tokio::task::JoinSet;
 
 use super::model::{Enqueued, NewMessage};
@@ -27,8 +26,8 @@ pub const WRITERS: usize = 4;
 /// bytes stay far below PostgreSQL's 8000-byte payload limit.
 const GROUP_MAX: usize = 32;
 const _: () = assert!(GROUP_MAX * (128 + 1) < 8000);
-/// Enqueues waiting per writer before senders wait for room.
-const QUEUE_DEPTH: usize = 256;
+/// Enqueues waiting before senders wait for room.
+const QUEUE_DEPTH: usize = 1024;
 /// How long a sender waits for room in a full queue before it is told to retry.
 pub const ENQUEUE_WAIT: Duration = Duration::from_secs(5);
 
@@ -38,9 +37,9 @@ struct Job {
     done: oneshot::Sender<Result<Enqueued>>,
 }
 
-/// The handles to the writers.
+/// The writers' queue.
 pub struct Writers {
-    queues: Vec<mpsc::Sender<Job>>,
+    queue: mpsc::Sender<Job>,
 }
 
 impl Writers {
@@ -53,37 +52,33 @@ impl Writers {
         tasks: &mut JoinSet<anyhow::Result<()>>,
     ) -> anyhow::Result<Writers> {
         let db = crate::postgres::writer_pool(db, WRITERS as u32).await?;
-        let queues = (0..WRITERS)
-            .map(|_| {
-                let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
-                let writer = writer(db.clone(), settings.clone(), rx, drained.clone());
-                tasks.spawn(async move {
-                    writer.await;
-                    Ok(())
-                });
-                tx
-            })
-            .collect();
-        Ok(Writers { queues })
+        let (queue, rx) = mpsc::channel(QUEUE_DEPTH);
+        let rx = Arc::new(Mutex::new(rx));
+        for _ in 0..WRITERS {
+            let writer = writer(db.clone(), settings.clone(), rx.clone(), drained.clone());
+            tasks.spawn(async move {
+                writer.await;
+                Ok(())
+            });
+        }
+        Ok(Writers { queue })
     }
 
-    /// Enqueues waiting for the writer that takes `device_id`'s, not yet in a transaction. Tests read it to know
-    /// enqueues have arrived before they let the writer go on.
-    pub fn queued(&self, device_id: &DeviceId) -> usize {
-        let queue = &self.queues[writer_of(device_id)];
-        queue.max_capacity() - queue.capacity()
+    /// Enqueues waiting for a writer, not yet in a transaction. Tests read it to know enqueues have arrived before
+    /// they let the writers go on.
+    pub fn queued(&self) -> usize {
+        self.queue.max_capacity() - self.queue.capacity()
     }
 
     /// Enqueues `message` for `device_id`; answers once the transaction that holds it has committed.
     pub async fn enqueue(&self, device_id: DeviceId, message: NewMessage) -> Result<Enqueued> {
-        let queue = &self.queues[writer_of(&device_id)];
         let (done, answer) = oneshot::channel();
         let job = Job {
             device_id,
             message,
             done,
         };
-        match queue.send_timeout(job, ENQUEUE_WAIT).await {
+        match self.queue.send_timeout(job, ENQUEUE_WAIT).await {
             Ok(()) => {}
             Err(mpsc::error::SendTimeoutError::Timeout(_)) => return Err(Error::Busy),
             Err(mpsc::error::SendTimeoutError::Closed(_)) => return Err(Error::ShuttingDown),
@@ -92,50 +87,45 @@ impl Writers {
     }
 }
 
-/// The writer that takes a device's enqueues: the same one every time.
-pub fn writer_of(device_id: &DeviceId) -> usize {
-    let mut hasher = std::hash::DefaultHasher::new();
-    device_id.as_str().hash(&mut hasher);
-    (hasher.finish() % WRITERS as u64) as usize
-}
-
 async fn writer(
     db: PgPool,
     settings: Settings,
-    mut rx: mpsc::Receiver<Job>,
+    queue: Arc<Mutex<mpsc::Receiver<Job>>>,
     mut drained: watch::Receiver<bool>,
 ) {
-    let mut stopping = false;
-    loop {
-        let first = if stopping {
-            // Closed: finish what is already queued, then stop.
-            match rx.recv().await {
-                Some(job) => job,
-                None => return,
-            }
-        } else {
-            tokio::select! {
-                job = rx.recv() => match job {
-                    Some(job) => job,
-                    None => return,
-                },
-                _ = drained.wait_for(|d| *d) => {
-                    stopping = true;
-                    rx.close();
-                    continue;
-                }
-            }
-        };
-        // Everything that queued up while the previous transaction ran goes into this one.
-        let mut jobs = vec![first];
-        while jobs.len() < GROUP_MAX {
-            match rx.try_recv() {
-                Ok(job) => jobs.push(job),
-                Err(_) => break,
-            }
-        }
+    while let Some(jobs) = next_group(&queue, &mut drained).await {
         commit(&db, &settings, jobs).await;
     }
+}
+
+/// Waits for an enqueue, and takes it with everything queued behind it (up to [`GROUP_MAX`]); `None` once the
+/// listeners have drained and the queue is empty. One writer waits at a time: the others are busy committing, or
+/// wait for their turn here.
+async fn next_group(
+    queue: &Mutex<mpsc::Receiver<Job>>,
+    drained: &mut watch::Receiver<bool>,
+) -> Option<Vec<Job>> {
+    let mut rx = queue.lock().await;
+    let first = tokio::select! {
+        job = rx.recv() => Some(job?),
+        _ = drained.wait_for(|d| *d) => None,
+    };
+    let first = match first {
+        Some(job) => job,
+        None => {
+            // No new enqueues can come: finish what is queued.
+            rx.close();
+            rx.recv().await?
+        }
+    };
+    let mut jobs = vec![first];
+    while jobs.len() < GROUP_MAX {
+        match rx.try_recv() {
+            Ok(job) => jobs.push(job),
+            Err(_) => break,
+        }
+    }
+    Some(jobs)
 }
 
 /// Enqueues `jobs` in one transaction and answers each. When the group fails before its commit (a deadlock with
@@ -169,21 +159,5 @@ async fn commit(db: &PgPool, settings: &Settings, mut jobs: Vec<Job>) {
                 let _ = job.done.send(Err(Error::Commit(error.clone())));
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_device_always_has_the_same_writer_and_devices_spread() {
-        let ids: Vec<DeviceId> = (0..400).map(|i| format!("d{i}").parse().unwrap()).collect();
-        let mut per_writer = [0usize; WRITERS];
-        for id in &ids {
-            assert_eq!(writer_of(id), writer_of(&id.as_str().parse().unwrap()));
-            per_writer[writer_of(id)] += 1;
-        }
-        assert!(per_writer.iter().all(|&n| n > 50), "{per_writer:?}");
     }
 }
