@@ -121,7 +121,7 @@ pub async fn group(
         .collect())
 }
 
-/// Runs [`enqueue_sql`] in `tx`; `None` when the device is not registered.
+/// Runs [`ENQUEUE_SQL`] in `tx`; `None` when the device is not registered.
 async fn enqueue_in(
     tx: &mut Transaction<'_, Postgres>,
     settings: &Settings,
