@@ -23,7 +23,7 @@ use crate::registry::DeviceId;
 /// Writer tasks (and their connections). One: a group holds its devices' rows until it commits, so groups of
 /// several writers that share devices queue behind each other, and measured with four or eight writers the slowest
 /// enqueues took about three times as long as one at a time, for no more throughput. One writer's groups simply
-/// grow with the load (up to [`GROUP_MAX`]).
+/// grow with the load (up to 32 messages).
 pub const WRITERS: usize = 1;
 /// Messages one transaction takes at most. The `NOTIFY` names each device once, and 32 device ids of at most 128
 /// bytes stay far below PostgreSQL's 8000-byte payload limit.
