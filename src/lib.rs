@@ -22,6 +22,7 @@ pub mod postgres;
 pub mod registry;
 pub mod throttle;
 pub mod tls;
+pub mod writer_queue;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -97,7 +98,7 @@ impl RunningHub {
         self.state.d2c.ingest.queued(partition)
     }
 
-    /// C2D enqueues queued for this process's writers, not yet in a transaction.
+    /// C2D enqueues queued for this process's writer, not yet in a transaction.
     pub fn c2d_queued(&self) -> usize {
         self.state.c2d.queued()
     }
@@ -143,7 +144,7 @@ pub async fn launch(
     let notifier =
         notify::Notifier::start(db.clone(), credentials.clone(), stop.clone(), &mut tasks).await?;
     let d2c = Arc::new(d2c::D2c::start(&db, &config.d2c, drained.clone(), &mut tasks).await?);
-    let c2d = Arc::new(c2d::writers::Writers::start(&db, &config.c2d, drained, &mut tasks).await?);
+    let c2d = Arc::new(c2d::writer::Writer::start(&db, &config.c2d, drained, &mut tasks).await?);
     let throttle = Arc::new(throttle::Throttle::new(&config.throttle)?);
     let mqtt = Arc::new(mqtt::Endpoint {
         db: db.clone(),

@@ -1571,15 +1571,15 @@ async fn expiry_locks_and_tokens_follow_the_databases_clock_not_the_hubs() {
     let _ = std::fs::remove_dir_all(&data_dir);
 }
 
-/// Holds `device`'s row lock in a transaction of the test's own and sends one enqueue for it per writer: every
-/// writer takes one and waits for the lock, so what is sent meanwhile queues up and goes into one transaction
-/// together once the test releases the lock.
-async fn hold_writers(
+/// Holds `device`'s row lock in a transaction of the test's own and sends an enqueue for it: the writer takes it and
+/// waits for the lock, so what is sent meanwhile queues up and goes into one transaction together once the test
+/// releases the lock.
+async fn hold_writer(
     t: &std::sync::Arc<C2d>,
     device: &str,
 ) -> (
     sqlx::Transaction<'static, sqlx::Postgres>,
-    Vec<tokio::task::JoinHandle<Response>>,
+    tokio::task::JoinHandle<Response>,
 ) {
     let mut held = t.hub.db.begin().await.unwrap();
     sqlx::query("SELECT 1 FROM devices WHERE device_id = $1 FOR UPDATE")
@@ -1587,27 +1587,23 @@ async fn hold_writers(
         .execute(&mut *held)
         .await
         .unwrap();
-    // One at a time, so that each writer takes one alone.
-    let mut firsts = Vec::new();
-    for i in 0..iothub::c2d::writers::WRITERS {
-        firsts.push(send_later(t, device, &format!("first-{i}")));
-        let db = t.hub.db.clone();
-        wait_until("a writer waits for the device's row", || {
-            let db = db.clone();
-            async move {
-                let waiting: i64 = sqlx::query_scalar(
-                    "SELECT count(*) FROM pg_stat_activity
-                      WHERE datname = current_database() AND wait_event_type = 'Lock'",
-                )
-                .fetch_one(&db)
-                .await
-                .unwrap();
-                waiting == i as i64 + 1
-            }
-        })
-        .await;
-    }
-    (held, firsts)
+    let first = send_later(t, device, "first");
+    let db = t.hub.db.clone();
+    wait_until("the writer waits for the device's row", || {
+        let db = db.clone();
+        async move {
+            let waiting: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity
+                  WHERE datname = current_database() AND wait_event_type = 'Lock'",
+            )
+            .fetch_one(&db)
+            .await
+            .unwrap();
+            waiting == 1
+        }
+    })
+    .await;
+    (held, first)
 }
 
 /// Sends an enqueue for `device` with message id `id` in a task of its own.
@@ -1620,7 +1616,7 @@ fn send_later(
     tokio::spawn(async move { t.send(&device, &[("iothub-messageid", &id)], &id).await })
 }
 
-/// Waits until `n` enqueues wait for a writer.
+/// Waits until `n` enqueues wait for the writer.
 async fn wait_queued(t: &C2d, n: usize) {
     wait_until(&format!("{n} enqueues queued"), || {
         let queued = t.hub.running().c2d_queued();
@@ -1629,25 +1625,18 @@ async fn wait_queued(t: &C2d, n: usize) {
     .await;
 }
 
-/// Waits for the enqueues `hold_writers` sent, which all succeed.
-async fn firsts_enqueued(firsts: Vec<tokio::task::JoinHandle<Response>>) {
-    for first in firsts {
-        assert_eq!(first.await.unwrap().status(), 201);
-    }
-}
-
 #[tokio::test]
 async fn enqueues_that_wait_together_commit_together_each_decided_as_if_alone() {
     let t = std::sync::Arc::new(C2d::start_with(|c| c.c2d.max_queue_depth = 2).await);
     t.device("held").await;
     t.device("dev-1").await;
-    let (held, firsts) = hold_writers(&t, "held").await;
+    let (held, first) = hold_writer(&t, "held").await;
     let waiting: Vec<_> = (0..4)
         .map(|i| send_later(&t, "dev-1", &format!("m{i}")))
         .collect();
     wait_queued(&t, 4).await;
     held.rollback().await.unwrap();
-    firsts_enqueued(firsts).await;
+    assert_eq!(first.await.unwrap().status(), 201);
 
     let mut accepted = Vec::new();
     let mut refused = 0;
@@ -1703,14 +1692,14 @@ async fn one_group_wakes_the_long_polls_of_every_device_it_enqueued_for() {
     for id in devices {
         t.hub.wait_for_polls(Wake::C2d(id), 1).await;
     }
-    let (held, firsts) = hold_writers(&t, "held").await;
+    let (held, first) = hold_writer(&t, "held").await;
     let sent: Vec<_> = devices
         .iter()
         .map(|id| send_later(&t, id, &format!("for-{id}")))
         .collect();
     wait_queued(&t, 2).await;
     held.rollback().await.unwrap();
-    firsts_enqueued(firsts).await;
+    assert_eq!(first.await.unwrap().status(), 201);
     for response in sent {
         assert_eq!(response.await.unwrap().status(), 201);
     }
@@ -1745,14 +1734,14 @@ async fn a_message_that_fails_its_group_fails_alone() {
     .execute(&t.hub.db)
     .await
     .unwrap();
-    let (held, firsts) = hold_writers(&t, "held").await;
+    let (held, first) = hold_writer(&t, "held").await;
     let good = send_later(&t, "dev-1", "good");
     wait_queued(&t, 1).await;
     let poison = send_later(&t, "dev-1", "poison");
     wait_queued(&t, 2).await;
     held.rollback().await.unwrap();
 
-    firsts_enqueued(firsts).await;
+    assert_eq!(first.await.unwrap().status(), 201);
     assert_eq!(
         good.await.unwrap().status(),
         201,

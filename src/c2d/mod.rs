@@ -7,7 +7,7 @@
 pub mod model;
 pub mod store;
 pub mod sweeper;
-pub mod writers;
+pub mod writer;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -91,7 +91,7 @@ pub enum Error {
         "Device {device} has no message with sequence number {seq} (or it ended too long ago)"
     )]
     MessageNotFound { device: DeviceId, seq: i64 },
-    /// The writers' queues stayed full for [`writers::ENQUEUE_WAIT`]: the database is behind.
+    /// The writer's queue stayed full for [`writer::ENQUEUE_WAIT`]: the database is behind.
     #[error("The hub is busy enqueuing; retry later")]
     Busy,
     #[error("The hub is shutting down")]

@@ -16,6 +16,7 @@ use tokio::task::JoinSet;
 use super::model::NewEvent;
 use super::{store, Error, PartitionId, Result, Settings};
 use crate::postgres::sqlstate;
+use crate::writer_queue::{self, Refused};
 
 /// Messages a transaction takes at most in bytes, so one transaction stays reasonably small.
 const BATCH_BYTES_MAX: usize = 8 * 1024 * 1024;
@@ -76,16 +77,12 @@ impl Ingest {
     pub async fn submit(&self, partition: PartitionId, events: Vec<NewEvent>) -> Result<i64> {
         // A `PartitionId` is below the partition count by construction: there is a writer for it.
         let queue = &self.queues[partition.index()];
-        let (done, answer) = oneshot::channel();
-        match queue
-            .send_timeout(Job { events, done }, self.enqueue_timeout)
-            .await
+        match writer_queue::hand_off(queue, self.enqueue_timeout, |done| Job { events, done }).await
         {
-            Ok(()) => {}
-            Err(mpsc::error::SendTimeoutError::Timeout(_)) => return Err(Error::IngestBehind),
-            Err(mpsc::error::SendTimeoutError::Closed(_)) => return Err(Error::ShuttingDown),
+            Ok(answer) => answer,
+            Err(Refused::Full) => Err(Error::IngestBehind),
+            Err(Refused::Closed) => Err(Error::ShuttingDown),
         }
-        answer.await.unwrap_or(Err(Error::ShuttingDown))
     }
 }
 
@@ -97,27 +94,7 @@ async fn writer(
     retention_days: u32,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let mut stopping = false;
-    loop {
-        let first = if stopping {
-            // Closed: finish what is already queued, then stop.
-            match rx.recv().await {
-                Some(job) => job,
-                None => break,
-            }
-        } else {
-            tokio::select! {
-                job = rx.recv() => match job {
-                    Some(job) => job,
-                    None => break,
-                },
-                _ = shutdown.wait_for(|s| *s) => {
-                    stopping = true;
-                    rx.close();
-                    continue;
-                }
-            }
-        };
+    while let Some(first) = writer_queue::next_job(&mut rx, &mut shutdown).await {
         // Everything that queued up while the previous transaction ran goes into this one.
         let mut count = first.events.len();
         let mut bytes: usize = first.events.iter().map(|e| e.body.len()).sum();

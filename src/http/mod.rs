@@ -53,8 +53,8 @@ pub struct AppInner {
     pub throttle: Arc<crate::throttle::Throttle>,
     /// Device-to-cloud streams: partition writers and stream settings.
     pub d2c: Arc<crate::d2c::D2c>,
-    /// Cloud-to-device enqueues: the group-commit writers.
-    pub c2d: Arc<crate::c2d::writers::Writers>,
+    /// Cloud-to-device enqueues: the group-commit writer.
+    pub c2d: Arc<crate::c2d::writer::Writer>,
     /// MQTT, for connections that arrive as WebSockets.
     pub mqtt: Arc<crate::mqtt::Endpoint>,
 }

@@ -267,7 +267,7 @@ fn app_properties(headers: &HeaderMap, names: &RequestNames) -> ApiResult<Vec<(S
         (status = 400, description = "Invalid header: ack, ttl, expiry format, property (400004)", body = ErrorBody),
         (status = 403, description = "DeviceMaximumQueueDepthExceeded (403004), or InvalidMessageExpiryTime (403009): expiry not in the future or beyond the maximum TTL", body = ErrorBody),
         (status = 413, description = "MessageTooLarge (413001): over 64 KB", body = ErrorBody),
-        (status = 503, description = "ServiceUnavailable: the enqueue writers stayed busy for 5 s (the database is behind), or the hub is stopping; retry after `Retry-After`", body = ErrorBody),
+        (status = 503, description = "ServiceUnavailable: the enqueue writer stayed busy for 5 s (the database is behind), or the hub is stopping; retry after `Retry-After`", body = ErrorBody),
     ),
     security(("sas" = ["ServiceConnect"])))]
 async fn enqueue(

@@ -1,30 +1,28 @@
-//! Group commit for C2D enqueues: writer tasks share one queue, and a free writer takes every enqueue waiting in it
-//! into one transaction ([`store::group`]: one commit, one `NOTIFY`). A sender is answered only after the
-//! transaction that holds its message has committed, so `201` still means durable; each message is decided (queue
-//! depth, expiry, device gone) exactly as if it were enqueued alone.
+//! Group commit for C2D enqueues: one writer task per hub process takes every enqueue waiting in its queue into
+//! one transaction ([`store::group`]: one commit, one `NOTIFY`). A sender is answered only after the transaction
+//! that holds its message has committed, so `201` still means durable; each message is decided (queue depth,
+//! expiry, device gone) exactly as if it were enqueued alone.
 //!
-//! Within a group the devices' rows are locked in device-id order, as in every group of every writer and hub
-//! process, so two groups that share devices wait for each other at most, never in a cycle. Memory stays bounded:
-//! the queue is a bounded channel, and a sender that finds it full waits for room, at most [`ENQUEUE_WAIT`], then
-//! gets a 503.
+//! One writer, not several: a group holds its devices' rows until it commits, so the groups of several writers
+//! that share devices queue behind each other; measured with four or eight writers, the slowest enqueues took
+//! about three times as long as one at a time, for no more throughput. One writer's groups grow with the load
+//! instead. Within a group the rows are locked in device-id order, as in every hub process's groups, so groups of
+//! two processes wait for each other at most, never in a cycle. Memory stays bounded: the queue is a bounded
+//! channel, and a sender that finds it full waits for room, at most [`ENQUEUE_WAIT`], then gets a 503.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::PgPool;
-use tokio::sync::{mpsc, oneshot, watch, Mutex};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 
 use super::model::{Enqueued, NewMessage};
 use super::store::{self, GroupFailure};
 use super::{Error, Result, Settings};
 use crate::registry::DeviceId;
+use crate::writer_queue::{self, Refused};
 
-/// Writer tasks (and their connections). One: a group holds its devices' rows until it commits, so groups of
-/// several writers that share devices queue behind each other, and measured with four or eight writers the slowest
-/// enqueues took about three times as long as one at a time, for no more throughput. One writer's groups simply
-/// grow with the load (up to 32 messages).
-pub const WRITERS: usize = 1;
 /// Messages one transaction takes at most. The `NOTIFY` names each device once, and 32 device ids of at most 128
 /// bytes stay far below PostgreSQL's 8000-byte payload limit.
 const GROUP_MAX: usize = 32;
@@ -40,88 +38,60 @@ struct Job {
     done: oneshot::Sender<Result<Enqueued>>,
 }
 
-/// The writers' queue.
-pub struct Writers {
+/// The writer's queue.
+pub struct Writer {
     queue: mpsc::Sender<Job>,
 }
 
-impl Writers {
-    /// Starts the writers in `tasks` on `db` (connections of their own); they take enqueues until `drained` turns
-    /// true (after the listeners have stopped), then finish what is queued and stop.
+impl Writer {
+    /// Starts the writer in `tasks` on `db` (a connection of its own); it takes enqueues until `drained` turns true
+    /// (after the listeners have stopped), then finishes what is queued and stops.
     pub async fn start(
         db: &PgPool,
         settings: &Settings,
-        drained: watch::Receiver<bool>,
+        mut drained: watch::Receiver<bool>,
         tasks: &mut JoinSet<anyhow::Result<()>>,
-    ) -> anyhow::Result<Writers> {
-        let db = crate::postgres::writer_pool(db, WRITERS as u32).await?;
-        let (queue, rx) = mpsc::channel(QUEUE_DEPTH);
-        let rx = Arc::new(Mutex::new(rx));
-        for _ in 0..WRITERS {
-            let writer = writer(db.clone(), settings.clone(), rx.clone(), drained.clone());
-            tasks.spawn(async move {
-                writer.await;
-                Ok(())
-            });
-        }
-        Ok(Writers { queue })
+    ) -> anyhow::Result<Writer> {
+        let db = crate::postgres::writer_pool(db, 1).await?;
+        let (queue, mut rx) = mpsc::channel(QUEUE_DEPTH);
+        let settings = settings.clone();
+        tasks.spawn(async move {
+            while let Some(jobs) = next_group(&mut rx, &mut drained).await {
+                commit(&db, &settings, jobs).await;
+            }
+            Ok(())
+        });
+        Ok(Writer { queue })
     }
 
-    /// Enqueues waiting for a writer, not yet in a transaction. Tests read it to know enqueues have arrived before
-    /// they let the writers go on.
+    /// Enqueues waiting for the writer, not yet in a transaction. Tests read it to know enqueues have arrived
+    /// before they let the writer go on.
     pub fn queued(&self) -> usize {
         self.queue.max_capacity() - self.queue.capacity()
     }
 
     /// Enqueues `message` for `device_id`; answers once the transaction that holds it has committed.
     pub async fn enqueue(&self, device_id: DeviceId, message: NewMessage) -> Result<Enqueued> {
-        let (done, answer) = oneshot::channel();
-        let job = Job {
+        let job = |done| Job {
             device_id,
             message,
             done,
         };
-        match self.queue.send_timeout(job, ENQUEUE_WAIT).await {
-            Ok(()) => {}
-            Err(mpsc::error::SendTimeoutError::Timeout(_)) => return Err(Error::Busy),
-            Err(mpsc::error::SendTimeoutError::Closed(_)) => return Err(Error::ShuttingDown),
+        match writer_queue::hand_off(&self.queue, ENQUEUE_WAIT, job).await {
+            Ok(answer) => answer,
+            Err(Refused::Full) => Err(Error::Busy),
+            Err(Refused::Closed) => Err(Error::ShuttingDown),
         }
-        answer.await.unwrap_or(Err(Error::ShuttingDown))
-    }
-}
-
-async fn writer(
-    db: PgPool,
-    settings: Settings,
-    queue: Arc<Mutex<mpsc::Receiver<Job>>>,
-    mut drained: watch::Receiver<bool>,
-) {
-    while let Some(jobs) = next_group(&queue, &mut drained).await {
-        commit(&db, &settings, jobs).await;
     }
 }
 
 /// Waits for an enqueue, and takes it with everything queued behind it (up to [`GROUP_MAX`]); `None` once the
-/// listeners have drained and the queue is empty. One writer waits at a time: the others are busy committing, or
-/// wait for their turn here.
+/// listeners have drained and the queue is empty.
 async fn next_group(
-    queue: &Mutex<mpsc::Receiver<Job>>,
+    rx: &mut mpsc::Receiver<Job>,
     drained: &mut watch::Receiver<bool>,
 ) -> Option<Vec<Job>> {
-    let mut rx = queue.lock().await;
-    let first = tokio::select! {
-        job = rx.recv() => Some(job?),
-        _ = drained.wait_for(|d| *d) => None,
-    };
-    let first = match first {
-        Some(job) => job,
-        None => {
-            // No new enqueues can come: finish what is queued.
-            rx.close();
-            rx.recv().await?
-        }
-    };
-    let mut jobs = vec![first];
+    let mut jobs = vec![writer_queue::next_job(rx, drained).await?];
     while jobs.len() < GROUP_MAX {
         match rx.try_recv() {
             Ok(job) => jobs.push(job),
