@@ -22,7 +22,7 @@ use iothub::{Config, Listeners};
 use sqlx::postgres::PgConnectOptions;
 use sqlx::PgPool;
 
-use common::cpu::{hub_cpu, proc_stat, server_cpu};
+use common::meter::{Meter, Snapshot};
 use common::{http_cycle, sql_cycle, Figures};
 
 const HOST: &str = "bench.local";
@@ -143,7 +143,7 @@ async fn run(
         async move {
             let before = meter.start().await?;
             let figures = http_cycle(base, http, service, &set, settings.senders, duration).await?;
-            meter.report(&name, &figures, before).await
+            report(meter, &name, &figures, before).await
         }
     };
     let sql_phase = |name: String| {
@@ -158,7 +158,7 @@ async fn run(
                 duration,
             )
             .await?;
-            meter.report(&name, &figures, before).await
+            report(meter, &name, &figures, before).await
         }
     };
 
@@ -265,129 +265,25 @@ async fn register_filler(db: &PgPool, total: i64) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Where the cost of a phase is read from.
-struct Meter {
-    db: PgPool,
-    pg_stat_statements: bool,
-    postmaster: Option<u32>,
-}
-
-struct Snapshot {
-    wal: i64,
-    statements: i64,
-    hub_cpu: Duration,
-    db_cpu: Option<Duration>,
-}
-
-impl Meter {
-    async fn new(db: &PgPool) -> anyhow::Result<Meter> {
-        let pg_stat_statements = sqlx::query("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
-            .execute(db)
-            .await
-            .is_ok()
-            && sqlx::query("SELECT 1 FROM pg_stat_statements LIMIT 1")
-                .execute(db)
-                .await
-                .is_ok();
-        let backend: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
-            .fetch_one(db)
-            .await?;
-        // The server's processes can be read only when it runs on this machine.
-        let postmaster = proc_stat(backend as u32).map(|s| s.ppid);
-        Ok(Meter {
-            db: db.clone(),
-            pg_stat_statements,
-            postmaster,
-        })
-    }
-
-    fn statements_source(&self) -> &'static str {
-        if self.pg_stat_statements {
-            "pg_stat_statements"
-        } else {
-            "committed transactions (pg_stat_statements not loaded)"
-        }
-    }
-
-    /// Forgets the statements counted so far (seeding, an earlier phase), then takes a snapshot.
-    async fn start(&self) -> anyhow::Result<Snapshot> {
-        if self.pg_stat_statements {
-            sqlx::query("SELECT pg_stat_statements_reset()")
-                .execute(&self.db)
-                .await?;
-        }
-        self.snapshot().await
-    }
-
-    async fn snapshot(&self) -> anyhow::Result<Snapshot> {
-        let statements: i64 = if self.pg_stat_statements {
-            sqlx::query_scalar(
-                "SELECT coalesce(sum(calls), 0)::bigint FROM pg_stat_statements
-                 WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())",
-            )
-            .fetch_one(&self.db)
-            .await?
-        } else {
-            // Backends report their counters when idle, within a second.
-            tokio::time::sleep(Duration::from_millis(1500)).await;
-            sqlx::query_scalar(
-                "SELECT xact_commit + xact_rollback FROM pg_stat_database WHERE datname = current_database()",
-            )
-            .fetch_one(&self.db)
-            .await?
-        };
-        let wal: i64 =
-            sqlx::query_scalar("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::bigint")
-                .fetch_one(&self.db)
-                .await?;
-        Ok(Snapshot {
-            wal,
-            statements,
-            hub_cpu: hub_cpu(),
-            db_cpu: self.postmaster.map(server_cpu),
-        })
-    }
-
-    /// Prints a phase's line; returns its rate.
-    async fn report(&self, name: &str, figures: &Figures, before: Snapshot) -> anyhow::Result<f64> {
-        let after = self.snapshot().await?;
-        let n = figures.cycles.max(1) as f64;
-        let per = |d: Duration| d.as_secs_f64() * 1e6 / n;
-        let db_cpu = match (before.db_cpu, after.db_cpu) {
-            (Some(b), Some(a)) => format!("{:.0}", per(a.saturating_sub(b))),
-            _ => "n/a".into(),
-        };
-        println!(
-            "{name:<40} {:>8} {:>9.0} {:>8.2} {:>8.2} {:>9.0} {:>8.1} {:>10.0} {:>10}",
-            figures.cycles,
-            figures.rate(),
-            figures.latencies.percentile(0.50),
-            figures.latencies.percentile(0.99),
-            (after.wal - before.wal) as f64 / n,
-            (after.statements - before.statements) as f64 / n,
-            per(after.hub_cpu.saturating_sub(before.hub_cpu)),
-            db_cpu,
-        );
-        if self.pg_stat_statements {
-            self.top_statements().await?;
-        }
-        Ok(figures.rate())
-    }
-
-    /// The statements that took the most database time in the phase.
-    async fn top_statements(&self) -> anyhow::Result<()> {
-        let rows: Vec<(String, i64, f64, f64)> = sqlx::query_as(
-            "SELECT regexp_replace(query, '\\s+', ' ', 'g'), calls, total_exec_time, mean_exec_time
-             FROM pg_stat_statements
-             WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())
-             ORDER BY total_exec_time DESC LIMIT 4",
-        )
-        .fetch_all(&self.db)
-        .await?;
-        for (query, calls, total, mean) in rows {
-            let query: String = query.chars().take(90).collect();
-            println!("    {total:>8.0} ms {calls:>7} × {mean:>6.3} ms  {query}");
-        }
-        Ok(())
-    }
+/// Prints a phase's line (and the statements that took the most time); returns its rate.
+async fn report(
+    meter: &Meter,
+    name: &str,
+    figures: &Figures,
+    before: Snapshot,
+) -> anyhow::Result<f64> {
+    let cost = meter.cost(&before, figures.cycles).await?;
+    println!(
+        "{name:<40} {:>8} {:>9.0} {:>8.2} {:>8.2} {:>9.0} {:>8.1} {:>10.0} {:>10}",
+        figures.cycles,
+        figures.rate(),
+        figures.latencies.percentile(0.50),
+        figures.latencies.percentile(0.99),
+        cost.wal_bytes,
+        cost.statements,
+        cost.hub_us,
+        cost.db_us.map_or("n/a".into(), |us| format!("{us:.0}")),
+    );
+    meter.top_statements().await?;
+    Ok(figures.rate())
 }

@@ -7,16 +7,20 @@
 //! 2. batched sends (`application/vnd.microsoft.iothub.json`), messages/s;
 //! 3. send → readable latency (p50/p99) during the single-message run, seen by long-polling readers;
 //! 4. the HTTP + authentication ceiling: the same sends refused (a malformed batch) before anything is written;
-//! 5. baselines straight into one table: one INSERT per message (autocommit), and multi-row INSERTs;
+//! 5. baselines straight into one table: one INSERT per message (autocommit), and multi-row INSERTs of as many rows
+//!    as a batch holds (the batch's like: one statement per batch);
 //! 6. reads of the same stored JSON events with `body=all` (every form of each body), `body=base64` and
 //!    `body=decoded`, side by side (in the order A B C C B A): events/s, hub CPU and answer bytes per event;
 //! 7. when `NATS_URL` names a NATS server with JetStream that answers: its acknowledged publish to a file-backed
 //!    stream, one publisher per device with one publish awaiting its ack, as the single HTTP sends do;
 //! 8. how often authentication found a device's keys in the credential cache during the single-message run
 //!    (`IOTHUB_AUTH_CACHE_MS` applies, as for `iothub serve`).
+//! 9. per message of the send phases and of the baselines: hub CPU, database CPU (the server's processes, when it
+//!    runs on this machine), WAL bytes and statements (`pg_stat_statements` when the server preloads it, else
+//!    committed transactions).
 //!
 //! Environment: `D2C_BENCH_SECS` (per phase, default 5), `D2C_BENCH_DEVICES` (concurrent devices, default 64),
-//! `D2C_BENCH_BATCH` (messages per batch, default 50), `D2C_BENCH_DB_CONNECTIONS` (baseline connections, default
+//! `D2C_BENCH_BATCH` (messages per batch, default 100), `D2C_BENCH_DB_CONNECTIONS` (baseline connections, default
 //! 16, the hub's pool size), `D2C_BENCH_READ_EVENTS` (events stored for the read phases, default 20000),
 //! `D2C_BENCH_READ_SECS` (per read phase, default 3), `NATS_URL` (e.g. `nats://127.0.0.1:4222`; unset: no NATS
 //! phase).
@@ -35,6 +39,7 @@ use serde_json::{json, Value};
 use sqlx::PgPool;
 
 use common::cpu::hub_cpu;
+use common::meter::{Cost, Meter};
 use common::nats;
 
 const HOST: &str = "bench.example.net";
@@ -105,6 +110,14 @@ struct Devices {
     ids: Vec<(String, String)>,
 }
 
+/// What a phase of sends moved: its rate before the stop, and every message acknowledged (the ones in flight at the
+/// stop included, as their cost is metered).
+#[derive(Clone, Copy)]
+struct Phase {
+    rate: f64,
+    messages: u64,
+}
+
 /// Sends for `secs` from every device at once; returns messages acknowledged per second.
 async fn http_phase(
     http: &reqwest::Client,
@@ -113,7 +126,7 @@ async fn http_phase(
     secs: u64,
     batch: usize,
     epoch: Instant,
-) -> f64 {
+) -> Phase {
     let stop = Arc::new(AtomicBool::new(false));
     let sent = Arc::new(AtomicU64::new(0));
     let failed = Arc::new(AtomicU64::new(0));
@@ -164,7 +177,10 @@ async fn http_phase(
     if f > 0 {
         println!("  ({f} sends failed)");
     }
-    before_drain as f64 / elapsed
+    Phase {
+        rate: before_drain as f64 / elapsed,
+        messages: sent.load(Ordering::Relaxed),
+    }
 }
 
 /// Long-polls every partition and records, for each single message read, the time from send to readable.
@@ -376,7 +392,7 @@ async fn read_phase(
 }
 
 /// One autocommit INSERT per message from `connections` connections; rows per second.
-async fn baseline_single(pool: &PgPool, secs: u64, connections: usize) -> anyhow::Result<f64> {
+async fn baseline_single(pool: &PgPool, secs: u64, connections: usize) -> anyhow::Result<Phase> {
     let stop = Arc::new(AtomicBool::new(false));
     let rows = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::new();
@@ -405,7 +421,10 @@ async fn baseline_single(pool: &PgPool, secs: u64, connections: usize) -> anyhow
     for t in tasks {
         t.await?;
     }
-    Ok(n as f64 / elapsed)
+    Ok(Phase {
+        rate: n as f64 / elapsed,
+        messages: rows.load(Ordering::Relaxed),
+    })
 }
 
 /// Multi-row INSERTs of `per_statement` rows from `connections` connections; rows per second.
@@ -414,7 +433,7 @@ async fn baseline_multi(
     secs: u64,
     connections: usize,
     per_statement: usize,
-) -> anyhow::Result<f64> {
+) -> anyhow::Result<Phase> {
     let stop = Arc::new(AtomicBool::new(false));
     let rows = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::new();
@@ -447,7 +466,20 @@ async fn baseline_multi(
     for t in tasks {
         t.await?;
     }
-    Ok(n as f64 / elapsed)
+    Ok(Phase {
+        rate: n as f64 / elapsed,
+        messages: rows.load(Ordering::Relaxed),
+    })
+}
+
+fn print_cost(name: &str, cost: &Cost) {
+    println!(
+        "  {name:<50} {:>10.1} {:>10} {:>10.0} {:>10.2}",
+        cost.hub_us,
+        cost.db_us.map_or("n/a".into(), |us| format!("{us:.1}")),
+        cost.wal_bytes,
+        cost.statements
+    );
 }
 
 fn main() -> anyhow::Result<()> {
@@ -457,12 +489,13 @@ fn main() -> anyhow::Result<()> {
 async fn run(hub_runtime: tokio::runtime::Handle) -> anyhow::Result<()> {
     let secs: u64 = env_or("D2C_BENCH_SECS", 5);
     let device_count: usize = env_or("D2C_BENCH_DEVICES", 64);
-    let batch: usize = env_or("D2C_BENCH_BATCH", 50);
+    let batch: usize = env_or("D2C_BENCH_BATCH", 100);
     let connections: usize = env_or("D2C_BENCH_DB_CONNECTIONS", 16);
     let read_events: usize = env_or("D2C_BENCH_READ_EVENTS", 20_000);
     let read_secs: f64 = env_or("D2C_BENCH_READ_SECS", 3.0);
 
     let (pool, cluster) = database().await?;
+    let meter = Meter::new(&pool).await?;
     let mut config = iothub::Config::with_database("postgres://unused");
     config.hostname = HOST.to_string();
     config.listen = "127.0.0.1:0".parse()?;
@@ -530,7 +563,9 @@ async fn run(hub_runtime: tokio::runtime::Handle) -> anyhow::Result<()> {
     );
     tokio::time::sleep(Duration::from_millis(300)).await;
     let before = cache_lookups();
+    let metered = meter.start().await?;
     let single = http_phase(&http, &base, &devices, secs, 1, epoch).await;
+    let single_cost = meter.cost(&metered, single.messages).await?;
     let after = cache_lookups();
     let (hits, misses) = (after.0 - before.0, after.1 - before.1);
     tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -548,7 +583,9 @@ async fn run(hub_runtime: tokio::runtime::Handle) -> anyhow::Result<()> {
     .fetch_one(&pool)
     .await?;
 
+    let metered = meter.start().await?;
     let batched = http_phase(&http, &base, &devices, secs, batch, epoch).await;
+    let batched_cost = meter.cost(&metered, batched.messages).await?;
     // The same requests refused after authentication, before any write: what HTTP + SAS + the device lookup cost.
     let ceiling = http_phase(&http, &base, &devices, secs, 0, epoch).await;
 
@@ -570,8 +607,12 @@ async fn run(hub_runtime: tokio::runtime::Handle) -> anyhow::Result<()> {
     sqlx::query("CREATE TABLE IF NOT EXISTS bench_raw (id bigserial PRIMARY KEY, device_id text NOT NULL, properties jsonb NOT NULL, body bytea NOT NULL, at timestamptz NOT NULL DEFAULT now())")
         .execute(&pool)
         .await?;
+    let metered = meter.start().await?;
     let per_insert = baseline_single(&pool, secs, connections).await?;
-    let multi = baseline_multi(&pool, secs, connections, 1000).await?;
+    let per_insert_cost = meter.cost(&metered, per_insert.messages).await?;
+    let metered = meter.start().await?;
+    let multi = baseline_multi(&pool, secs, connections, batch.max(1)).await?;
+    let multi_cost = meter.cost(&metered, multi.messages).await?;
     let jetstream = match nats::server() {
         Ok(server) => {
             let duration = Duration::from_secs(secs);
@@ -587,22 +628,22 @@ async fn run(hub_runtime: tokio::runtime::Handle) -> anyhow::Result<()> {
     println!(
         "{:<52} {:>12}",
         "HTTP single-message sends",
-        format!("{single:.0} msg/s")
+        format!("{:.0} msg/s", single.rate)
     );
     println!(
         "{:<52} {:>12}",
         format!("HTTP batched sends ({batch}/batch)"),
-        format!("{batched:.0} msg/s")
+        format!("{:.0} msg/s", batched.rate)
     );
     println!(
         "{:<52} {:>12}",
         format!("baseline: one INSERT per message ({connections} conns)"),
-        format!("{per_insert:.0} rows/s")
+        format!("{:.0} rows/s", per_insert.rate)
     );
     println!(
         "{:<52} {:>12}",
-        format!("baseline: multi-row INSERT, 1000 rows ({connections} conns)"),
-        format!("{multi:.0} rows/s")
+        format!("baseline: multi-row INSERT, {batch} rows ({connections} conns)"),
+        format!("{:.0} rows/s", multi.rate)
     );
     if let Some(jetstream) = &jetstream {
         println!(
@@ -614,7 +655,7 @@ async fn run(hub_runtime: tokio::runtime::Handle) -> anyhow::Result<()> {
     println!(
         "{:<52} {:>12}",
         "HTTP sends refused after auth (no write)",
-        format!("{ceiling:.0} req/s")
+        format!("{:.0} req/s", ceiling.rate)
     );
     println!(
         "{:<52} {:>12}",
@@ -653,21 +694,37 @@ async fn run(hub_runtime: tokio::runtime::Handle) -> anyhow::Result<()> {
             100.0 * misses as f64 / (hits + misses).max(1) as f64
         )
     );
+    println!(
+        "per message, by {}: {:>10} {:>10} {:>10} {:>10}",
+        meter.statements_source(),
+        "hub µs",
+        "db µs",
+        "WAL B",
+        "statements"
+    );
+    for (name, cost) in [
+        ("HTTP single sends (and their readers)", &single_cost),
+        ("HTTP batched sends", &batched_cost),
+        ("baseline: one INSERT per message", &per_insert_cost),
+        ("baseline: multi-row INSERT", &multi_cost),
+    ] {
+        print_cost(name, cost);
+    }
     println!();
     println!("ratios (target):");
     println!(
         "  HTTP single / one-INSERT-per-message  = {:.2}  (> 1)",
-        single / per_insert
+        single.rate / per_insert.rate
     );
     if let Some(jetstream) = &jetstream {
         println!(
             "  HTTP single / NATS JetStream acked    = {:.2}  (toward 1)",
-            single / jetstream.rate()
+            single.rate / jetstream.rate()
         );
     }
     println!(
         "  HTTP batched / multi-row INSERT       = {:.2}  (>= 0.5)",
-        batched / multi
+        batched.rate / multi.rate
     );
     println!(
         "  p99 send -> readable                  = {:.1} ms (< 50 ms)",

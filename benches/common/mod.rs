@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod cpu;
+pub mod meter;
 pub mod nats;
 pub mod rabbitmq;
 
