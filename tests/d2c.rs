@@ -186,6 +186,49 @@ async fn single_message_is_stored_with_its_properties_and_the_hubs_stamps() {
     assert!(events[1].get("contentType").is_none());
 }
 
+/// The stamps are stored once per row in columns of their own, not as JSON among the system properties; events
+/// stored before that (stamps in the JSON, the columns NULL) read exactly as new ones do.
+#[tokio::test]
+async fn stamps_are_columns_and_older_events_read_the_same() {
+    let hub = TestHub::start().await;
+    let dev = device(&hub, "thermostat-2").await;
+    let response = send(&hub, &dev, "21.5", &[("iothub-messageid", "m-1")]).await;
+    assert_eq!(response.status(), 204);
+    let (system, generation, scope): (Value, Option<String>, Option<String>) = sqlx::query_as(
+        "SELECT system_properties, auth_generation_id, auth_scope FROM d2c_events WHERE device_id = $1",
+    )
+    .bind("thermostat-2")
+    .fetch_one(&hub.db)
+    .await
+    .unwrap();
+    assert_eq!(system, json!({"iothub-messageid": "m-1"}));
+    assert!(generation.is_some_and(|g| !g.is_empty()));
+    assert_eq!(scope.as_deref(), Some("device"));
+    let read = partition_events(&hub, "thermostat-2").await;
+    let stamped = &read[0]["systemProperties"];
+    assert_eq!(stamped["iothub-connection-device-id"], "thermostat-2");
+    assert_eq!(stamped["iothub-message-source"], "Telemetry");
+
+    // The same event as an earlier version of the hub stored it.
+    let older = stamped
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter(|(name, _)| *name != "iothub-enqueuedtime")
+        .map(|(name, value)| (name.clone(), value.clone()))
+        .collect::<serde_json::Map<_, _>>();
+    sqlx::query(
+        "UPDATE d2c_events SET system_properties = $2, auth_generation_id = NULL, auth_scope = NULL
+          WHERE device_id = $1",
+    )
+    .bind("thermostat-2")
+    .bind(Value::Object(older))
+    .execute(&hub.db)
+    .await
+    .unwrap();
+    assert_eq!(partition_events(&hub, "thermostat-2").await, read);
+}
+
 #[tokio::test]
 async fn batch_elements_become_messages_in_order() {
     let hub = TestHub::start().await;

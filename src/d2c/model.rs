@@ -1,6 +1,7 @@
 //! D2C messages as the core knows them: the properties a device may set, the hub's stamps, and stored events.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 
@@ -35,11 +36,73 @@ pub const ENQUEUED_TIME: &str = "iothub-enqueuedtime";
 /// A message ready to be appended to its partition.
 #[derive(Debug, Clone)]
 pub struct NewEvent {
-    pub device_id: String,
-    /// What the device set plus the hub's stamps (the enqueued time is added when it commits).
+    /// Who sent it: the hub's stamps, shared by the messages of one request.
+    pub sender: Arc<Sender>,
+    /// The system properties the device set (the stamps are added when the event is read).
     pub system_properties: BTreeMap<String, String>,
     pub properties: BTreeMap<String, String>,
     pub body: Vec<u8>,
+}
+
+crate::text_enum! {
+    /// Whose key signed the sender's token: the device's own, or a shared access policy's (the scope of
+    /// `iothub-connection-auth-method`).
+    pub enum AuthScope {
+        Device = "device",
+        Hub = "hub",
+    }
+}
+
+impl AuthScope {
+    pub fn of(credential: &DeviceCredential) -> AuthScope {
+        match credential {
+            DeviceCredential::DeviceKey => AuthScope::Device,
+            DeviceCredential::Policy(_) => AuthScope::Hub,
+        }
+    }
+
+    /// `iothub-connection-auth-method`: the JSON IoT Hub writes, as a string. Written out rather than built per
+    /// message: every message carries one.
+    pub fn auth_method(self) -> &'static str {
+        match self {
+            AuthScope::Device => {
+                r#"{"acceptingIpFilterRule":null,"issuer":"iothub","scope":"device","type":"sas"}"#
+            }
+            AuthScope::Hub => {
+                r#"{"acceptingIpFilterRule":null,"issuer":"iothub","scope":"hub","type":"sas"}"#
+            }
+        }
+    }
+}
+
+/// What the hub stamps on every message of one sender. Stored as columns of their own rather than among the
+/// system properties: as JSON they were most of a row, the same for every message of a device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sender {
+    pub device_id: String,
+    pub generation_id: String,
+    pub scope: AuthScope,
+}
+
+impl Sender {
+    pub fn of(caller: &DeviceCaller) -> Arc<Sender> {
+        Arc::new(Sender {
+            device_id: caller.device_id.to_string(),
+            generation_id: caller.generation_id.clone(),
+            scope: AuthScope::of(&caller.credential),
+        })
+    }
+
+    /// Adds the stamps to a stored event's system properties, over anything under their names.
+    pub fn stamp(&self, system: &mut BTreeMap<String, String>) {
+        system.insert(CONNECTION_DEVICE_ID.into(), self.device_id.clone());
+        system.insert(CONNECTION_GENERATION_ID.into(), self.generation_id.clone());
+        system.insert(
+            CONNECTION_AUTH_METHOD.into(),
+            self.scope.auth_method().into(),
+        );
+        system.insert(MESSAGE_SOURCE.into(), "Telemetry".into());
+    }
 }
 
 /// Properties as a device sent them, before stamping: what every transport fills, one property at a time.
@@ -95,44 +158,20 @@ impl Properties {
                 .sum::<usize>()
     }
 
-    /// The message, with the hub's stamps over anything the device sent under their names; refused when it is over
-    /// [`MAX_MESSAGE_SIZE`].
-    pub fn stamp(self, caller: &DeviceCaller, body: Vec<u8>) -> Result<NewEvent> {
+    /// The message from `sender`; refused when it is over [`MAX_MESSAGE_SIZE`]. The device cannot set the stamps'
+    /// names: [`Properties::add`] ignores them.
+    pub fn into_event(self, sender: &Arc<Sender>, body: Vec<u8>) -> Result<NewEvent> {
         if self.size(&body) > MAX_MESSAGE_SIZE {
             return Err(Error::TooLarge {
                 limit: MAX_MESSAGE_SIZE,
             });
         }
-        let mut system = self.system;
-        system.insert(CONNECTION_DEVICE_ID.into(), caller.device_id.to_string());
-        system.insert(
-            CONNECTION_GENERATION_ID.into(),
-            caller.generation_id.clone(),
-        );
-        system.insert(
-            CONNECTION_AUTH_METHOD.into(),
-            auth_method(&caller.credential).to_string(),
-        );
-        system.insert(MESSAGE_SOURCE.into(), "Telemetry".into());
         Ok(NewEvent {
-            device_id: caller.device_id.to_string(),
-            system_properties: system,
+            sender: sender.clone(),
+            system_properties: self.system,
             properties: self.app,
             body,
         })
-    }
-}
-
-/// `iothub-connection-auth-method`: a JSON string, scope "device" for the device's own key, "hub" for a policy.
-/// Written out rather than built per message: every message carries one.
-pub fn auth_method(credential: &DeviceCredential) -> &'static str {
-    match credential {
-        DeviceCredential::DeviceKey => {
-            r#"{"acceptingIpFilterRule":null,"issuer":"iothub","scope":"device","type":"sas"}"#
-        }
-        DeviceCredential::Policy(_) => {
-            r#"{"acceptingIpFilterRule":null,"issuer":"iothub","scope":"hub","type":"sas"}"#
-        }
     }
 }
 
@@ -173,6 +212,7 @@ pub struct StoredEvent {
     pub seq: i64,
     pub enqueued_at: DateTime<Utc>,
     pub device_id: String,
+    /// What the device set plus the hub's stamps (all but the enqueued time, which is `enqueued_at`).
     pub system_properties: BTreeMap<String, String>,
     pub properties: BTreeMap<String, String>,
     pub body: Vec<u8>,
@@ -189,7 +229,7 @@ mod tests {
             (DeviceCredential::Policy("registryReadWrite".into()), "hub"),
         ] {
             let written: serde_json::Value =
-                serde_json::from_str(auth_method(&credential)).unwrap();
+                serde_json::from_str(AuthScope::of(&credential).auth_method()).unwrap();
             assert_eq!(
                 written,
                 serde_json::json!({"scope": scope, "type": "sas", "issuer": "iothub", "acceptingIpFilterRule": null})

@@ -1,11 +1,12 @@
 //! The stream's SQL: partition counters, appends, reads and time partitions.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, Duration, NaiveDateTime, Timelike, Utc};
 use sqlx::{PgPool, Row};
 
-use super::model::{NewEvent, StoredEvent};
+use super::model::{AuthScope, NewEvent, Sender, StoredEvent};
 use super::PartitionId;
 use crate::notify;
 use crate::postgres::{sqlstate, UNIQUE_VIOLATION};
@@ -51,13 +52,17 @@ pub async fn append(
 ) -> Result<i64, sqlx::Error> {
     let n = events.len() as i64;
     let mut devices = Vec::with_capacity(events.len());
+    let mut generations = Vec::with_capacity(events.len());
+    let mut scopes = Vec::with_capacity(events.len());
     let mut systems = Vec::with_capacity(events.len());
     let mut props = Vec::with_capacity(events.len());
     let mut bodies: Vec<&[u8]> = Vec::with_capacity(events.len());
     for e in events {
-        devices.push(e.device_id.as_str());
-        systems.push(serde_json::to_string(&e.system_properties).unwrap_or_default());
-        props.push(serde_json::to_string(&e.properties).unwrap_or_default());
+        devices.push(e.sender.device_id.as_str());
+        generations.push(e.sender.generation_id.as_str());
+        scopes.push(e.sender.scope.as_str());
+        systems.push(json_object(&e.system_properties));
+        props.push(json_object(&e.properties));
         bodies.push(&e.body);
     }
     // Enqueued times never go backwards along the sequence: a transaction that started earlier (its now() is older)
@@ -71,10 +76,12 @@ pub async fn append(
               WHERE partition_id = $1
           RETURNING next_seq - $2 AS first_seq, last_enqueued_at
          ), i AS (
-             INSERT INTO d2c_events (partition_id, seq, enqueued_at, device_id, system_properties, properties, body)
-             SELECT $1, c.first_seq + u.ord - 1, c.last_enqueued_at, u.device_id, u.sys::jsonb, u.props::jsonb, u.body
-               FROM c, unnest($3::text[], $4::text[], $5::text[], $6::bytea[]) WITH ORDINALITY
-                       AS u(device_id, sys, props, body, ord)
+             INSERT INTO d2c_events (partition_id, seq, enqueued_at, device_id, auth_generation_id, auth_scope,
+                                     system_properties, properties, body)
+             SELECT $1, c.first_seq + u.ord - 1, c.last_enqueued_at, u.device_id, u.generation, u.scope,
+                    u.sys::jsonb, u.props::jsonb, u.body
+               FROM c, unnest($3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::bytea[])
+                       WITH ORDINALITY AS u(device_id, generation, scope, sys, props, body, ord)
              RETURNING 1
          )
          SELECT (SELECT first_seq FROM c) AS first_seq, (SELECT count(*) FROM i) AS inserted",
@@ -82,6 +89,8 @@ pub async fn append(
     .bind(partition)
     .bind(n)
     .bind(&devices)
+    .bind(&generations)
+    .bind(&scopes)
     .bind(&systems)
     .bind(&props)
     .bind(&bodies)
@@ -99,14 +108,37 @@ pub async fn append(
     Ok(first)
 }
 
+/// Properties as the JSON object stored for them; most messages have none.
+fn json_object(map: &BTreeMap<String, String>) -> Cow<'static, str> {
+    if map.is_empty() {
+        Cow::Borrowed("{}")
+    } else {
+        // A map of strings always serialises.
+        Cow::Owned(serde_json::to_string(map).unwrap_or_default())
+    }
+}
+
 fn stored(row: &sqlx::postgres::PgRow) -> Result<StoredEvent, sqlx::Error> {
-    let system: sqlx::types::Json<BTreeMap<String, String>> = row.try_get("system_properties")?;
+    let mut system: sqlx::types::Json<BTreeMap<String, String>> =
+        row.try_get("system_properties")?;
     let properties: sqlx::types::Json<BTreeMap<String, String>> = row.try_get("properties")?;
+    let device_id: String = row.try_get("device_id")?;
+    // Events written before the stamps had columns keep them among their system properties, and NULL here.
+    let generation_id: Option<String> = row.try_get("auth_generation_id")?;
+    let scope: Option<AuthScope> = row.try_get("auth_scope")?;
+    if let (Some(generation_id), Some(scope)) = (generation_id, scope) {
+        let sender = Sender {
+            device_id: device_id.clone(),
+            generation_id,
+            scope,
+        };
+        sender.stamp(&mut system.0);
+    }
     Ok(StoredEvent {
         partition_id: row.try_get("partition_id")?,
         seq: row.try_get("seq")?,
         enqueued_at: row.try_get("enqueued_at")?,
-        device_id: row.try_get("device_id")?,
+        device_id,
         system_properties: system.0,
         properties: properties.0,
         body: row.try_get("body")?,
@@ -121,7 +153,8 @@ pub async fn read(
     max: i64,
 ) -> Result<Vec<StoredEvent>, sqlx::Error> {
     let rows = sqlx::query(
-        "SELECT partition_id, seq, enqueued_at, device_id, system_properties, properties, body
+        "SELECT partition_id, seq, enqueued_at, device_id, auth_generation_id, auth_scope, system_properties,
+                properties, body
            FROM d2c_events WHERE partition_id = $1 AND seq >= $2 ORDER BY seq LIMIT $3",
     )
     .bind(partition)

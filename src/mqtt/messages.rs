@@ -7,7 +7,7 @@ use super::properties::{self, BagError};
 use super::topic::{self, TopicError};
 use crate::auth::DeviceCaller;
 use crate::c2d::model::MessageRow;
-use crate::d2c::model::{NewEvent, Properties, APP_PREFIX};
+use crate::d2c::model::{NewEvent, Properties, Sender, APP_PREFIX};
 
 /// System properties of a telemetry bag, and the names the core files them under.
 const SYSTEM: &[(&str, &str)] = &[
@@ -45,7 +45,7 @@ pub fn telemetry(caller: &DeviceCaller, bag: &str, payload: Vec<u8>) -> Result<N
             None => sent.add(&format!("{APP_PREFIX}{name}"), &value)?,
         }
     }
-    Ok(sent.stamp(caller, payload)?)
+    Ok(sent.into_event(&Sender::of(caller), payload)?)
 }
 
 /// A CONNECT's last will, as the telemetry message IoT Hub makes of it when the device drops: published to the
@@ -112,10 +112,7 @@ mod tests {
             event.system_properties["iothub-contenttype"],
             "application/json"
         );
-        assert_eq!(
-            event.system_properties["iothub-connection-device-id"],
-            "dev"
-        );
+        assert_eq!(event.sender.device_id, "dev");
         assert!(!event.system_properties.contains_key("iothub-to"));
         assert_eq!(event.properties.len(), 1);
         assert_eq!(event.properties["alert"], "high");

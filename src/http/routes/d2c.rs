@@ -21,7 +21,9 @@ use utoipa_axum::routes;
 
 use crate::auth::DeviceCaller;
 use crate::d2c::consumer_groups::{self, ConsumerGroupName};
-use crate::d2c::model::{NewEvent, Properties, StoredEvent, ENQUEUED_TIME, MAX_MESSAGE_SIZE};
+use crate::d2c::model::{
+    NewEvent, Properties, Sender, StoredEvent, ENQUEUED_TIME, MAX_MESSAGE_SIZE,
+};
 use crate::d2c::{store, Error, PartitionId};
 use crate::http::casing::RequestNames;
 use crate::http::error::{ApiError, ApiResult, ErrorBody};
@@ -134,7 +136,7 @@ pub fn parse_single(
             .map_err(|_| Error::InvalidMessage(format!("Header {name} is not ASCII")))?;
         sent.add(name, value)?;
     }
-    sent.stamp(caller, body)
+    sent.into_event(&Sender::of(caller), body)
 }
 
 /// One element of a batch (spec §3.2).
@@ -160,6 +162,7 @@ pub fn parse_batch(caller: &DeviceCaller, body: &[u8]) -> Result<Vec<NewEvent>, 
             "A batch holds at least one message".into(),
         ));
     }
+    let sender = Sender::of(caller);
     let mut total = 0usize;
     let mut events = Vec::with_capacity(items.len());
     for (index, item) in items.into_iter().enumerate() {
@@ -175,7 +178,7 @@ pub fn parse_batch(caller: &DeviceCaller, body: &[u8]) -> Result<Vec<NewEvent>, 
             sent.add(name, value)?;
         }
         total += sent.size(&payload);
-        let event = sent.stamp(caller, payload)?;
+        let event = sent.into_event(&sender, payload)?;
         if total > MAX_MESSAGE_SIZE {
             return Err(Error::BatchTooLarge {
                 limit: MAX_MESSAGE_SIZE,
@@ -681,7 +684,7 @@ async fn read_group_partition(
 mod tests {
     use super::*;
     use crate::auth::DeviceCredential;
-    use crate::d2c::model::{CONNECTION_AUTH_METHOD, CONNECTION_DEVICE_ID};
+    use crate::d2c::model::{AuthScope, CONNECTION_DEVICE_ID};
 
     fn caller() -> DeviceCaller {
         DeviceCaller {
@@ -720,13 +723,13 @@ mod tests {
             "application/json"
         );
         assert_eq!(event.system_properties["dt-subject"], "thermostat1");
-        assert_eq!(event.system_properties[CONNECTION_DEVICE_ID], "dev-1");
+        // The stamps are the sender's; a device's value under their names is not kept.
+        assert_eq!(event.sender.device_id, "dev-1");
+        assert_eq!(event.sender.scope, AuthScope::Device);
+        assert!(!event.system_properties.contains_key(CONNECTION_DEVICE_ID));
         assert!(!event.system_properties.contains_key("iothub-to"));
         // hyper hands header names over in lower case.
         assert_eq!(event.properties["alert"], "high");
-        let method: serde_json::Value =
-            serde_json::from_str(&event.system_properties[CONNECTION_AUTH_METHOD]).unwrap();
-        assert_eq!(method["scope"], "device");
     }
 
     #[test]
