@@ -587,7 +587,9 @@ async fn run(hub_runtime: tokio::runtime::Handle) -> anyhow::Result<()> {
     let batched = http_phase(&http, &base, &devices, secs, batch, epoch).await;
     let batched_cost = meter.cost(&metered, batched.messages).await?;
     // The same requests refused after authentication, before any write: what HTTP + SAS + the device lookup cost.
+    let metered = meter.start().await?;
     let ceiling = http_phase(&http, &base, &devices, secs, 0, epoch).await;
+    let ceiling_cost = meter.cost(&metered, ceiling.messages).await?;
 
     let ranges = store_json_events(&http, &base, &devices, &service, read_events).await?;
     let stored: i64 = ranges.iter().map(|(_, start, end)| end - start).sum();
@@ -705,6 +707,7 @@ async fn run(hub_runtime: tokio::runtime::Handle) -> anyhow::Result<()> {
     for (name, cost) in [
         ("HTTP single sends (and their readers)", &single_cost),
         ("HTTP batched sends", &batched_cost),
+        ("HTTP sends refused after auth (per request)", &ceiling_cost),
         ("baseline: one INSERT per message", &per_insert_cost),
         ("baseline: multi-row INSERT", &multi_cost),
     ] {
