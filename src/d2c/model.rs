@@ -122,27 +122,30 @@ impl Properties {
                 "Property '{name}' holds a NUL character"
             )));
         }
-        let lower = name.to_ascii_lowercase();
-        if lower.len() > APP_PREFIX.len() && lower.starts_with(APP_PREFIX) {
-            let app_name = &name[APP_PREFIX.len()..];
+        // Prefixes and system names in any case; compared in place, as every property of every message passes here.
+        if let Some(app_name) = strip_prefix_ignoring_case(name, APP_PREFIX) {
+            if app_name.is_empty() {
+                return Err(Error::InvalidMessage(
+                    "An application property needs a name".into(),
+                ));
+            }
             if !is_token(app_name) {
                 return Err(Error::InvalidMessage(format!(
                     "Property name '{app_name}' is invalid: names are made of HTTP token characters"
                 )));
             }
             self.app.insert(app_name.to_string(), value.to_string());
-        } else if lower == APP_PREFIX {
-            return Err(Error::InvalidMessage(
-                "An application property needs a name".into(),
-            ));
-        } else if DEVICE_SYSTEM_PROPERTIES.contains(&lower.as_str()) {
-            if lower == "iothub-messageid" && !valid_message_id(value) {
+        } else if let Some(system) = DEVICE_SYSTEM_PROPERTIES
+            .iter()
+            .find(|known| known.eq_ignore_ascii_case(name))
+        {
+            if *system == "iothub-messageid" && !valid_message_id(value) {
                 return Err(Error::InvalidMessage(
                     "iothub-messageid must be 1-128 ASCII letters, digits and - : . + % _ # * ? ! ( ) , = @ ; $ '"
                         .into(),
                 ));
             }
-            self.system.insert(lower, value.to_string());
+            self.system.insert((*system).to_string(), value.to_string());
         }
         Ok(())
     }
@@ -173,6 +176,13 @@ impl Properties {
             body,
         })
     }
+}
+
+/// `name` without `prefix`, when it starts with it in any case.
+fn strip_prefix_ignoring_case<'a>(name: &'a str, prefix: &str) -> Option<&'a str> {
+    let head = name.get(..prefix.len())?;
+    head.eq_ignore_ascii_case(prefix)
+        .then(|| &name[prefix.len()..])
 }
 
 /// HTTP token characters (RFC 9110), the names IoT Hub allows for properties.

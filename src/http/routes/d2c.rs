@@ -4,6 +4,7 @@
 mod body;
 mod stream;
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use axum::body::Bytes;
@@ -139,18 +140,23 @@ pub fn parse_single(
     sent.into_event(&Sender::of(caller), body)
 }
 
+// Its strings borrow from the request body where JSON lets them (no escapes): a batch holds many messages, and each
+// would otherwise copy its body and properties once more.
 /// One element of a batch (spec §3.2).
 #[derive(Debug, Deserialize, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
-pub struct BatchItem {
+pub struct BatchItem<'a> {
     /// Base64 of the payload, or the payload as a string when `base64Encoded` is false.
-    pub body: String,
+    #[serde(borrow)]
+    #[schema(value_type = String)]
+    pub body: Cow<'a, str>,
     /// Default true.
     #[serde(default)]
     pub base64_encoded: Option<bool>,
     /// `iothub-app-{name}` keys are application properties; system-property header names are honoured too.
-    #[serde(default)]
-    pub properties: Option<BTreeMap<String, String>>,
+    #[serde(default, borrow)]
+    #[schema(value_type = Option<BTreeMap<String, String>>)]
+    pub properties: Option<BTreeMap<Cow<'a, str>, Cow<'a, str>>>,
 }
 
 /// A batch: a JSON array of [`BatchItem`]; one message per element, in order.
@@ -171,7 +177,7 @@ pub fn parse_batch(caller: &DeviceCaller, body: &[u8]) -> Result<Vec<NewEvent>, 
                 Error::InvalidMessage(format!("Batch element {index}: body is not valid base64"))
             })?
         } else {
-            item.body.into_bytes()
+            item.body.into_owned().into_bytes()
         };
         let mut sent = Properties::default();
         for (name, value) in item.properties.iter().flatten() {
