@@ -17,26 +17,43 @@ use sqlx::{ConnectOptions, Connection, PgPool};
 /// The schema, embedded in the binary.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
+/// A connection that sat idle at least this long is tested (one round trip) before it is handed out, so that one
+/// left over from before a database restart is replaced instead of failing a request. A connection used a moment
+/// ago, and tested when it was released, is handed out as it is: testing it as well would add a round trip to
+/// every query of a busy hub.
+const TEST_WHEN_IDLE_FOR: Duration = Duration::from_secs(1);
+
+/// What every pool of the hub shares: at most `max_connections`, the acquire bounded, the connection test above.
+fn pool_options(max_connections: u32) -> PgPoolOptions {
+    PgPoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(Duration::from_secs(5))
+        .test_before_acquire(false)
+        .before_acquire(|connection, meta| {
+            Box::pin(async move {
+                if meta.idle_for >= TEST_WHEN_IDLE_FOR {
+                    connection.ping().await?;
+                }
+                Ok(true)
+            })
+        })
+}
+
 /// A pool on `options`, failing fast with a clear message when the server cannot be reached.
 pub async fn connect(options: PgConnectOptions, max_connections: u32) -> anyhow::Result<PgPool> {
     let options = options.log_statements(tracing::log::LevelFilter::Trace);
-    PgPoolOptions::new()
-        .max_connections(max_connections)
+    pool_options(max_connections)
         .min_connections(1)
-        .acquire_timeout(Duration::from_secs(5))
         .connect_with(options)
         .await
         .context("cannot connect to PostgreSQL")
 }
 
 /// A pool of `size` connections of their own, on `db`'s database, for writer tasks: their transactions never queue
-/// behind the requests' queries in the shared pool, and no connection test precedes each transaction.
+/// behind the requests' queries in the shared pool.
 pub async fn writer_pool(db: &PgPool, size: u32) -> Result<PgPool, sqlx::Error> {
-    PgPoolOptions::new()
-        .max_connections(size)
+    pool_options(size)
         .min_connections(0)
-        .test_before_acquire(false)
-        .acquire_timeout(Duration::from_secs(5))
         .connect_with(db.connect_options().as_ref().clone())
         .await
 }
