@@ -39,9 +39,12 @@ pub async fn next_job<J>(
     rx: &mut mpsc::Receiver<J>,
     drained: &mut watch::Receiver<bool>,
 ) -> Option<J> {
+    // Biased, the drain first: with both ready, an unbiased select may take a queued job and leave the queue open to
+    // new ones; this way it closes as soon as the drain has begun, and only what was queued before is finished.
     let stopping = tokio::select! {
-        job = rx.recv() => return job,
+        biased;
         _ = drained.wait_for(|d| *d) => true,
+        job = rx.recv() => return job,
     };
     if stopping {
         // No new jobs can come: finish what is queued.
