@@ -247,56 +247,67 @@ pub async fn receive(
     let sql = claim_sql();
     // Each claim is one statement, so one transaction of its own: a dead-lettered candidate and its feedback
     // commit together, and a delivery needs no more round trips than the statement.
-    let mut delivered = None;
     let mut dead_lettered = 0;
+    let mut found = Received::Empty { retry_in: None };
     // Bounded: each round ends one message for good, and a queue holds at most the configured depth (plus what
     // expired meanwhile); the bound only guards against surprises.
     for _ in 0..10_000 {
-        let row = sqlx::query_as::<_, MessageRow>(&sql)
+        let row = sqlx::query(&sql)
             .bind(device_id.as_str())
             .bind(lock_token.0)
             .bind(settings.max_delivery_count as i32)
             .bind(settings.lock_secs as i32)
             .bind(feedback.ttl_secs as i32)
-            .fetch_optional(db)
+            .bind(will_wait)
+            .fetch_one(db)
             .await?;
-        match row {
-            Some(r) if r.state == State::DeadLettered => dead_lettered += 1,
-            Some(r) => {
-                delivered = Some(r);
+        match claimed(&row)? {
+            Claimed::DeadLettered => dead_lettered += 1,
+            Claimed::Delivered(message) => {
+                found = Received::Message(message);
                 break;
             }
-            None => break,
+            Claimed::Nothing { retry_in } => {
+                found = Received::Empty { retry_in };
+                break;
+            }
         }
     }
     // Rare, so the receivers are woken whether or not the message's ack mode asked for a record.
     wake_feedback(db, dead_lettered).await?;
-    Ok(match delivered {
-        Some(row) => Received::Message(Box::new(row)),
-        None if will_wait => Received::Empty {
-            retry_in: earliest_lock_end(db, device_id).await?,
-        },
-        None => Received::Empty { retry_in: None },
+    Ok(found)
+}
+
+/// What one claim statement did.
+enum Claimed {
+    Delivered(Box<MessageRow>),
+    DeadLettered,
+    /// No candidate; `retry_in` as in [`Received::Empty`] (asked only of a caller that will wait).
+    Nothing {
+        retry_in: Option<std::time::Duration>,
+    },
+}
+
+/// Reads the claim's one row: a message's columns, or NULLs and the time until the device's earliest lock ends.
+fn claimed(row: &sqlx::postgres::PgRow) -> Result<Claimed, sqlx::Error> {
+    use sqlx::{FromRow, Row};
+    if row.try_get::<Option<i64>, _>("seq")?.is_none() {
+        let retry_in: Option<f64> = row.try_get("retry_in")?;
+        return Ok(Claimed::Nothing {
+            retry_in: retry_in.map(|s| std::time::Duration::from_secs_f64(s.max(0.0))),
+        });
+    }
+    let message = MessageRow::from_row(row)?;
+    Ok(match message.state {
+        State::DeadLettered => Claimed::DeadLettered,
+        _ => Claimed::Delivered(Box::new(message)),
     })
 }
 
-/// How long until the earliest lock of the device's messages runs out, if any is held.
-async fn earliest_lock_end(
-    db: &PgPool,
-    device_id: &DeviceId,
-) -> Result<Option<std::time::Duration>> {
-    let retry_in: Option<f64> = sqlx::query_scalar(&format!(
-        "SELECT extract(epoch FROM min(locked_until) - now())::float8 FROM c2d_messages
-         WHERE device_id = $1 AND {LIVE} AND state = 'invisible'"
-    ))
-    .bind(device_id.as_str())
-    .fetch_one(db)
-    .await?;
-    Ok(retry_in.map(|s| std::time::Duration::from_secs_f64(s.max(0.0))))
-}
-
 /// The claim of [`receive`]: the device's first receivable message is delivered under lock `$2` for `$4` seconds,
-/// or dead-lettered with its feedback (kept `$5` seconds) when it expired or was delivered `$3` times.
+/// or dead-lettered with its feedback (kept `$5` seconds) when it expired or was delivered `$3` times. Always one
+/// row: the message's columns, or NULLs and, when `$6` (the caller will wait), the seconds until the device's
+/// earliest lock runs out; so an empty long poll costs one round trip, not two.
 fn claim_sql() -> String {
     format!(
         "WITH candidate AS (
@@ -321,7 +332,12 @@ fn claim_sql() -> String {
              WHERE m.device_id = $1 AND m.seq = c.seq
              RETURNING m.*
          ), feedback AS ({feedback})
-         SELECT {ROW} FROM taken",
+         SELECT {ROW},
+             CASE WHEN taken.seq IS NULL AND $6 THEN
+                 (SELECT extract(epoch FROM min(locked_until) - now())::float8 FROM c2d_messages
+                  WHERE device_id = $1 AND state = 'invisible')
+             END AS retry_in
+         FROM (VALUES (true)) AS one LEFT JOIN taken ON true",
         feedback = record_outcomes("taken", "$5"),
     )
 }
