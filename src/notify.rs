@@ -21,7 +21,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use sqlx::postgres::{PgListener, PgNotification};
-use sqlx::{PgPool, Postgres, Transaction};
+use sqlx::{Executor, PgConnection, PgPool, Postgres, Transaction};
+
+use crate::postgres::literal;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
@@ -278,6 +280,28 @@ pub async fn notify_keys(
     keys: &[&str],
 ) -> Result<(), sqlx::Error> {
     notify(tx, channel, &keys.join("\n")).await
+}
+
+/// Sends [`notify_keys`]'s notification and commits, in one round trip: both statements go as text in one simple
+/// query (which binds nothing, so the payload is quoted as a literal) on `connection`, whose transaction the caller
+/// opened with a raw `BEGIN`. With no keys it only commits. An error means the commit's outcome is unknown.
+pub async fn notify_and_commit(
+    connection: &mut PgConnection,
+    channel: &str,
+    keys: &[&str],
+) -> Result<(), sqlx::Error> {
+    let sql = if keys.is_empty() {
+        "COMMIT".to_string()
+    } else {
+        format!(
+            "SELECT pg_notify({}, {}); COMMIT",
+            literal(channel),
+            literal(&keys.join("\n"))
+        )
+    };
+    // Text with no parameters goes as a simple query, which may hold several statements.
+    connection.execute(sql.as_str()).await?;
+    Ok(())
 }
 
 /// Sends a notification as a statement of its own after the change it announces has committed: for waiters that

@@ -8,11 +8,11 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::str::FromStr;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::{ConnectOptions, Connection, PgPool};
+use sqlx::{ConnectOptions, Connection, Executor, PgPool};
 
 /// The schema, embedded in the binary.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -56,6 +56,68 @@ pub async fn writer_pool(db: &PgPool, size: u32) -> Result<PgPool, sqlx::Error> 
         .min_connections(0)
         .connect_with(db.connect_options().as_ref().clone())
         .await
+}
+
+/// A connection a writer task owns, outside any pool. A pooled connection costs a round trip every time it is given
+/// back (the driver tests it then), and a writer runs one transaction after another on one connection, so it needs
+/// no pool. As in the pools, the connection is tested before use only when it sat idle for a second (a restarted
+/// database is noticed before a transaction fails on it); after a failure it is rolled back or replaced.
+pub struct OwnConnection {
+    options: PgConnectOptions,
+    open: Option<(sqlx::PgConnection, Instant)>,
+}
+
+impl OwnConnection {
+    /// Opens nothing yet: the first [`OwnConnection::get`] connects to `db`'s database.
+    pub fn new(db: &PgPool) -> OwnConnection {
+        OwnConnection {
+            options: db.connect_options().as_ref().clone(),
+            open: None,
+        }
+    }
+
+    /// The connection, opened again when there is none or it no longer answers.
+    pub async fn get(&mut self) -> Result<&mut sqlx::PgConnection, sqlx::Error> {
+        let usable = match &mut self.open {
+            Some((connection, used)) => {
+                used.elapsed() < TEST_WHEN_IDLE_FOR || connection.ping().await.is_ok()
+            }
+            None => false,
+        };
+        if !usable {
+            self.open = Some((self.options.connect().await?, Instant::now()));
+        }
+        let (connection, used) = self.open.as_mut().expect("opened above");
+        *used = Instant::now();
+        Ok(connection)
+    }
+
+    /// After a statement failed inside a transaction: rolls it back, or drops the connection (the server then rolls
+    /// back) when that fails too.
+    pub async fn rollback(&mut self) {
+        if let Some((connection, _)) = &mut self.open {
+            if connection.execute("ROLLBACK").await.is_err() {
+                self.open = None;
+            }
+        }
+    }
+
+    /// After a failure that leaves the connection's state unknown (at a commit): the next use opens a new one.
+    pub fn discard(&mut self) {
+        self.open = None;
+    }
+}
+
+/// `text` as an SQL string literal, for the few statements sent as text with no parameters (a simple query runs
+/// several statements in one round trip, but binds nothing): quotes doubled, and backslashes doubled in an `E''`
+/// literal, which reads the same whatever `standard_conforming_strings` says (PostgreSQL's own `quote_literal`).
+pub fn literal(text: &str) -> String {
+    let quoted = text.replace('\'', "''");
+    if text.contains('\\') {
+        format!("E'{}'", quoted.replace('\\', "\\\\"))
+    } else {
+        format!("'{quoted}'")
+    }
 }
 
 pub fn parse_url(url: &str) -> anyhow::Result<PgConnectOptions> {

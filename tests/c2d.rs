@@ -1057,6 +1057,39 @@ async fn ended_messages_are_deleted_after_the_feedback_ttl() {
     assert!(t.drain_feedback().await.is_empty());
 }
 
+/// The wake-up of an enqueue travels as SQL text (with the commit, in one round trip), so a device id is quoted there:
+/// ids may hold quotes, parentheses and semicolons.
+#[tokio::test]
+async fn device_ids_that_look_like_sql_are_woken_by_their_own_enqueues() {
+    let t = std::sync::Arc::new(C2d::start().await);
+    // Unquoted, the second would notify "x" and run a statement of its own.
+    let ids = ["o'brien", "x');SELECT('1"];
+    let mut polls = Vec::new();
+    for id in ids {
+        let token = t.device(id).await;
+        let t = t.clone();
+        polls.push(tokio::spawn(async move {
+            let wait = format!("?wait-ms={LONG_POLL_MS}");
+            let response = t.receive_query(id, &token, &wait).await;
+            (response.status(), response.text().await.unwrap())
+        }));
+    }
+    for id in ids {
+        t.hub.wait_for_polls(Wake::C2d(id), 1).await;
+    }
+    for (id, poll) in ids.iter().zip(polls) {
+        t.enqueue(id, &[], id).await;
+        let (status, body) = woken(poll).await.unwrap();
+        assert_eq!((status.as_u16(), body.as_str()), (200, *id));
+    }
+    // The quoting reads back as the same text, backslashes included.
+    for text in ["plain", "it's", "a\\'b\\\\n", "''", "\\"] {
+        let sql = format!("SELECT {}", iothub::postgres::literal(text));
+        let read: String = sqlx::query_scalar(&sql).fetch_one(&t.hub.db).await.unwrap();
+        assert_eq!(read, text, "{sql}");
+    }
+}
+
 #[tokio::test]
 async fn a_long_poll_answers_the_moment_a_message_is_enqueued() {
     let t = std::sync::Arc::new(C2d::start().await);

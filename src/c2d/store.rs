@@ -5,7 +5,7 @@
 //! receivers of one device never hold the same message and devices never wait on each other.
 
 use chrono::{DateTime, Utc};
-use sqlx::{PgPool, Postgres, Transaction};
+use sqlx::{Executor, PgConnection, PgPool, Postgres, Transaction};
 
 use super::model::{
     Enqueued, Expiry, MessageRow, MessageStatus, NewMessage, Outcome, SequenceNumber, State,
@@ -57,49 +57,33 @@ async fn lock_device(tx: &mut Transaction<'_, Postgres>, device_id: &DeviceId) -
     Ok(())
 }
 
-/// Enqueues `message` for `device_id` in a transaction of its own: one statement checks the queue depth and expiry
-/// against the database's clock under the device's row lock and assigns the next sequence number; the wake-up of
-/// the device's waiters (long polls, an MQTT connection) commits with it. [`group`] does the same for several.
-pub async fn enqueue(
-    db: &PgPool,
-    settings: &Settings,
-    device_id: &DeviceId,
-    message: &NewMessage,
-) -> Result<Enqueued> {
-    let mut tx = db.begin().await?;
-    let outcome = enqueue_in(&mut tx, settings, device_id, message).await?;
-    if outcome.as_ref().is_some_and(|o| o.inserted > 0) {
-        // In the same transaction: a connection that waits only for this (MQTT) cannot miss it.
-        notify::notify(&mut tx, channel::C2D, device_id.as_str()).await?;
-    }
-    tx.commit().await?;
-    admitted(outcome, settings, device_id, message)
-}
-
 /// Why a [`group`] of enqueues failed as a whole.
 #[derive(Debug)]
 pub enum GroupFailure {
-    /// Before the commit: nothing of the group is stored, so each message may be enqueued again alone.
+    /// Before the commit: nothing of the group is stored (the caller rolls the transaction back), so each message
+    /// may be enqueued again alone.
     NotCommitted(sqlx::Error),
     /// At the commit: whether it took effect is unknown.
     Commit(sqlx::Error),
 }
 
-/// Enqueues several messages in one transaction (one commit, one `NOTIFY` naming every device that got a
-/// message): each is decided as [`enqueue`] would decide it alone, in the order given. The devices' rows are locked
-/// in that order and held to the commit, so callers give them sorted by device id: two groups then never wait on
-/// each other in a cycle.
+/// Enqueues one or more messages in one transaction on `connection` (a writer's own): one statement per message
+/// checks its queue depth and expiry against the database's clock under its device's row lock and assigns the next
+/// sequence number, so each is decided as if enqueued alone, in the order given. One notification naming every
+/// device that got a message (long polls, MQTT connections wait for it) commits with them, sent with the `COMMIT`
+/// in one round trip: `BEGIN`, then k statements, then one more. The devices' rows are held to the commit, so
+/// callers give them sorted by device id: two groups then never wait on each other in a cycle.
 pub async fn group(
-    db: &PgPool,
+    connection: &mut PgConnection,
     settings: &Settings,
     messages: &[(&DeviceId, &NewMessage)],
 ) -> Result<Vec<Result<Enqueued>>, GroupFailure> {
     use GroupFailure::NotCommitted;
-    let mut tx = db.begin().await.map_err(NotCommitted)?;
+    connection.execute("BEGIN").await.map_err(NotCommitted)?;
     let mut outcomes = Vec::with_capacity(messages.len());
     let mut woken: Vec<&str> = Vec::new();
     for (device_id, message) in messages {
-        let outcome = enqueue_in(&mut tx, settings, device_id, message)
+        let outcome = enqueue_in(connection, settings, device_id, message)
             .await
             .map_err(NotCommitted)?;
         if outcome.as_ref().is_some_and(|o| o.inserted > 0) && !woken.contains(&device_id.as_str())
@@ -108,12 +92,9 @@ pub async fn group(
         }
         outcomes.push(outcome);
     }
-    if !woken.is_empty() {
-        notify::notify_keys(&mut tx, channel::C2D, &woken)
-            .await
-            .map_err(NotCommitted)?;
-    }
-    tx.commit().await.map_err(GroupFailure::Commit)?;
+    notify::notify_and_commit(connection, channel::C2D, &woken)
+        .await
+        .map_err(GroupFailure::Commit)?;
     Ok(outcomes
         .into_iter()
         .zip(messages)
@@ -121,9 +102,9 @@ pub async fn group(
         .collect())
 }
 
-/// Runs [`ENQUEUE_SQL`] in `tx`; `None` when the device is not registered.
+/// Runs [`ENQUEUE_SQL`] on `connection`, inside its transaction; `None` when the device is not registered.
 async fn enqueue_in(
-    tx: &mut Transaction<'_, Postgres>,
+    connection: &mut PgConnection,
     settings: &Settings,
     device_id: &DeviceId,
     message: &NewMessage,
@@ -150,7 +131,7 @@ async fn enqueue_in(
         .bind(ttl_secs)
         .bind(i64::from(settings.max_queue_depth))
         .bind(max_ttl)
-        .fetch_optional(&mut **tx)
+        .fetch_optional(connection)
         .await
 }
 
@@ -191,7 +172,7 @@ struct EnqueueOutcome {
     inserted: i64,
 }
 
-/// The statement of [`enqueue`]. The device's row is the per-device lock: it serialises the depth count and the
+/// The statement of one enqueue in a [`group`]. The device's row is the per-device lock: it serialises the depth count and the
 /// sequence counter. The message (`$2`–`$9`) expires at `$10`, or `$11` seconds from now; it is inserted only when
 /// fewer than `$12` live messages are queued and its expiry lies within `$13` seconds from now.
 static ENQUEUE_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {

@@ -14,6 +14,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::PgPool;
+
+use crate::postgres::OwnConnection;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 
@@ -44,20 +46,20 @@ pub struct Writer {
 }
 
 impl Writer {
-    /// Starts the writer in `tasks` on `db` (a connection of its own); it takes enqueues until `drained` turns true
-    /// (after the listeners have stopped), then finishes what is queued and stops.
+    /// Starts the writer in `tasks` on a connection of its own to `db`'s database; it takes enqueues until `drained`
+    /// turns true (after the listeners have stopped), then finishes what is queued and stops.
     pub async fn start(
         db: &PgPool,
         settings: &Settings,
         mut drained: watch::Receiver<bool>,
         tasks: &mut JoinSet<anyhow::Result<()>>,
     ) -> anyhow::Result<Writer> {
-        let db = crate::postgres::writer_pool(db, 1).await?;
+        let mut connection = OwnConnection::new(db);
         let (queue, mut rx) = mpsc::channel(QUEUE_DEPTH);
         let settings = settings.clone();
         tasks.spawn(async move {
             while let Some(jobs) = next_group(&mut rx, &mut drained).await {
-                commit(&db, &settings, jobs).await;
+                commit(&mut connection, &settings, jobs).await;
             }
             Ok(())
         });
@@ -105,12 +107,12 @@ async fn next_group(
 /// another transaction that locks several devices, a statement only one message makes fail), nothing of it is
 /// stored and each message is enqueued alone; when the commit itself fails, its outcome is unknown and every sender
 /// is told so.
-async fn commit(db: &PgPool, settings: &Settings, mut jobs: Vec<Job>) {
+async fn commit(connection: &mut OwnConnection, settings: &Settings, mut jobs: Vec<Job>) {
     // Stable: one device's messages keep the order they arrived in.
     jobs.sort_by(|a, b| a.device_id.as_str().cmp(b.device_id.as_str()));
     let messages: Vec<(&DeviceId, &NewMessage)> =
         jobs.iter().map(|j| (&j.device_id, &j.message)).collect();
-    let result = store::group(db, settings, &messages).await;
+    let result = group(connection, settings, &messages).await;
     metrics::counter!("iothub_c2d_enqueue_transactions_total").increment(1);
     metrics::counter!("iothub_c2d_enqueues_total").increment(jobs.len() as u64);
     match result {
@@ -122,7 +124,12 @@ async fn commit(db: &PgPool, settings: &Settings, mut jobs: Vec<Job>) {
         Err(GroupFailure::NotCommitted(error)) if jobs.len() > 1 => {
             tracing::warn!(%error, messages = jobs.len(), "a group of C2D enqueues failed; enqueuing each alone");
             for job in jobs {
-                let answer = store::enqueue(db, settings, &job.device_id, &job.message).await;
+                let alone = group(connection, settings, &[(&job.device_id, &job.message)]).await;
+                let answer = match alone {
+                    Ok(mut answers) => answers.pop().expect("one answer per message"),
+                    Err(GroupFailure::NotCommitted(error)) => Err(Error::Database(error)),
+                    Err(GroupFailure::Commit(error)) => Err(Error::Commit(Arc::new(error))),
+                };
                 let _ = job.done.send(answer);
             }
         }
@@ -133,4 +140,21 @@ async fn commit(db: &PgPool, settings: &Settings, mut jobs: Vec<Job>) {
             }
         }
     }
+}
+
+/// [`store::group`] on the writer's connection, which is left ready for the next: a transaction that failed before
+/// its commit is rolled back, a connection whose commit failed is replaced.
+async fn group(
+    connection: &mut OwnConnection,
+    settings: &Settings,
+    messages: &[(&DeviceId, &NewMessage)],
+) -> Result<Vec<Result<Enqueued>>, GroupFailure> {
+    let open = connection.get().await.map_err(GroupFailure::NotCommitted)?;
+    let result = store::group(open, settings, messages).await;
+    match &result {
+        Ok(_) => {}
+        Err(GroupFailure::NotCommitted(_)) => connection.rollback().await,
+        Err(GroupFailure::Commit(_)) => connection.discard(),
+    }
+    result
 }
