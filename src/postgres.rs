@@ -96,7 +96,7 @@ impl OwnConnection {
     /// back) when that fails too.
     pub async fn rollback(&mut self) {
         if let Some((connection, _)) = &mut self.open {
-            if connection.execute("ROLLBACK").await.is_err() {
+            if !rollback(connection).await {
                 self.open = None;
             }
         }
@@ -106,6 +106,13 @@ impl OwnConnection {
     pub fn discard(&mut self) {
         self.open = None;
     }
+}
+
+/// Rolls back the transaction a raw `BEGIN` opened on `connection`, after a failure in it (a warning, no error,
+/// when none is open); false when that fails too, and the connection is broken. A pooled connection given back
+/// broken fails the pool's test and is closed, so it never reaches another caller inside a failed transaction.
+pub async fn rollback(connection: &mut sqlx::PgConnection) -> bool {
+    connection.execute("ROLLBACK").await.is_ok()
 }
 
 /// `text` as an SQL string literal, for the few statements sent as text with no parameters (a simple query runs

@@ -895,6 +895,39 @@ async fn the_partition_count_is_fixed_by_the_database() {
 }
 
 #[tokio::test]
+async fn a_send_that_finds_no_time_partition_creates_it_and_the_writer_goes_on() {
+    let hub = TestHub::start().await;
+    let dev = device(&hub, "early-bird").await;
+    let p = iothub::d2c::partition_for("early-bird", 4);
+    assert_eq!(send(&hub, &dev, "before", &[]).await.status(), 204);
+    // Maintenance fell behind: the time partition for this hour is gone (and the event in it).
+    let hour: chrono::NaiveDateTime =
+        sqlx::query_scalar("SELECT date_trunc('hour', now() AT TIME ZONE 'UTC')")
+            .fetch_one(&hub.db)
+            .await
+            .unwrap();
+    let name = iothub::d2c::store::time_partition_name(hour);
+    sqlx::query(&format!("DROP TABLE {name}"))
+        .execute(&hub.db)
+        .await
+        .unwrap();
+    // The writer's insert finds nowhere to go: it rolls back, creates the partition and appends again on the same
+    // connection, which must have left the failed transaction first.
+    assert_eq!(send(&hub, &dev, "during", &[]).await.status(), 204);
+    assert_eq!(send(&hub, &dev, "after", &[]).await.status(), 204);
+    let partitions = iothub::d2c::store::time_partitions(&hub.db).await.unwrap();
+    assert!(partitions.contains(&name), "{partitions:?}");
+    let page = get_json(&hub, &format!("/messages/events/partitions/{p}?from=start")).await;
+    let seqs: Vec<i64> = page["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["sequenceNumber"].as_i64().unwrap())
+        .collect();
+    assert_eq!(seqs, vec![1, 2], "the failed try took no number");
+}
+
+#[tokio::test]
 async fn retention_drops_whole_time_partitions() {
     let hub = TestHub::start().await;
     let dev = device(&hub, "old-timer").await;

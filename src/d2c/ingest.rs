@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use std::sync::Arc;
 
-use sqlx::PgPool;
+use sqlx::pool::PoolConnection;
+use sqlx::{PgConnection, PgPool, Postgres};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 
@@ -40,6 +41,8 @@ impl Ingest {
         shutdown: watch::Receiver<bool>,
         tasks: &mut JoinSet<anyhow::Result<()>>,
     ) -> Ingest {
+        // A writer may keep its connection between transactions only if every writer can have one.
+        let keep = partitions <= db.options().get_max_connections();
         let queues = (0..partitions)
             .map(|partition| {
                 let (tx, rx) = mpsc::channel(config.queue_depth as usize);
@@ -49,6 +52,7 @@ impl Ingest {
                     rx,
                     config.batch_max as usize,
                     config.retention_days,
+                    keep,
                     shutdown.clone(),
                 );
                 tasks.spawn(async move {
@@ -92,8 +96,10 @@ async fn writer(
     mut rx: mpsc::Receiver<Job>,
     batch_max: usize,
     retention_days: u32,
+    keep: bool,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let mut held: Option<PoolConnection<Postgres>> = None;
     while let Some(first) = writer_queue::next_job(&mut rx, &mut shutdown).await {
         // Everything that queued up while the previous transaction ran goes into this one.
         let mut count = first.events.len();
@@ -110,23 +116,44 @@ async fn writer(
             }
         }
         let events: Vec<&NewEvent> = jobs.iter().flat_map(|j| j.events.iter()).collect();
-        let result = commit(&db, partition, &events, retention_days).await;
-        metrics::counter!("iothub_d2c_transactions_total").increment(1);
-        match result {
-            Ok(first_seq) => {
-                metrics::counter!("iothub_d2c_messages_total").increment(count as u64);
-                let mut seq = first_seq;
-                for job in jobs {
-                    let n = job.events.len() as i64;
-                    let _ = job.done.send(Ok(seq));
-                    seq += n;
+        let connection = match held.take() {
+            Some(connection) => Ok(connection),
+            None => db.acquire().await,
+        };
+        let result = match connection {
+            Ok(mut connection) => {
+                let result = commit(&db, &mut connection, partition, &events, retention_days).await;
+                // Kept for the next transaction while sends already wait for it, when the pool has a connection
+                // for every writer: giving a pooled connection back costs a round trip (the driver tests it), and
+                // an idle writer holds none.
+                if keep && result.is_ok() && !rx.is_empty() {
+                    held = Some(connection);
                 }
+                result
             }
-            Err(error) => {
-                let error = Arc::new(error);
-                for job in jobs {
-                    let _ = job.done.send(Err(Error::Commit(error.clone())));
-                }
+            Err(error) => Err(error),
+        };
+        answer(jobs, count, result);
+    }
+}
+
+/// Answers the senders of one transaction: each its first sequence number, or the transaction's error.
+fn answer(jobs: Vec<Job>, count: usize, result: Result<i64, sqlx::Error>) {
+    metrics::counter!("iothub_d2c_transactions_total").increment(1);
+    match result {
+        Ok(first_seq) => {
+            metrics::counter!("iothub_d2c_messages_total").increment(count as u64);
+            let mut seq = first_seq;
+            for job in jobs {
+                let n = job.events.len() as i64;
+                let _ = job.done.send(Ok(seq));
+                seq += n;
+            }
+        }
+        Err(error) => {
+            let error = Arc::new(error);
+            for job in jobs {
+                let _ = job.done.send(Err(Error::Commit(error.clone())));
             }
         }
     }
@@ -135,15 +162,16 @@ async fn writer(
 /// One transaction; when the time partition for now is missing (maintenance behind), creates it and retries once.
 async fn commit(
     db: &PgPool,
+    connection: &mut PgConnection,
     partition: PartitionId,
     events: &[&NewEvent],
     retention_days: u32,
 ) -> Result<i64, sqlx::Error> {
-    match store::append(db, partition, events).await {
+    match store::append(connection, partition, events).await {
         Err(e) if sqlstate(&e).as_deref() == Some(store::NO_PARTITION_FOR_ROW) => {
             tracing::warn!("no time partition for the current hour; creating it");
             store::maintain(db, retention_days).await?;
-            store::append(db, partition, events).await
+            store::append(connection, partition, events).await
         }
         other => other,
     }

@@ -4,7 +4,7 @@ use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, Duration, NaiveDateTime, Timelike, Utc};
-use sqlx::{PgPool, Row};
+use sqlx::{Executor, PgConnection, PgPool, Row};
 
 use super::model::{AuthScope, NewEvent, Sender, StoredEvent};
 use super::PartitionId;
@@ -45,8 +45,33 @@ pub const NO_PARTITION_FOR_ROW: &str = "23514";
 /// back. Commits on a partition therefore happen in sequence-number order, and a reader that has seen number n
 /// can never later find a smaller one appear. A transaction that rolls back takes its counter update with it, so
 /// numbers stay gap-free as well.
+///
+/// The transaction is `BEGIN`, the append, and the wake-up with the `COMMIT` in one simple query
+/// ([`notify::notify_and_commit`]): three round trips. After a failure it is rolled back, so `connection` (a pooled
+/// one) can go back to its pool.
 pub async fn append(
-    db: &PgPool,
+    connection: &mut PgConnection,
+    partition: PartitionId,
+    events: &[&NewEvent],
+) -> Result<i64, sqlx::Error> {
+    connection.execute("BEGIN").await?;
+    let appended = match append_in(connection, partition, events).await {
+        Ok(first) => {
+            notify::notify_and_commit(connection, notify::channel::D2C, &[&partition.to_string()])
+                .await
+                .map(|()| first)
+        }
+        Err(error) => Err(error),
+    };
+    if appended.is_err() {
+        crate::postgres::rollback(connection).await;
+    }
+    appended
+}
+
+/// The append's one statement, in the caller's transaction.
+async fn append_in(
+    connection: &mut PgConnection,
     partition: PartitionId,
     events: &[&NewEvent],
 ) -> Result<i64, sqlx::Error> {
@@ -68,7 +93,6 @@ pub async fn append(
     // Enqueued times never go backwards along the sequence: a transaction that started earlier (its now() is older)
     // but got the lock later takes the previous event's time. The wake-up is a statement of its own in the same
     // transaction: readers waiting on the stream learn of the events exactly when they commit.
-    let mut tx = db.begin().await?;
     let row = sqlx::query(
         "WITH c AS (
              UPDATE d2c_partitions
@@ -94,7 +118,7 @@ pub async fn append(
     .bind(&systems)
     .bind(&props)
     .bind(&bodies)
-    .fetch_one(&mut *tx)
+    .fetch_one(connection)
     .await?;
     let first: Option<i64> = row.try_get("first_seq")?;
     let inserted: i64 = row.try_get("inserted")?;
@@ -103,8 +127,6 @@ pub async fn append(
             "partition {partition} has no counter row"
         )));
     };
-    notify::notify(&mut tx, notify::channel::D2C, &partition.to_string()).await?;
-    tx.commit().await?;
     Ok(first)
 }
 
