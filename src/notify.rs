@@ -22,13 +22,13 @@ use std::time::Duration;
 
 use sqlx::postgres::{PgListener, PgNotification};
 use sqlx::{Executor, PgConnection, PgPool, Postgres, Transaction};
-
-use crate::postgres::literal;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-/// The channels the hub uses. A payload is the key waiters subscribe to, or several keys one per line ([`notify_keys`];
-/// no key holds a line break: device ids and partition numbers cannot).
+use crate::postgres::literal;
+
+/// The channels the hub uses. A payload is the key waiters subscribe to, or several keys one per line
+/// ([`notify_and_commit`]; no key holds a line break: device ids and partition numbers cannot).
 pub mod channel {
     /// C2D: a message became deliverable for each device named in the payload, one per line (a group commit of
     /// enqueues names several).
@@ -272,19 +272,11 @@ pub async fn notify(
     Ok(())
 }
 
-/// [`notify`] for several keys of one channel in one notification (a transaction sends at most one): each is woken
-/// as if notified alone. PostgreSQL limits a payload to 8000 bytes; callers bound how many keys they name.
-pub async fn notify_keys(
-    tx: &mut sqlx::Transaction<'_, Postgres>,
-    channel: &str,
-    keys: &[&str],
-) -> Result<(), sqlx::Error> {
-    notify(tx, channel, &keys.join("\n")).await
-}
-
-/// Sends [`notify_keys`]'s notification and commits, in one round trip: both statements go as text in one simple
-/// query (which binds nothing, so the payload is quoted as a literal) on `connection`, whose transaction the caller
-/// opened with a raw `BEGIN`. With no keys it only commits. An error means the commit's outcome is unknown.
+/// Sends one notification on `channel` naming every one of `keys`, one per line (each is woken as if notified
+/// alone; a transaction sends at most one; PostgreSQL limits a payload to 8000 bytes, so callers bound how many keys
+/// they name), and commits, in one round trip: both statements go as text in one simple query (which binds nothing,
+/// so the payload is quoted as a literal) on `connection`, whose transaction the caller opened with a raw `BEGIN`.
+/// With no keys it only commits. An error means the commit's outcome is unknown.
 pub async fn notify_and_commit(
     connection: &mut PgConnection,
     channel: &str,

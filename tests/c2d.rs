@@ -1057,15 +1057,14 @@ async fn ended_messages_are_deleted_after_the_feedback_ttl() {
     assert!(t.drain_feedback().await.is_empty());
 }
 
-/// The wake-up of an enqueue travels as SQL text (with the commit, in one round trip), so a device id is quoted there:
-/// ids may hold quotes, parentheses and semicolons.
-#[tokio::test]
-async fn device_ids_that_look_like_sql_are_woken_by_their_own_enqueues() {
-    let t = std::sync::Arc::new(C2d::start().await);
-    // Unquoted, the second would notify "x" and run a statement of its own.
-    let ids = ["o'brien", "x');SELECT('1"];
+/// Registers each of `ids` and starts a long poll of its own for each, returned once every poll waits in the hub for
+/// its device's wake-up; each answers its status and body.
+async fn waiting_long_polls(
+    t: &std::sync::Arc<C2d>,
+    ids: &[&'static str],
+) -> Vec<tokio::task::JoinHandle<(reqwest::StatusCode, String)>> {
     let mut polls = Vec::new();
-    for id in ids {
+    for &id in ids {
         let token = t.device(id).await;
         let t = t.clone();
         polls.push(tokio::spawn(async move {
@@ -1074,9 +1073,20 @@ async fn device_ids_that_look_like_sql_are_woken_by_their_own_enqueues() {
             (response.status(), response.text().await.unwrap())
         }));
     }
-    for id in ids {
+    for &id in ids {
         t.hub.wait_for_polls(Wake::C2d(id), 1).await;
     }
+    polls
+}
+
+/// The wake-up of an enqueue travels as SQL text (with the commit, in one round trip), so a device id is quoted there:
+/// ids may hold quotes, parentheses and semicolons.
+#[tokio::test]
+async fn device_ids_that_look_like_sql_are_woken_by_their_own_enqueues() {
+    let t = std::sync::Arc::new(C2d::start().await);
+    // Unquoted, the second would notify "x" and run a statement of its own.
+    let ids = ["o'brien", "x');SELECT('1"];
+    let polls = waiting_long_polls(&t, &ids).await;
     for (id, poll) in ids.iter().zip(polls) {
         t.enqueue(id, &[], id).await;
         let (status, body) = woken(poll).await.unwrap();
@@ -1712,19 +1722,7 @@ async fn one_group_wakes_the_long_polls_of_every_device_it_enqueued_for() {
     let t = std::sync::Arc::new(C2d::start().await);
     t.device("held").await;
     let devices = ["dev-1", "dev-2"];
-    let mut polls = Vec::new();
-    for id in devices {
-        let token = t.device(id).await;
-        let t = t.clone();
-        polls.push(tokio::spawn(async move {
-            let wait = format!("?wait-ms={LONG_POLL_MS}");
-            let response = t.receive_query(id, &token, &wait).await;
-            (response.status(), response.text().await.unwrap())
-        }));
-    }
-    for id in devices {
-        t.hub.wait_for_polls(Wake::C2d(id), 1).await;
-    }
+    let polls = waiting_long_polls(&t, &devices).await;
     let (held, first) = hold_writer(&t, "held").await;
     let sent: Vec<_> = devices
         .iter()

@@ -91,6 +91,16 @@ async fn wait_for_blocked_writer(hub: &TestHub) {
     .await
 }
 
+/// The sequence numbers of a read page's events, in the page's order.
+fn sequence_numbers(page: &Value) -> Vec<i64> {
+    page["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["sequenceNumber"].as_i64().unwrap())
+        .collect()
+}
+
 fn of_device<'a>(events: &'a [Value], id: &str) -> Vec<&'a Value> {
     events.iter().filter(|e| e["deviceId"] == id).collect()
 }
@@ -435,12 +445,7 @@ async fn concurrent_senders_keep_each_devices_order() {
             &format!("/messages/events/partitions/{p}?max-count=1000"),
         )
         .await;
-        let seqs: Vec<i64> = page["events"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|e| e["sequenceNumber"].as_i64().unwrap())
-            .collect();
+        let seqs = sequence_numbers(&page);
         assert_eq!(seqs, (0..seqs.len() as i64).collect::<Vec<_>>());
         assert_eq!(page["nextSequenceNumber"], seqs.len() as i64);
     }
@@ -466,12 +471,7 @@ async fn read_api_positions_limits_and_errors() {
         assert_eq!(send(&hub, &dev, &format!("m{n}"), &[]).await.status(), 204);
     }
     let page = get_json(&hub, &format!("{base}?from-sequence-number=2&max-count=2")).await;
-    let seqs: Vec<i64> = page["events"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["sequenceNumber"].as_i64().unwrap())
-        .collect();
+    let seqs = sequence_numbers(&page);
     assert_eq!(seqs, vec![2, 3]);
     assert_eq!(page["nextSequenceNumber"], 4);
     assert_eq!(page["partitionId"], p.to_string());
@@ -481,21 +481,13 @@ async fn read_api_positions_limits_and_errors() {
     assert_eq!(end["nextSequenceNumber"], 5);
 
     // All five are in the stream; from the boundary on, only the last two.
-    let seqs_of = |page: &Value| -> Vec<i64> {
-        page["events"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|e| e["sequenceNumber"].as_i64().unwrap())
-            .collect()
-    };
     assert_eq!(
-        seqs_of(&get_json(&hub, &format!("{base}?from=start")).await),
+        sequence_numbers(&get_json(&hub, &format!("{base}?from=start")).await),
         vec![0, 1, 2, 3, 4]
     );
     let boundary = boundary.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
     let by_time = get_json(&hub, &format!("{base}?from-enqueued-time={boundary}")).await;
-    assert_eq!(seqs_of(&by_time), vec![3, 4], "from {boundary}");
+    assert_eq!(sequence_numbers(&by_time), vec![3, 4], "from {boundary}");
     assert_eq!(
         BASE64
             .decode(by_time["events"][0]["body"].as_str().unwrap())
@@ -763,12 +755,7 @@ async fn consumer_groups_checkpoints_and_limits() {
         json!({"consumerGroup": "analytics", "partitionId": p.to_string(), "sequenceNumber": 3})
     );
     let page = get_json(&hub, &group_read).await;
-    let seqs: Vec<i64> = page["events"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["sequenceNumber"].as_i64().unwrap())
-        .collect();
+    let seqs = sequence_numbers(&page);
     assert_eq!(seqs, vec![4, 5]);
     // $Default has no checkpoint: it starts at the beginning.
     let page = get_json(
@@ -918,12 +905,7 @@ async fn a_send_that_finds_no_time_partition_creates_it_and_the_writer_goes_on()
     let partitions = iothub::d2c::store::time_partitions(&hub.db).await.unwrap();
     assert!(partitions.contains(&name), "{partitions:?}");
     let page = get_json(&hub, &format!("/messages/events/partitions/{p}?from=start")).await;
-    let seqs: Vec<i64> = page["events"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["sequenceNumber"].as_i64().unwrap())
-        .collect();
+    let seqs = sequence_numbers(&page);
     assert_eq!(seqs, vec![1, 2], "the failed try took no number");
 }
 
@@ -969,12 +951,7 @@ async fn retention_drops_whole_time_partitions() {
     assert_eq!(after.len(), before.len() - 1);
 
     let page = get_json(&hub, &format!("/messages/events/partitions/{p}?from=start")).await;
-    let seqs: Vec<i64> = page["events"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["sequenceNumber"].as_i64().unwrap())
-        .collect();
+    let seqs = sequence_numbers(&page);
     assert_eq!(seqs, vec![3, 4]);
     let info = get_json(&hub, "/messages/events").await;
     assert_eq!(info["partitions"][p as usize]["firstSequenceNumber"], 3);

@@ -172,9 +172,9 @@ struct EnqueueOutcome {
     inserted: i64,
 }
 
-/// The statement of one enqueue in a [`group`]. The device's row is the per-device lock: it serialises the depth count and the
-/// sequence counter. The message (`$2`–`$9`) expires at `$10`, or `$11` seconds from now; it is inserted only when
-/// fewer than `$12` live messages are queued and its expiry lies within `$13` seconds from now.
+/// The statement of one enqueue in a [`group`]. The device's row is the per-device lock: it serialises the depth
+/// count and the sequence counter. The message (`$2`–`$9`) expires at `$10`, or `$11` seconds from now; it is
+/// inserted only when fewer than `$12` live messages are queued and its expiry lies within `$13` seconds from now.
 static ENQUEUE_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     format!(
         "WITH device AS (

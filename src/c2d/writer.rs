@@ -14,14 +14,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::PgPool;
-
-use crate::postgres::OwnConnection;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 
 use super::model::{Enqueued, NewMessage};
 use super::store::{self, GroupFailure};
 use super::{Error, Result, Settings};
+use crate::postgres::OwnConnection;
 use crate::registry::DeviceId;
 use crate::writer_queue::{self, Refused};
 
