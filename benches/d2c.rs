@@ -1,7 +1,8 @@
 //! D2C ingestion benchmark: `cargo bench --bench d2c`.
 //!
-//! Launches a hub (library `iothub::launch`) on `DATABASE_URL`, or on a private PostgreSQL cluster under
-//! `target/bench-postgres`, and measures on the same database:
+//! Launches a hub (library `iothub::launch`) on a database created for the run on `DATABASE_URL`'s server (dropped
+//! afterwards, so runs do not meet each other's devices), or on a private PostgreSQL cluster under the target
+//! folder, and measures on the same database:
 //! 1. single-message sends over HTTP from many simulated devices (keep-alive connections), messages/s, and how
 //!    many messages each ingestion transaction carried;
 //! 2. batched sends (`application/vnd.microsoft.iothub.json`), messages/s;
@@ -36,6 +37,7 @@ use std::time::{Duration, Instant};
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine;
 use serde_json::{json, Value};
+use sqlx::postgres::PgConnectOptions;
 use sqlx::PgPool;
 
 use common::cpu::hub_cpu;
@@ -84,26 +86,6 @@ fn payload(i: u64) -> String {
     format!(
         r#"{{"temperature":21.5,"humidity":40.2,"reading":{i},"pad":"0123456789abcdef0123456789abcdef"}}"#
     )
-}
-
-async fn database() -> anyhow::Result<(PgPool, Option<iothub::postgres::ManagedCluster>)> {
-    if let Ok(url) = std::env::var("DATABASE_URL") {
-        let pool = iothub::postgres::connect(iothub::postgres::parse_url(&url)?, 40).await?;
-        return Ok((pool, None));
-    }
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench-postgres");
-    let cluster = iothub::postgres::ManagedCluster::start(&root).await?;
-    // A fresh database per run.
-    let admin = iothub::postgres::connect(cluster.options("postgres"), 1).await?;
-    sqlx::query("DROP DATABASE IF EXISTS iothub_bench WITH (FORCE)")
-        .execute(&admin)
-        .await?;
-    sqlx::query("CREATE DATABASE iothub_bench")
-        .execute(&admin)
-        .await?;
-    admin.close().await;
-    let pool = iothub::postgres::connect(cluster.options("iothub_bench"), 40).await?;
-    Ok((pool, Some(cluster)))
 }
 
 struct Devices {
@@ -483,10 +465,12 @@ fn print_cost(name: &str, cost: &Cost) {
 }
 
 fn main() -> anyhow::Result<()> {
-    common::cpu::with_hub_runtime(run)
+    common::cpu::with_hub_runtime(|hub_runtime| {
+        common::with_scratch_database(&[], |options| run(hub_runtime, options))
+    })
 }
 
-async fn run(hub_runtime: tokio::runtime::Handle) -> anyhow::Result<()> {
+async fn run(hub_runtime: tokio::runtime::Handle, options: PgConnectOptions) -> anyhow::Result<()> {
     let secs: u64 = env_or("D2C_BENCH_SECS", 5);
     let device_count: usize = env_or("D2C_BENCH_DEVICES", 64);
     let batch: usize = env_or("D2C_BENCH_BATCH", 100);
@@ -494,7 +478,7 @@ async fn run(hub_runtime: tokio::runtime::Handle) -> anyhow::Result<()> {
     let read_events: usize = env_or("D2C_BENCH_READ_EVENTS", 20_000);
     let read_secs: f64 = env_or("D2C_BENCH_READ_SECS", 3.0);
 
-    let (pool, cluster) = database().await?;
+    let pool = iothub::postgres::connect(options, 40).await?;
     let meter = Meter::new(&pool).await?;
     let mut config = iothub::Config::with_database("postgres://unused");
     config.hostname = HOST.to_string();
@@ -749,10 +733,5 @@ async fn run(hub_runtime: tokio::runtime::Handle) -> anyhow::Result<()> {
     hub_runtime.spawn(running.wait()).await??;
     hub_pool.close().await;
     pool.close().await;
-    if let Some(cluster) = cluster {
-        if cluster.started_here() {
-            cluster.stop().await?;
-        }
-    }
     Ok(())
 }
