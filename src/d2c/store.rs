@@ -55,6 +55,8 @@ pub async fn append(
     events: &[&NewEvent],
 ) -> Result<i64, sqlx::Error> {
     connection.execute("BEGIN").await?;
+    // The wake-up is a statement of its own in the same transaction (never part of the append, which may run on
+    // another node once the stream is distributed): readers learn of the events exactly when they commit.
     let appended = match append_in(connection, partition, events).await {
         Ok(first) => {
             notify::notify_and_commit(connection, notify::channel::D2C, &[&partition.to_string()])
@@ -91,8 +93,7 @@ async fn append_in(
         bodies.push(&e.body);
     }
     // Enqueued times never go backwards along the sequence: a transaction that started earlier (its now() is older)
-    // but got the lock later takes the previous event's time. The wake-up is a statement of its own in the same
-    // transaction: readers waiting on the stream learn of the events exactly when they commit.
+    // but got the lock later takes the previous event's time.
     let row = sqlx::query(
         "WITH c AS (
              UPDATE d2c_partitions
