@@ -103,6 +103,11 @@ impl RunningHub {
         self.state.c2d.queued()
     }
 
+    /// C2D settlements queued for this process's writer, not yet in a transaction.
+    pub fn c2d_settlements_queued(&self) -> usize {
+        self.state.c2d.settlements_queued()
+    }
+
     /// MQTT connections open in this process (handshakes included).
     pub fn mqtt_connections(&self) -> usize {
         self.state.mqtt.sessions.open()
@@ -144,13 +149,16 @@ pub async fn launch(
     let notifier =
         notify::Notifier::start(db.clone(), credentials.clone(), stop.clone(), &mut tasks).await?;
     let d2c = Arc::new(d2c::D2c::start(&db, &config.d2c, drained.clone(), &mut tasks).await?);
-    let c2d = Arc::new(c2d::writer::Writer::start(&db, &config.c2d, drained, &mut tasks).await?);
+    let c2d = Arc::new(
+        c2d::writer::Writer::start(&db, &config.c2d, &config.feedback, drained, &mut tasks).await?,
+    );
     let throttle = Arc::new(throttle::Throttle::new(&config.throttle)?);
     let mqtt = Arc::new(mqtt::Endpoint {
         db: db.clone(),
         hostname: config.hostname.clone(),
         settings: config.mqtt.clone(),
         c2d: config.c2d.clone(),
+        c2d_writer: c2d.clone(),
         feedback: config.feedback.clone(),
         notifier: notifier.clone(),
         credentials: credentials.clone(),

@@ -299,7 +299,11 @@ pub async fn notify_and_commit(
 /// Sends a notification as a statement of its own after the change it announces has committed: for waiters that
 /// look again by themselves within a bounded time (long polls), where a change's own statement should stay one
 /// round trip. If the process dies between the commit and this, those waiters find the change when their wait ends.
-pub async fn after_commit(db: &PgPool, channel: &str, key: &str) -> Result<(), sqlx::Error> {
+pub async fn after_commit<'c>(
+    db: impl Executor<'c, Database = Postgres>,
+    channel: &str,
+    key: &str,
+) -> Result<(), sqlx::Error> {
     sqlx::query("SELECT pg_notify($1, $2)")
         .bind(channel)
         .bind(key)

@@ -106,6 +106,24 @@ impl OwnConnection {
     pub fn discard(&mut self) {
         self.open = None;
     }
+
+    /// Leaves the connection ready for the next transaction after `failure`: rolled back, or replaced.
+    pub async fn recover(&mut self, failure: &GroupFailure) {
+        match failure {
+            GroupFailure::NotCommitted(_) => self.rollback().await,
+            GroupFailure::Commit(_) => self.discard(),
+        }
+    }
+}
+
+/// Why a writer's transaction, which holds a group of requests, failed as a whole.
+#[derive(Debug)]
+pub enum GroupFailure {
+    /// Before the commit: nothing of the group is stored (the caller rolls the transaction back), so each request
+    /// may be tried again alone.
+    NotCommitted(sqlx::Error),
+    /// At the commit: whether it took effect is unknown.
+    Commit(sqlx::Error),
 }
 
 /// Rolls back the transaction a raw `BEGIN` opened on `connection`, after a failure in it (a warning, no error,

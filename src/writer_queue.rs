@@ -1,4 +1,4 @@
-//! The bounded queue in front of a group-commit writer task (D2C's partition writers, C2D's enqueue writer): a
+//! The bounded queue in front of a group-commit writer task (D2C's partition writers, C2D's writers): a
 //! sender hands a job over, waiting a bounded time for room (back-pressure instead of an unbounded backlog), and
 //! then waits for the writer's answer; the writer takes jobs until the listeners have drained, then finishes what
 //! is queued and stops.
@@ -51,6 +51,22 @@ pub async fn next_job<J>(
         rx.close();
     }
     rx.recv().await
+}
+
+/// The writer's next group: a job, waited for as [`next_job`], with every job queued behind it, `max` at most.
+pub async fn next_group<J>(
+    rx: &mut mpsc::Receiver<J>,
+    drained: &mut watch::Receiver<bool>,
+    max: usize,
+) -> Option<Vec<J>> {
+    let mut jobs = vec![next_job(rx, drained).await?];
+    while jobs.len() < max {
+        match rx.try_recv() {
+            Ok(job) => jobs.push(job),
+            Err(_) => break,
+        }
+    }
+    Some(jobs)
 }
 
 #[cfg(test)]

@@ -1631,21 +1631,7 @@ async fn hold_writer(
         .await
         .unwrap();
     let first = send_later(t, device, "first");
-    let db = t.hub.db.clone();
-    wait_until("the writer waits for the device's row", || {
-        let db = db.clone();
-        async move {
-            let waiting: i64 = sqlx::query_scalar(
-                "SELECT count(*) FROM pg_stat_activity
-                  WHERE datname = current_database() AND wait_event_type = 'Lock'",
-            )
-            .fetch_one(&db)
-            .await
-            .unwrap();
-            waiting == 1
-        }
-    })
-    .await;
+    wait_for_lock_waits(&t.hub.db, 1).await;
     (held, first)
 }
 
@@ -1786,4 +1772,218 @@ async fn a_message_that_fails_its_group_fails_alone() {
     .await
     .unwrap();
     assert_eq!(stored, ["good"]);
+}
+
+/// Holds the row of `device`'s message `seq` in a transaction of the test's own and sends the settlement of its
+/// delivery under `lock`: the settlement writer takes it and waits for the row, so settlements sent meanwhile queue
+/// up and go into one transaction together once the test releases the row.
+async fn hold_settlements(
+    t: &std::sync::Arc<C2d>,
+    device: &str,
+    token: &str,
+    lock: &str,
+) -> (
+    sqlx::Transaction<'static, sqlx::Postgres>,
+    tokio::task::JoinHandle<Response>,
+) {
+    let mut held = t.hub.db.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM c2d_messages WHERE device_id = $1 FOR UPDATE")
+        .bind(device)
+        .execute(&mut *held)
+        .await
+        .unwrap();
+    let first = settle_later(t, device, token, lock, "complete");
+    wait_for_lock_waits(&t.hub.db, 1).await;
+    (held, first)
+}
+
+/// Waits until `n` transactions of the test's database wait for a lock (a writer's, for a row the test holds).
+async fn wait_for_lock_waits(db: &sqlx::PgPool, n: i64) {
+    wait_until("a writer to wait for the held row", || async move {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity
+              WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        )
+        .fetch_one(db)
+        .await
+        .unwrap();
+        waiting == n
+    })
+    .await;
+}
+
+/// Sends a settlement in a task of its own.
+fn settle_later(
+    t: &std::sync::Arc<C2d>,
+    device: &str,
+    token: &str,
+    lock: &str,
+    action: &str,
+) -> tokio::task::JoinHandle<Response> {
+    let (t2, device, token, lock, action) = (
+        t.clone(),
+        device.to_string(),
+        token.to_string(),
+        lock.to_string(),
+        action.to_string(),
+    );
+    tokio::spawn(async move { t2.settle(&device, &token, &lock, &action).await })
+}
+
+/// Waits until `n` settlements wait for the writer.
+async fn wait_settlements_queued(t: &C2d, n: usize) {
+    wait_until(&format!("{n} settlements queued"), || {
+        let queued = t.hub.running().c2d_settlements_queued();
+        async move { queued == n }
+    })
+    .await;
+}
+
+/// Settlements that arrive while the writer is busy commit in one transaction, and each is decided as if alone: a
+/// completion, a rejection and an abandon of one device, another device's completion, a stale token and the same
+/// completion twice. The abandon's wake-up commits with the group: the device's waiting long poll gets the message.
+#[tokio::test]
+async fn settlements_that_wait_together_commit_together_each_decided_as_if_alone() {
+    let t = std::sync::Arc::new(C2d::start().await);
+    let held_token = t.device("held").await;
+    let token = t.device("dev-1").await;
+    let other_token = t.device("dev-2").await;
+    let full = [("iothub-ack", "full")];
+    t.enqueue("held", &[], "held").await;
+    for body in ["completed", "rejected", "abandoned"] {
+        t.enqueue("dev-1", &full, body).await;
+    }
+    t.enqueue("dev-2", &full, "other").await;
+    let (held_lock, _, _) = t.take("held", &held_token).await;
+    let mut locks = Vec::new();
+    for _ in 0..3 {
+        locks.push(t.take("dev-1", &token).await.0);
+    }
+    let (other_lock, _, _) = t.take("dev-2", &other_token).await;
+    // Every message of dev-1 is locked: this poll waits until one is back in the queue.
+    let poll = {
+        let (t, token) = (t.clone(), token.clone());
+        tokio::spawn(async move {
+            let response = t
+                .receive_query("dev-1", &token, &format!("?wait-ms={LONG_POLL_MS}"))
+                .await;
+            (response.status(), response.text().await.unwrap())
+        })
+    };
+    t.hub.wait_for_polls(Wake::C2d("dev-1"), 1).await;
+
+    let (held, first) = hold_settlements(&t, "held", &held_token, &held_lock).await;
+    let stale = uuid::Uuid::new_v4().to_string();
+    let sent = [
+        ("dev-1", &token, &locks[0], "complete"),
+        ("dev-1", &token, &locks[1], "reject"),
+        ("dev-1", &token, &locks[2], "abandon"),
+        ("dev-2", &other_token, &other_lock, "complete"),
+        ("dev-2", &other_token, &stale, "complete"),
+        ("dev-1", &token, &locks[0], "complete"),
+    ];
+    let mut answers = Vec::new();
+    for (n, (device, token, lock, action)) in sent.into_iter().enumerate() {
+        answers.push(settle_later(&t, device, token, lock, action));
+        wait_settlements_queued(&t, n + 1).await;
+    }
+    held.rollback().await.unwrap();
+    assert_eq!(first.await.unwrap().status(), 204);
+    let mut statuses = Vec::new();
+    for answer in answers {
+        let response = answer.await.unwrap();
+        if response.status() == 412 {
+            statuses.push(412);
+            assert_error(response, 412, "DeviceMessageLockLost").await;
+        } else {
+            statuses.push(response.status().as_u16());
+        }
+    }
+    // The same completion twice: the first settles, the second finds the lock gone.
+    assert_eq!(statuses, [204, 204, 204, 204, 412, 412]);
+
+    for (device, seq, state, outcome) in [
+        ("dev-1", 1, "Completed", "Success"),
+        ("dev-1", 2, "DeadLettered", "Rejected"),
+        ("dev-2", 1, "Completed", "Success"),
+    ] {
+        let status = t.status(device, seq).await;
+        assert_eq!(
+            (&status["state"], &status["outcome"]),
+            (&state.into(), &outcome.into())
+        );
+    }
+    let (status, body) = woken(poll).await.unwrap();
+    assert_eq!(
+        (status.as_u16(), body.as_str()),
+        (200, "abandoned"),
+        "the abandoned message, delivered again"
+    );
+    // One transaction: every outcome and feedback record of the group carries its one start time.
+    let times: Vec<String> = sqlx::query_scalar(
+        "SELECT DISTINCT outcome_at::text FROM c2d_messages WHERE device_id <> 'held' AND outcome_at IS NOT NULL
+         UNION SELECT DISTINCT created_at::text FROM feedback_records",
+    )
+    .fetch_all(&t.hub.db)
+    .await
+    .unwrap();
+    assert_eq!(times.len(), 1, "settled by one transaction: {times:?}");
+    let records: i64 = sqlx::query_scalar("SELECT count(*) FROM feedback_records")
+        .fetch_one(&t.hub.db)
+        .await
+        .unwrap();
+    assert_eq!(
+        records, 3,
+        "a record for each message that ended, with its outcome"
+    );
+}
+
+/// A settlement whose statement fails takes its group down before the commit; the others are then settled alone
+/// and stand, and only it fails.
+#[tokio::test]
+async fn a_settlement_that_fails_its_group_fails_alone() {
+    let t = std::sync::Arc::new(C2d::start().await);
+    let held_token = t.device("held").await;
+    let token = t.device("dev-1").await;
+    // A fault only one message meets: completing the message with this id fails.
+    sqlx::raw_sql(
+        "CREATE FUNCTION poisoned() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+             IF NEW.message_id = 'poison' AND NEW.state = 'completed' THEN RAISE EXCEPTION 'poisoned'; END IF;
+             RETURN NEW;
+         END $$;
+         CREATE TRIGGER poisoned BEFORE UPDATE ON c2d_messages FOR EACH ROW EXECUTE FUNCTION poisoned();",
+    )
+    .execute(&t.hub.db)
+    .await
+    .unwrap();
+    t.enqueue("held", &[], "held").await;
+    t.enqueue("dev-1", &[("iothub-messageid", "good")], "good")
+        .await;
+    t.enqueue("dev-1", &[("iothub-messageid", "poison")], "poison")
+        .await;
+    let (held_lock, _, _) = t.take("held", &held_token).await;
+    let (good_lock, _, _) = t.take("dev-1", &token).await;
+    let (poison_lock, _, _) = t.take("dev-1", &token).await;
+
+    let (held, first) = hold_settlements(&t, "held", &held_token, &held_lock).await;
+    let good = settle_later(&t, "dev-1", &token, &good_lock, "complete");
+    wait_settlements_queued(&t, 1).await;
+    let poison = settle_later(&t, "dev-1", &token, &poison_lock, "complete");
+    wait_settlements_queued(&t, 2).await;
+    held.rollback().await.unwrap();
+
+    assert_eq!(first.await.unwrap().status(), 204);
+    assert_eq!(
+        good.await.unwrap().status(),
+        204,
+        "the good settlement stands"
+    );
+    assert_error(poison.await.unwrap(), 500, "ServerError").await;
+    assert_eq!(t.status("dev-1", 1).await["state"], "Completed");
+    assert_eq!(
+        t.status("dev-1", 2).await["state"],
+        "Invisible",
+        "still locked, as before"
+    );
 }

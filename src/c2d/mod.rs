@@ -91,8 +91,8 @@ pub enum Error {
         "Device {device} has no message with sequence number {seq} (or it ended too long ago)"
     )]
     MessageNotFound { device: DeviceId, seq: i64 },
-    /// The writer's queue stayed full for [`writer::ENQUEUE_WAIT`]: the database is behind.
-    #[error("The hub is busy enqueuing; retry later")]
+    /// A writer's queue stayed full for [`writer::QUEUE_WAIT`]: the database is behind.
+    #[error("The hub is busy writing C2D messages; retry later")]
     Busy,
     #[error("The hub is shutting down")]
     ShuttingDown,

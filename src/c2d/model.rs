@@ -4,6 +4,9 @@ use std::str::FromStr;
 
 use chrono::{DateTime, Utc};
 
+use crate::lock_token::LockToken;
+use crate::registry::DeviceId;
+
 crate::text_enum! {
     /// `iothub-ack`: which outcomes the sender wants feedback for (spec §5.1).
     pub enum Ack {
@@ -108,6 +111,25 @@ pub struct MessageRow {
     pub delivery_count: i32,
     pub outcome: Option<Outcome>,
     pub outcome_at: Option<DateTime<Utc>>,
+}
+
+/// What a device does with a message it holds under a lock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settle {
+    /// Done with it: outcome `Success`.
+    Complete,
+    /// Refuses it: dead-lettered at once, outcome `Rejected`.
+    Reject,
+    /// Gives it back: receivable again, or dead-lettered when it was delivered the maximum number of times.
+    Abandon,
+}
+
+/// A device's settlement of the message it holds under `lock_token`.
+#[derive(Debug, Clone)]
+pub struct Settlement {
+    pub device_id: DeviceId,
+    pub lock_token: LockToken,
+    pub action: Settle,
 }
 
 /// What an enqueue assigned.

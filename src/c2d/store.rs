@@ -8,12 +8,14 @@ use chrono::{DateTime, Utc};
 use sqlx::{Executor, PgConnection, PgPool, Postgres, Transaction};
 
 use super::model::{
-    Enqueued, Expiry, MessageRow, MessageStatus, NewMessage, Outcome, SequenceNumber, State,
+    Enqueued, Expiry, MessageRow, MessageStatus, NewMessage, Outcome, SequenceNumber, Settle,
+    Settlement, State,
 };
 use super::{Error, Result, Settings};
 use crate::feedback::Settings as FeedbackSettings;
 use crate::lock_token::LockToken;
 use crate::notify::{self, channel};
+use crate::postgres::GroupFailure;
 use crate::registry::DeviceId;
 
 /// Every column of a message but the device id (the caller knows it).
@@ -55,16 +57,6 @@ async fn lock_device(tx: &mut Transaction<'_, Postgres>, device_id: &DeviceId) -
         .await?
         .ok_or_else(|| Error::DeviceNotFound(device_id.clone()))?;
     Ok(())
-}
-
-/// Why a [`group`] of enqueues failed as a whole.
-#[derive(Debug)]
-pub enum GroupFailure {
-    /// Before the commit: nothing of the group is stored (the caller rolls the transaction back), so each message
-    /// may be enqueued again alone.
-    NotCommitted(sqlx::Error),
-    /// At the commit: whether it took effect is unknown.
-    Commit(sqlx::Error),
 }
 
 /// Enqueues one or more messages in one transaction on `connection` (a writer's own): one statement per message
@@ -333,44 +325,121 @@ async fn wake_feedback(db: &PgPool, fed: i64) -> Result<()> {
     Ok(())
 }
 
-/// Completes or rejects the message the device holds under `lock_token`; [`Error::LockLost`] when that lock is
-/// not current.
-pub async fn settle(
-    db: &PgPool,
+/// Settles one or more messages, each decided as if alone: [`Error::LockLost`] for one whose lock is not current.
+/// Each settlement is one statement that writes the outcome together with its feedback record. A group of one
+/// completion or rejection is that statement alone, one round trip. Any other group runs in one transaction, which
+/// commits with one notification in the same round trip: to the devices whose messages went back to their queue (a
+/// waiting MQTT connection looks for nothing else), or else to the feedback receivers when records were written.
+/// Callers sort a group by device and lock token, so the groups of two hub processes never wait on each other in a
+/// cycle.
+pub async fn settle_group(
+    connection: &mut PgConnection,
+    settings: &Settings,
     feedback: &FeedbackSettings,
-    device_id: &DeviceId,
-    lock_token: LockToken,
-    reject: bool,
-) -> Result<()> {
-    let (state, outcome) = if reject {
-        (State::DeadLettered, Outcome::Rejected)
-    } else {
-        (State::Completed, Outcome::Success)
+    settlements: &[&Settlement],
+) -> Result<Vec<Result<()>>, GroupFailure> {
+    use GroupFailure::NotCommitted;
+    let alone = matches!(settlements, [one] if one.action != Settle::Abandon);
+    if !alone {
+        connection.execute("BEGIN").await.map_err(NotCommitted)?;
+    }
+    let mut answers = Vec::with_capacity(settlements.len());
+    let mut requeued: Vec<&str> = Vec::new();
+    let mut fed = 0;
+    for settlement in settlements {
+        let (settled, back, records) = settle_in(connection, settings, feedback, settlement)
+            .await
+            .map_err(NotCommitted)?;
+        let device = settlement.device_id.as_str();
+        if back > 0 && !requeued.contains(&device) {
+            requeued.push(device);
+        }
+        fed += records;
+        answers.push(if settled > 0 {
+            Ok(())
+        } else {
+            Err(Error::LockLost)
+        });
+    }
+    if !alone {
+        let (channel, keys) = if !requeued.is_empty() {
+            (channel::C2D, requeued)
+        } else {
+            (channel::FEEDBACK, if fed > 0 { vec![""] } else { vec![] })
+        };
+        notify::notify_and_commit(connection, channel, &keys)
+            .await
+            .map_err(GroupFailure::Commit)?;
+        if channel == channel::FEEDBACK {
+            fed = 0; // woken with the commit
+        }
+    }
+    // Feedback receivers not yet woken: their long polls look again by themselves, so a failed wake-up only delays
+    // them, and the settlements stand.
+    if fed > 0 {
+        if let Err(error) = notify::after_commit(&mut *connection, channel::FEEDBACK, "").await {
+            tracing::warn!(%error, "the feedback receivers were not woken after a settlement");
+        }
+    }
+    Ok(answers)
+}
+
+/// Runs the statement of one settlement on `connection`: how many messages it settled (0 or 1), how many of them
+/// went back to the queue, and how many feedback records it wrote.
+async fn settle_in(
+    connection: &mut PgConnection,
+    settings: &Settings,
+    feedback: &FeedbackSettings,
+    settlement: &Settlement,
+) -> Result<(i64, i64, i64), sqlx::Error> {
+    let ttl = feedback.ttl_secs as i32;
+    let (device_id, token) = (settlement.device_id.as_str(), settlement.lock_token.0);
+    let ended = |state, outcome| {
+        sqlx::query_as(&END_HELD_SQL)
+            .bind(device_id)
+            .bind(token)
+            .bind(state)
+            .bind(outcome)
+            .bind(ttl)
     };
-    let sql = end_sql(
+    match settlement.action {
+        Settle::Complete => {
+            ended(State::Completed, Outcome::Success)
+                .fetch_one(connection)
+                .await
+        }
+        Settle::Reject => {
+            ended(State::DeadLettered, Outcome::Rejected)
+                .fetch_one(connection)
+                .await
+        }
+        Settle::Abandon => {
+            sqlx::query_as(&ABANDON_SQL)
+                .bind(device_id)
+                .bind(token)
+                .bind(settings.max_delivery_count as i32)
+                .bind(ttl)
+                .fetch_one(connection)
+                .await
+        }
+    }
+}
+
+/// Ends the message of device `$1` held under lock `$2` with state `$3` and outcome `$4`, and writes its feedback,
+/// kept `$5` seconds.
+static END_HELD_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    end_sql(
         "$3",
         "$4",
         "state = 'invisible' AND lock_token = $2 AND locked_until > now()",
         "$5",
-    );
-    // One statement: the outcome and its feedback record commit together.
-    let (settled, fed): (i64, i64) = sqlx::query_as(&sql)
-        .bind(device_id.as_str())
-        .bind(lock_token.0)
-        .bind(state)
-        .bind(outcome)
-        .bind(feedback.ttl_secs as i32)
-        .fetch_one(db)
-        .await?;
-    if settled == 0 {
-        return Err(Error::LockLost);
-    }
-    wake_feedback(db, fed).await
-}
+    )
+});
 
 /// One statement that ends the device's (`$1`) live messages that `condition` selects, with `state` and `outcome`
 /// (SQL expressions), and writes their feedback, kept `ttl_param` seconds: the outcome and its feedback record
-/// commit together. It answers how many ended and how many feedback records it wrote.
+/// commit together. It answers how many ended, none of them back in the queue, and how many feedback records it
+/// wrote.
 fn end_sql(state: &str, outcome: &str, condition: &str, ttl_param: &str) -> String {
     format!(
         "WITH ended AS (
@@ -379,21 +448,15 @@ fn end_sql(state: &str, outcome: &str, condition: &str, ttl_param: &str) -> Stri
              WHERE device_id = $1 AND {LIVE} AND {condition}
              RETURNING *
          ), feedback AS ({feedback})
-         SELECT (SELECT count(*) FROM ended), (SELECT count(*) FROM feedback)",
+         SELECT (SELECT count(*) FROM ended), 0::bigint, (SELECT count(*) FROM feedback)",
         feedback = record_outcomes("ended", ttl_param),
     )
 }
 
-/// Abandons the message held under `lock_token`: it is receivable again, or dead-lettered when it has already been
-/// delivered the maximum number of times.
-pub async fn abandon(
-    db: &PgPool,
-    settings: &Settings,
-    feedback: &FeedbackSettings,
-    device_id: &DeviceId,
-    lock_token: LockToken,
-) -> Result<()> {
-    let sql = format!(
+/// Abandons the message of device `$1` held under lock `$2`: it is receivable again, or dead-lettered with its
+/// feedback (kept `$4` seconds) when it has already been delivered `$3` times.
+static ABANDON_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
         "WITH abandoned AS (
              UPDATE c2d_messages SET
                  state = CASE WHEN delivery_count >= $3 THEN 'dead_lettered' ELSE 'enqueued' END,
@@ -407,28 +470,8 @@ pub async fn abandon(
          SELECT (SELECT count(*) FROM abandoned),
              (SELECT count(*) FROM abandoned WHERE state = 'enqueued'), (SELECT count(*) FROM feedback)",
         feedback = record_outcomes("abandoned", "$4"),
-    );
-    let mut tx = db.begin().await?;
-    let (abandoned, requeued, fed): (i64, i64, i64) = sqlx::query_as(&sql)
-        .bind(device_id.as_str())
-        .bind(lock_token.0)
-        .bind(settings.max_delivery_count as i32)
-        .bind(feedback.ttl_secs as i32)
-        .fetch_one(&mut *tx)
-        .await?;
-    if abandoned == 0 {
-        return Err(Error::LockLost);
-    }
-    // Back in the queue: a device may be waiting for it (an MQTT connection waits for nothing else), so the wake-up
-    // commits with it. Dead-lettered instead: its feedback may be awaited. One of the two at most.
-    if requeued > 0 {
-        notify::notify(&mut tx, channel::C2D, device_id.as_str()).await?;
-    } else if fed > 0 {
-        notify::notify(&mut tx, channel::FEEDBACK, "").await?;
-    }
-    tx.commit().await?;
-    Ok(())
-}
+    )
+});
 
 /// Purges the device's queue: every live message ends with outcome `Purged` (feedback for `negative`/`full`).
 /// Messages already expired are left to the expiry sweep, which reports them as `Expired`.
@@ -436,7 +479,7 @@ pub async fn purge(db: &PgPool, feedback: &FeedbackSettings, device_id: &DeviceI
     let mut tx = db.begin().await?;
     lock_device(&mut tx, device_id).await?;
     let sql = end_sql("'purged'", "'Purged'", "expires_at > now()", "$2");
-    let (purged, fed): (i64, i64) = sqlx::query_as(&sql)
+    let (purged, _, fed): (i64, i64, i64) = sqlx::query_as(&sql)
         .bind(device_id.as_str())
         .bind(feedback.ttl_secs as i32)
         .fetch_one(&mut *tx)

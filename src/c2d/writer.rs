@@ -1,14 +1,17 @@
-//! Group commit for C2D enqueues: one writer task per hub process takes every enqueue waiting in its queue into
-//! one transaction ([`store::group`]: one commit, one `NOTIFY`). A sender is answered only after the transaction
-//! that holds its message has committed, so `201` still means durable; each message is decided (queue depth,
-//! expiry, device gone) exactly as if it were enqueued alone.
+//! Group commit for C2D writes. One writer task per hub process takes every enqueue waiting in its queue into one
+//! transaction ([`store::group`]: one commit, one `NOTIFY`). A sender is answered only after the transaction that
+//! holds its message has committed, so `201` still means durable; each message is decided (queue depth, expiry,
+//! device gone) exactly as if it were enqueued alone. A second task does the same for settlements (complete,
+//! reject, abandon: [`store::settle_group`]), on a connection of its own, so neither kind waits behind the other's
+//! locks; a device is answered once its settlement has committed.
 //!
-//! One writer, not several: a group holds its devices' rows until it commits, so the groups of several writers
-//! that share devices queue behind each other; measured with four or eight writers, the slowest enqueues took
-//! about three times as long as one at a time, for no more throughput. One writer's groups grow with the load
+//! One enqueue writer, not several: a group holds its devices' rows until it commits, so the groups of several
+//! writers that share devices queue behind each other; measured with four or eight writers, the slowest enqueues
+//! took about three times as long as one at a time, for no more throughput. One writer's groups grow with the load
 //! instead. Within a group the rows are locked in device-id order, as in every hub process's groups, so groups of
-//! two processes wait for each other at most, never in a cycle. Memory stays bounded: the queue is a bounded
-//! channel, and a sender that finds it full waits for room, at most [`ENQUEUE_WAIT`], then gets a 503.
+//! two processes wait for each other at most, never in a cycle. Memory stays bounded: each queue is a bounded
+//! channel, and a sender (or settling device) that finds it full waits for room, at most [`QUEUE_WAIT`], then gets a
+//! 503.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,21 +20,22 @@ use sqlx::PgPool;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 
-use super::model::{Enqueued, NewMessage};
-use super::store::{self, GroupFailure};
+use super::model::{Enqueued, NewMessage, Settlement};
+use super::store;
 use super::{Error, Result, Settings};
-use crate::postgres::OwnConnection;
+use crate::feedback::Settings as FeedbackSettings;
+use crate::postgres::{GroupFailure, OwnConnection};
 use crate::registry::DeviceId;
 use crate::writer_queue::{self, Refused};
 
-/// Messages one transaction takes at most. The `NOTIFY` names each device once, and 32 device ids of at most 128
+/// Enqueues (or settlements) one transaction takes at most. The `NOTIFY` names each device once, and 32 device ids of at most 128
 /// bytes stay far below PostgreSQL's 8000-byte payload limit.
 const GROUP_MAX: usize = 32;
 const _: () = assert!(GROUP_MAX * (128 + 1) < 8000);
-/// Enqueues waiting before senders wait for room.
+/// Enqueues (or settlements) waiting before senders wait for room.
 const QUEUE_DEPTH: usize = 1024;
 /// How long a sender waits for room in a full queue before it is told to retry.
-pub const ENQUEUE_WAIT: Duration = Duration::from_secs(5);
+pub const QUEUE_WAIT: Duration = Duration::from_secs(5);
 
 struct Job {
     device_id: DeviceId,
@@ -39,36 +43,57 @@ struct Job {
     done: oneshot::Sender<Result<Enqueued>>,
 }
 
-/// The writer's queue.
+struct SettleJob {
+    settlement: Settlement,
+    done: oneshot::Sender<Result<()>>,
+}
+
+/// The writers' queues.
 pub struct Writer {
     queue: mpsc::Sender<Job>,
+    settlements: mpsc::Sender<SettleJob>,
 }
 
 impl Writer {
-    /// Starts the writer in `tasks` on a connection of its own to `db`'s database; it takes enqueues until `drained`
-    /// turns true (after the listeners have stopped), then finishes what is queued and stops.
+    /// Starts the writers in `tasks`, each on a connection of its own to `db`'s database; they take work until
+    /// `drained` turns true (after the listeners have stopped), then finish what is queued and stop.
     pub async fn start(
         db: &PgPool,
         settings: &Settings,
-        mut drained: watch::Receiver<bool>,
+        feedback: &FeedbackSettings,
+        drained: watch::Receiver<bool>,
         tasks: &mut JoinSet<anyhow::Result<()>>,
     ) -> anyhow::Result<Writer> {
-        let mut connection = OwnConnection::new(db);
         let (queue, mut rx) = mpsc::channel(QUEUE_DEPTH);
-        let settings = settings.clone();
+        let (mut connection, mut until) = (OwnConnection::new(db), drained.clone());
+        let enqueue_settings = settings.clone();
         tasks.spawn(async move {
-            while let Some(jobs) = next_group(&mut rx, &mut drained).await {
-                commit(&mut connection, &settings, jobs).await;
+            while let Some(jobs) = writer_queue::next_group(&mut rx, &mut until, GROUP_MAX).await {
+                commit(&mut connection, &enqueue_settings, jobs).await;
             }
             Ok(())
         });
-        Ok(Writer { queue })
+        let (settlements, mut rx) = mpsc::channel(QUEUE_DEPTH);
+        let (mut connection, mut until) = (OwnConnection::new(db), drained);
+        let (settings, feedback) = (settings.clone(), feedback.clone());
+        tasks.spawn(async move {
+            while let Some(jobs) = writer_queue::next_group(&mut rx, &mut until, GROUP_MAX).await {
+                settle(&mut connection, &settings, &feedback, jobs).await;
+            }
+            Ok(())
+        });
+        Ok(Writer { queue, settlements })
     }
 
     /// Enqueues waiting for the writer, not yet in a transaction. Tests read it to know enqueues have arrived
     /// before they let the writer go on.
     pub fn queued(&self) -> usize {
         self.queue.max_capacity() - self.queue.capacity()
+    }
+
+    /// Settlements waiting for their writer. Tests read it as [`Writer::queued`].
+    pub fn settlements_queued(&self) -> usize {
+        self.settlements.max_capacity() - self.settlements.capacity()
     }
 
     /// Enqueues `message` for `device_id`; answers once the transaction that holds it has committed.
@@ -78,28 +103,23 @@ impl Writer {
             message,
             done,
         };
-        match writer_queue::hand_off(&self.queue, ENQUEUE_WAIT, job).await {
-            Ok(answer) => answer,
-            Err(Refused::Full) => Err(Error::Busy),
-            Err(Refused::Closed) => Err(Error::ShuttingDown),
-        }
+        answered(writer_queue::hand_off(&self.queue, QUEUE_WAIT, job).await)
+    }
+
+    /// Settles a message as `settlement` says; answers once the transaction that holds it has committed.
+    pub async fn settle(&self, settlement: Settlement) -> Result<()> {
+        let job = |done| SettleJob { settlement, done };
+        answered(writer_queue::hand_off(&self.settlements, QUEUE_WAIT, job).await)
     }
 }
 
-/// Waits for an enqueue, and takes it with everything queued behind it (up to [`GROUP_MAX`]); `None` once the
-/// listeners have drained and the queue is empty.
-async fn next_group(
-    rx: &mut mpsc::Receiver<Job>,
-    drained: &mut watch::Receiver<bool>,
-) -> Option<Vec<Job>> {
-    let mut jobs = vec![writer_queue::next_job(rx, drained).await?];
-    while jobs.len() < GROUP_MAX {
-        match rx.try_recv() {
-            Ok(job) => jobs.push(job),
-            Err(_) => break,
-        }
+/// A writer's answer, or why there is none.
+fn answered<T>(handed: Result<Result<T>, Refused>) -> Result<T> {
+    match handed {
+        Ok(answer) => answer,
+        Err(Refused::Full) => Err(Error::Busy),
+        Err(Refused::Closed) => Err(Error::ShuttingDown),
     }
-    Some(jobs)
 }
 
 /// Enqueues `jobs` in one transaction and answers each. When the group fails before its commit (a deadlock with
@@ -124,12 +144,7 @@ async fn commit(connection: &mut OwnConnection, settings: &Settings, mut jobs: V
             tracing::warn!(%error, messages = jobs.len(), "a group of C2D enqueues failed; enqueuing each alone");
             for job in jobs {
                 let alone = group(connection, settings, &[(&job.device_id, &job.message)]).await;
-                let answer = match alone {
-                    Ok(mut answers) => answers.pop().expect("one answer per message"),
-                    Err(GroupFailure::NotCommitted(error)) => Err(Error::Database(error)),
-                    Err(GroupFailure::Commit(error)) => Err(Error::Commit(Arc::new(error))),
-                };
-                let _ = job.done.send(answer);
+                let _ = job.done.send(alone_answer(alone));
             }
         }
         Err(GroupFailure::NotCommitted(error) | GroupFailure::Commit(error)) => {
@@ -150,10 +165,71 @@ async fn group(
 ) -> Result<Vec<Result<Enqueued>>, GroupFailure> {
     let open = connection.get().await.map_err(GroupFailure::NotCommitted)?;
     let result = store::group(open, settings, messages).await;
-    match &result {
-        Ok(_) => {}
-        Err(GroupFailure::NotCommitted(_)) => connection.rollback().await,
-        Err(GroupFailure::Commit(_)) => connection.discard(),
+    if let Err(failure) = &result {
+        connection.recover(failure).await;
     }
     result
+}
+
+/// Settles `jobs` in one transaction and answers each, as [`commit`] does for enqueues: a group that fails before
+/// its commit is settled again one by one.
+async fn settle(
+    connection: &mut OwnConnection,
+    settings: &Settings,
+    feedback: &FeedbackSettings,
+    mut jobs: Vec<SettleJob>,
+) {
+    // The order in which every hub process locks a group's rows.
+    jobs.sort_by(|a, b| {
+        let (a, b) = (&a.settlement, &b.settlement);
+        (a.device_id.as_str(), a.lock_token.0).cmp(&(b.device_id.as_str(), b.lock_token.0))
+    });
+    let settlements: Vec<&Settlement> = jobs.iter().map(|j| &j.settlement).collect();
+    let result = settle_group(connection, settings, feedback, &settlements).await;
+    metrics::counter!("iothub_c2d_settlement_transactions_total").increment(1);
+    metrics::counter!("iothub_c2d_settlements_total").increment(jobs.len() as u64);
+    match result {
+        Ok(answers) => {
+            for (job, answer) in jobs.into_iter().zip(answers) {
+                let _ = job.done.send(answer);
+            }
+        }
+        Err(GroupFailure::NotCommitted(error)) if jobs.len() > 1 => {
+            tracing::warn!(%error, settlements = jobs.len(), "a group of C2D settlements failed; settling each alone");
+            for job in jobs {
+                let alone = settle_group(connection, settings, feedback, &[&job.settlement]).await;
+                let _ = job.done.send(alone_answer(alone));
+            }
+        }
+        Err(GroupFailure::NotCommitted(error) | GroupFailure::Commit(error)) => {
+            let error = Arc::new(error);
+            for job in jobs {
+                let _ = job.done.send(Err(Error::Commit(error.clone())));
+            }
+        }
+    }
+}
+
+/// [`store::settle_group`] on the writer's connection, left ready for the next as in [`group`].
+async fn settle_group(
+    connection: &mut OwnConnection,
+    settings: &Settings,
+    feedback: &FeedbackSettings,
+    settlements: &[&Settlement],
+) -> Result<Vec<Result<()>>, GroupFailure> {
+    let open = connection.get().await.map_err(GroupFailure::NotCommitted)?;
+    let result = store::settle_group(open, settings, feedback, settlements).await;
+    if let Err(failure) = &result {
+        connection.recover(failure).await;
+    }
+    result
+}
+
+/// The answer to a request that was tried alone after its group failed.
+fn alone_answer<T>(alone: Result<Vec<Result<T>>, GroupFailure>) -> Result<T> {
+    match alone {
+        Ok(mut answers) => answers.pop().expect("one answer per request"),
+        Err(GroupFailure::NotCommitted(error)) => Err(Error::Database(error)),
+        Err(GroupFailure::Commit(error)) => Err(Error::Commit(Arc::new(error))),
+    }
 }

@@ -13,6 +13,7 @@ use tokio::time::Instant;
 
 use super::codec::{Publish, QoS};
 use super::{messages, Endpoint};
+use crate::c2d::model::{Settle, Settlement};
 use crate::c2d::{self, store};
 use crate::lock_token::LockToken;
 use crate::notify::{channel, Subscription};
@@ -135,15 +136,12 @@ impl Delivery {
             tracing::debug!(pkid, "PUBACK for no delivery in flight");
             return Ok(());
         };
-        match store::settle(
-            &endpoint.db,
-            &endpoint.feedback,
-            &self.device,
-            lease.token,
-            false,
-        )
-        .await
-        {
+        let settlement = Settlement {
+            device_id: self.device.clone(),
+            lock_token: lease.token,
+            action: Settle::Complete,
+        };
+        match endpoint.c2d_writer.settle(settlement).await {
             Err(c2d::Error::LockLost) => {
                 tracing::debug!(pkid, "PUBACK after the lock ran out");
                 Ok(())
@@ -155,15 +153,15 @@ impl Delivery {
     /// Ends every lease: the messages are deliverable again at once (their deliveries counted), or dead-lettered
     /// when they reached the maximum delivery count.
     pub async fn release(self, endpoint: &Endpoint) {
-        for lease in self.inflight.into_values() {
-            let abandoned = store::abandon(
-                &endpoint.db,
-                &endpoint.c2d,
-                &endpoint.feedback,
-                &self.device,
-                lease.token,
-            )
-            .await;
+        // Handed over together, so the writer abandons them in one transaction.
+        let abandons = self.inflight.into_values().map(|lease| {
+            endpoint.c2d_writer.settle(Settlement {
+                device_id: self.device.clone(),
+                lock_token: lease.token,
+                action: Settle::Abandon,
+            })
+        });
+        for abandoned in futures::future::join_all(abandons).await {
             match abandoned {
                 Ok(()) | Err(c2d::Error::LockLost) => {}
                 Err(error) => {

@@ -96,6 +96,8 @@ pub struct Endpoint {
     pub hostname: String,
     pub settings: Settings,
     pub c2d: crate::c2d::Settings,
+    /// Settlements (PUBACKs, leases given back) go through its group commit, as over HTTPS.
+    pub c2d_writer: Arc<crate::c2d::writer::Writer>,
     pub feedback: crate::feedback::Settings,
     pub notifier: crate::notify::Notifier,
     pub credentials: Arc<crate::auth::Credentials>,

@@ -13,7 +13,9 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 use uuid::Uuid;
 
-use crate::c2d::model::{self as core, Ack, Expiry, MessageRow, NewMessage, SequenceNumber};
+use crate::c2d::model::{
+    self as core, Ack, Expiry, MessageRow, NewMessage, SequenceNumber, Settle, Settlement,
+};
 use crate::c2d::store::{self, Received};
 use crate::http::casing::{ExactNames, RequestNames};
 use crate::http::error::{ApiError, ApiResult, ErrorBody, ErrorCode};
@@ -515,16 +517,12 @@ async fn complete(
     }): Path<LockPath>,
     RawQuery(query): RawQuery,
 ) -> ApiResult<StatusCode> {
-    let reject = query_has(query.as_deref(), "reject");
-    store::settle(
-        &state.db,
-        &state.config.feedback,
-        &caller.device_id,
-        params::lock_token(&token, crate::c2d::Error::LockLost)?,
-        reject,
-    )
-    .await?;
-    Ok(StatusCode::NO_CONTENT)
+    let action = if query_has(query.as_deref(), "reject") {
+        Settle::Reject
+    } else {
+        Settle::Complete
+    };
+    settle(&state, caller.device_id, &token, action).await
 }
 
 /// Abandon a received message (IoT Hub's device call): it is receivable again, or dead-lettered when it was
@@ -544,14 +542,22 @@ async fn abandon(
         lock_token: token, ..
     }): Path<LockPath>,
 ) -> ApiResult<StatusCode> {
-    store::abandon(
-        &state.db,
-        &state.config.c2d,
-        &state.config.feedback,
-        &caller.device_id,
-        params::lock_token(&token, crate::c2d::Error::LockLost)?,
-    )
-    .await?;
+    settle(&state, caller.device_id, &token, Settle::Abandon).await
+}
+
+/// Hands the settlement of the message `device_id` holds under `token` to the writer.
+async fn settle(
+    state: &AppState,
+    device_id: DeviceId,
+    token: &str,
+    action: Settle,
+) -> ApiResult<StatusCode> {
+    let settlement = Settlement {
+        device_id,
+        lock_token: params::lock_token(token, crate::c2d::Error::LockLost)?,
+        action,
+    };
+    state.c2d.settle(settlement).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
