@@ -1774,26 +1774,30 @@ async fn a_message_that_fails_its_group_fails_alone() {
     assert_eq!(stored, ["good"]);
 }
 
-/// Holds the row of `device`'s message `seq` in a transaction of the test's own and sends the settlement of its
-/// delivery under `lock`: the settlement writer takes it and waits for the row, so settlements sent meanwhile queue
-/// up and go into one transaction together once the test releases the row.
+/// Keeps every settlement writer busy: registers a device per writer with a message taken, holds those messages'
+/// rows in a transaction of the test's own and sends their completions. Each writer takes one and waits for its
+/// row, so settlements sent meanwhile queue up and go into one transaction together once the test lets go.
 async fn hold_settlements(
     t: &std::sync::Arc<C2d>,
-    device: &str,
-    token: &str,
-    lock: &str,
 ) -> (
     sqlx::Transaction<'static, sqlx::Postgres>,
-    tokio::task::JoinHandle<Response>,
+    Vec<tokio::task::JoinHandle<Response>>,
 ) {
     let mut held = t.hub.db.begin().await.unwrap();
-    sqlx::query("SELECT 1 FROM c2d_messages WHERE device_id = $1 FOR UPDATE")
-        .bind(device)
-        .execute(&mut *held)
-        .await
-        .unwrap();
-    let first = settle_later(t, device, token, lock, "complete");
-    wait_for_lock_waits(&t.hub.db, 1).await;
+    let mut first = Vec::new();
+    for n in 0..iothub::c2d::writer::SETTLEMENT_WRITERS {
+        let device = format!("held-{n}");
+        let token = t.device(&device).await;
+        t.enqueue(&device, &[], "held").await;
+        let (lock, _, _) = t.take(&device, &token).await;
+        sqlx::query("SELECT 1 FROM c2d_messages WHERE device_id = $1 FOR UPDATE")
+            .bind(&device)
+            .execute(&mut *held)
+            .await
+            .unwrap();
+        first.push(settle_later(t, &device, &token, &lock, "complete"));
+        wait_for_lock_waits(&t.hub.db, n as i64 + 1).await;
+    }
     (held, first)
 }
 
@@ -1845,16 +1849,13 @@ async fn wait_settlements_queued(t: &C2d, n: usize) {
 #[tokio::test]
 async fn settlements_that_wait_together_commit_together_each_decided_as_if_alone() {
     let t = std::sync::Arc::new(C2d::start().await);
-    let held_token = t.device("held").await;
     let token = t.device("dev-1").await;
     let other_token = t.device("dev-2").await;
     let full = [("iothub-ack", "full")];
-    t.enqueue("held", &[], "held").await;
     for body in ["completed", "rejected", "abandoned"] {
         t.enqueue("dev-1", &full, body).await;
     }
     t.enqueue("dev-2", &full, "other").await;
-    let (held_lock, _, _) = t.take("held", &held_token).await;
     let mut locks = Vec::new();
     for _ in 0..3 {
         locks.push(t.take("dev-1", &token).await.0);
@@ -1872,7 +1873,7 @@ async fn settlements_that_wait_together_commit_together_each_decided_as_if_alone
     };
     t.hub.wait_for_polls(Wake::C2d("dev-1"), 1).await;
 
-    let (held, first) = hold_settlements(&t, "held", &held_token, &held_lock).await;
+    let (held, first) = hold_settlements(&t).await;
     let stale = uuid::Uuid::new_v4().to_string();
     let sent = [
         ("dev-1", &token, &locks[0], "complete"),
@@ -1888,7 +1889,9 @@ async fn settlements_that_wait_together_commit_together_each_decided_as_if_alone
         wait_settlements_queued(&t, n + 1).await;
     }
     held.rollback().await.unwrap();
-    assert_eq!(first.await.unwrap().status(), 204);
+    for first in first {
+        assert_eq!(first.await.unwrap().status(), 204);
+    }
     let mut statuses = Vec::new();
     for answer in answers {
         let response = answer.await.unwrap();
@@ -1921,7 +1924,7 @@ async fn settlements_that_wait_together_commit_together_each_decided_as_if_alone
     );
     // One transaction: every outcome and feedback record of the group carries its one start time.
     let times: Vec<String> = sqlx::query_scalar(
-        "SELECT DISTINCT outcome_at::text FROM c2d_messages WHERE device_id <> 'held' AND outcome_at IS NOT NULL
+        "SELECT DISTINCT outcome_at::text FROM c2d_messages WHERE device_id LIKE 'dev-%' AND outcome_at IS NOT NULL
          UNION SELECT DISTINCT created_at::text FROM feedback_records",
     )
     .fetch_all(&t.hub.db)
@@ -1943,7 +1946,6 @@ async fn settlements_that_wait_together_commit_together_each_decided_as_if_alone
 #[tokio::test]
 async fn a_settlement_that_fails_its_group_fails_alone() {
     let t = std::sync::Arc::new(C2d::start().await);
-    let held_token = t.device("held").await;
     let token = t.device("dev-1").await;
     // A fault only one message meets: completing the message with this id fails.
     sqlx::raw_sql(
@@ -1957,23 +1959,23 @@ async fn a_settlement_that_fails_its_group_fails_alone() {
     .execute(&t.hub.db)
     .await
     .unwrap();
-    t.enqueue("held", &[], "held").await;
     t.enqueue("dev-1", &[("iothub-messageid", "good")], "good")
         .await;
     t.enqueue("dev-1", &[("iothub-messageid", "poison")], "poison")
         .await;
-    let (held_lock, _, _) = t.take("held", &held_token).await;
     let (good_lock, _, _) = t.take("dev-1", &token).await;
     let (poison_lock, _, _) = t.take("dev-1", &token).await;
 
-    let (held, first) = hold_settlements(&t, "held", &held_token, &held_lock).await;
+    let (held, first) = hold_settlements(&t).await;
     let good = settle_later(&t, "dev-1", &token, &good_lock, "complete");
     wait_settlements_queued(&t, 1).await;
     let poison = settle_later(&t, "dev-1", &token, &poison_lock, "complete");
     wait_settlements_queued(&t, 2).await;
     held.rollback().await.unwrap();
 
-    assert_eq!(first.await.unwrap().status(), 204);
+    for first in first {
+        assert_eq!(first.await.unwrap().status(), 204);
+    }
     assert_eq!(
         good.await.unwrap().status(),
         204,

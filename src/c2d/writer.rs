@@ -1,9 +1,9 @@
 //! Group commit for C2D writes. One writer task per hub process takes every enqueue waiting in its queue into one
 //! transaction ([`store::group`]: one commit, one `NOTIFY`). A sender is answered only after the transaction that
 //! holds its message has committed, so `201` still means durable; each message is decided (queue depth, expiry,
-//! device gone) exactly as if it were enqueued alone. A second task does the same for settlements (complete,
-//! reject, abandon: [`store::settle_group`]), on a connection of its own, so neither kind waits behind the other's
-//! locks; a device is answered once its settlement has committed.
+//! device gone) exactly as if it were enqueued alone. Settlements (complete, reject, abandon:
+//! [`store::settle_group`]) have writers of their own ([`SETTLEMENT_WRITERS`]), each on a connection of its own, so
+//! neither kind waits behind the other's locks; a device is answered once its settlement has committed.
 //!
 //! One enqueue writer, not several: a group holds its devices' rows until it commits, so the groups of several
 //! writers that share devices queue behind each other; measured with four or eight writers, the slowest enqueues
@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::PgPool;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch, Mutex};
 use tokio::task::JoinSet;
 
 use super::model::{Enqueued, NewMessage, Settlement};
@@ -32,6 +32,10 @@ use crate::writer_queue::{self, Refused};
 /// bytes stay far below PostgreSQL's 8000-byte payload limit.
 const GROUP_MAX: usize = 32;
 const _: () = assert!(GROUP_MAX * (128 + 1) < 8000);
+/// Settlement writers per hub process, sharing one queue. A settlement group locks only the messages it settles,
+/// never a device's row, so these writers do not queue behind each other as enqueue writers would; while one runs
+/// its group, the other takes what arrives meanwhile instead of letting it wait for that group's commit.
+pub const SETTLEMENT_WRITERS: usize = 2;
 /// Enqueues (or settlements) waiting before senders wait for room.
 const QUEUE_DEPTH: usize = 1024;
 /// How long a sender waits for room in a full queue before it is told to retry.
@@ -73,15 +77,23 @@ impl Writer {
             }
             Ok(())
         });
-        let (settlements, mut rx) = mpsc::channel(QUEUE_DEPTH);
-        let (mut connection, mut until) = (OwnConnection::new(db), drained);
-        let (settings, feedback) = (settings.clone(), feedback.clone());
-        tasks.spawn(async move {
-            while let Some(jobs) = writer_queue::next_group(&mut rx, &mut until, GROUP_MAX).await {
-                settle(&mut connection, &settings, &feedback, jobs).await;
-            }
-            Ok(())
-        });
+        let (settlements, rx) = mpsc::channel(QUEUE_DEPTH);
+        let rx = Arc::new(Mutex::new((rx, drained)));
+        for _ in 0..SETTLEMENT_WRITERS {
+            let (mut connection, rx) = (OwnConnection::new(db), rx.clone());
+            let (settings, feedback) = (settings.clone(), feedback.clone());
+            tasks.spawn(async move {
+                loop {
+                    // One writer at a time waits for the queue; the others run their groups meanwhile.
+                    let jobs = {
+                        let (rx, until) = &mut *rx.lock().await;
+                        writer_queue::next_group(rx, until, GROUP_MAX).await
+                    };
+                    let Some(jobs) = jobs else { return Ok(()) };
+                    settle(&mut connection, &settings, &feedback, jobs).await;
+                }
+            });
+        }
         Ok(Writer { queue, settlements })
     }
 
