@@ -507,6 +507,7 @@ fn delivery(device_id: &str, row: MessageRow) -> Response {
         (status = 204, description = "Completed (or rejected)"),
         (status = 401, description = "Missing, invalid or insufficient token, or device disabled (401002)", body = ErrorBody),
         (status = 412, description = "DeviceMessageLockLost (412002): the lock token is unknown, expired or already settled", body = ErrorBody),
+        (status = 503, description = "ServiceUnavailable: the database is unavailable (503001), the settlement writers stayed busy for 5 s (the database is behind), or the hub is stopping; retry after `Retry-After`", body = ErrorBody),
     ),
     security(("sas" = ["DeviceConnect"])))]
 async fn complete(
@@ -533,6 +534,7 @@ async fn complete(
         (status = 204, description = "Abandoned"),
         (status = 401, description = "Missing, invalid or insufficient token, or device disabled (401002)", body = ErrorBody),
         (status = 412, description = "DeviceMessageLockLost (412002): the lock token is unknown, expired or already settled", body = ErrorBody),
+        (status = 503, description = "ServiceUnavailable: the database is unavailable (503001), the settlement writers stayed busy for 5 s (the database is behind), or the hub is stopping; retry after `Retry-After`", body = ErrorBody),
     ),
     security(("sas" = ["DeviceConnect"])))]
 async fn abandon(
