@@ -1647,8 +1647,13 @@ fn send_later(
 
 /// Waits until `n` enqueues wait for the writer.
 async fn wait_queued(t: &C2d, n: usize) {
-    wait_until(&format!("{n} enqueues queued"), || {
-        let queued = t.hub.running().c2d_queued();
+    wait_for_writer("enqueues", n, || t.hub.running().c2d_queued()).await;
+}
+
+/// Waits until `queued` says `n` requests (`what`) wait for a writer.
+async fn wait_for_writer(what: &str, n: usize, queued: impl Fn() -> usize) {
+    wait_until(&format!("{n} {what} queued"), || {
+        let queued = queued();
         async move { queued == n }
     })
     .await;
@@ -1834,11 +1839,10 @@ fn settle_later(
     tokio::spawn(async move { t2.settle(&device, &token, &lock, &action).await })
 }
 
-/// Waits until `n` settlements wait for the writer.
+/// Waits until `n` settlements wait for the writers.
 async fn wait_settlements_queued(t: &C2d, n: usize) {
-    wait_until(&format!("{n} settlements queued"), || {
-        let queued = t.hub.running().c2d_settlements_queued();
-        async move { queued == n }
+    wait_for_writer("settlements", n, || {
+        t.hub.running().c2d_settlements_queued()
     })
     .await;
 }

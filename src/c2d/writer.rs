@@ -41,20 +41,18 @@ const QUEUE_DEPTH: usize = 1024;
 /// How long a sender waits for room in a full queue before it is told to retry.
 pub const QUEUE_WAIT: Duration = Duration::from_secs(5);
 
-struct Job {
-    device_id: DeviceId,
-    message: NewMessage,
-    done: oneshot::Sender<Result<Enqueued>>,
+/// A request waiting for a writer (`W`, what to write) and where its answer goes.
+struct Job<W, T> {
+    work: W,
+    done: oneshot::Sender<Result<T>>,
 }
 
-struct SettleJob {
-    settlement: Settlement,
-    done: oneshot::Sender<Result<()>>,
-}
+type EnqueueJob = Job<(DeviceId, NewMessage), Enqueued>;
+type SettleJob = Job<Settlement, ()>;
 
 /// The writers' queues.
 pub struct Writer {
-    queue: mpsc::Sender<Job>,
+    queue: mpsc::Sender<EnqueueJob>,
     settlements: mpsc::Sender<SettleJob>,
 }
 
@@ -111,8 +109,7 @@ impl Writer {
     /// Enqueues `message` for `device_id`; answers once the transaction that holds it has committed.
     pub async fn enqueue(&self, device_id: DeviceId, message: NewMessage) -> Result<Enqueued> {
         let job = |done| Job {
-            device_id,
-            message,
+            work: (device_id, message),
             done,
         };
         answered(writer_queue::hand_off(&self.queue, QUEUE_WAIT, job).await)
@@ -120,7 +117,10 @@ impl Writer {
 
     /// Settles a message as `settlement` says; answers once the transaction that holds it has committed.
     pub async fn settle(&self, settlement: Settlement) -> Result<()> {
-        let job = |done| SettleJob { settlement, done };
+        let job = |done| Job {
+            work: settlement,
+            done,
+        };
         answered(writer_queue::hand_off(&self.settlements, QUEUE_WAIT, job).await)
     }
 }
@@ -134,18 +134,30 @@ fn answered<T>(handed: Result<Result<T>, Refused>) -> Result<T> {
     }
 }
 
-/// Enqueues `jobs` in one transaction and answers each. When the group fails before its commit (a deadlock with
-/// another transaction that locks several devices, a statement only one message makes fail), nothing of it is
-/// stored and each message is enqueued alone; when the commit itself fails, its outcome is unknown and every sender
-/// is told so.
-async fn commit(connection: &mut OwnConnection, settings: &Settings, mut jobs: Vec<Job>) {
+/// Enqueues `jobs` in one transaction and answers each ([`answer`]).
+async fn commit(connection: &mut OwnConnection, settings: &Settings, mut jobs: Vec<EnqueueJob>) {
     // Stable: one device's messages keep the order they arrived in.
-    jobs.sort_by(|a, b| a.device_id.as_str().cmp(b.device_id.as_str()));
+    jobs.sort_by(|a, b| a.work.0.as_str().cmp(b.work.0.as_str()));
     let messages: Vec<(&DeviceId, &NewMessage)> =
-        jobs.iter().map(|j| (&j.device_id, &j.message)).collect();
+        jobs.iter().map(|j| (&j.work.0, &j.work.1)).collect();
     let result = group(connection, settings, &messages).await;
     metrics::counter!("iothub_c2d_enqueue_transactions_total").increment(1);
     metrics::counter!("iothub_c2d_enqueues_total").increment(jobs.len() as u64);
+    for job in answer(jobs, result) {
+        let (device_id, message) = &job.work;
+        let alone = group(connection, settings, &[(device_id, message)]).await;
+        job.answer_alone(alone);
+    }
+}
+
+/// Answers the jobs of one group: each its own answer. When the group failed before its commit (a deadlock with
+/// another transaction, a statement only one request makes fail), nothing of it is stored: the jobs come back, to
+/// be written alone so that only the one at fault fails. When the commit itself failed, its outcome is unknown and
+/// every caller is told so.
+fn answer<W, T>(
+    jobs: Vec<Job<W, T>>,
+    result: Result<Vec<Result<T>>, GroupFailure>,
+) -> Vec<Job<W, T>> {
     match result {
         Ok(answers) => {
             for (job, answer) in jobs.into_iter().zip(answers) {
@@ -153,11 +165,8 @@ async fn commit(connection: &mut OwnConnection, settings: &Settings, mut jobs: V
             }
         }
         Err(GroupFailure::NotCommitted(error)) if jobs.len() > 1 => {
-            tracing::warn!(%error, messages = jobs.len(), "a group of C2D enqueues failed; enqueuing each alone");
-            for job in jobs {
-                let alone = group(connection, settings, &[(&job.device_id, &job.message)]).await;
-                let _ = job.done.send(alone_answer(alone));
-            }
+            tracing::warn!(%error, requests = jobs.len(), "a group of C2D writes failed; writing each alone");
+            return jobs;
         }
         Err(GroupFailure::NotCommitted(error) | GroupFailure::Commit(error)) => {
             let error = Arc::new(error);
@@ -165,6 +174,19 @@ async fn commit(connection: &mut OwnConnection, settings: &Settings, mut jobs: V
                 let _ = job.done.send(Err(Error::Commit(error.clone())));
             }
         }
+    }
+    Vec::new()
+}
+
+impl<W, T> Job<W, T> {
+    /// Answers a job that was written alone after its group failed.
+    fn answer_alone(self, alone: Result<Vec<Result<T>>, GroupFailure>) {
+        let answer = match alone {
+            Ok(mut answers) => answers.pop().expect("one answer per request"),
+            Err(GroupFailure::NotCommitted(error)) => Err(Error::Database(error)),
+            Err(GroupFailure::Commit(error)) => Err(Error::Commit(Arc::new(error))),
+        };
+        let _ = self.done.send(answer);
     }
 }
 
@@ -183,8 +205,7 @@ async fn group(
     result
 }
 
-/// Settles `jobs` in one transaction and answers each, as [`commit`] does for enqueues: a group that fails before
-/// its commit is settled again one by one.
+/// Settles `jobs` in one transaction and answers each ([`answer`]).
 async fn settle(
     connection: &mut OwnConnection,
     settings: &Settings,
@@ -193,32 +214,16 @@ async fn settle(
 ) {
     // The order in which every hub process locks a group's rows.
     jobs.sort_by(|a, b| {
-        let (a, b) = (&a.settlement, &b.settlement);
+        let (a, b) = (&a.work, &b.work);
         (a.device_id.as_str(), a.lock_token.0).cmp(&(b.device_id.as_str(), b.lock_token.0))
     });
-    let settlements: Vec<&Settlement> = jobs.iter().map(|j| &j.settlement).collect();
+    let settlements: Vec<&Settlement> = jobs.iter().map(|j| &j.work).collect();
     let result = settle_group(connection, settings, feedback, &settlements).await;
     metrics::counter!("iothub_c2d_settlement_transactions_total").increment(1);
     metrics::counter!("iothub_c2d_settlements_total").increment(jobs.len() as u64);
-    match result {
-        Ok(answers) => {
-            for (job, answer) in jobs.into_iter().zip(answers) {
-                let _ = job.done.send(answer);
-            }
-        }
-        Err(GroupFailure::NotCommitted(error)) if jobs.len() > 1 => {
-            tracing::warn!(%error, settlements = jobs.len(), "a group of C2D settlements failed; settling each alone");
-            for job in jobs {
-                let alone = settle_group(connection, settings, feedback, &[&job.settlement]).await;
-                let _ = job.done.send(alone_answer(alone));
-            }
-        }
-        Err(GroupFailure::NotCommitted(error) | GroupFailure::Commit(error)) => {
-            let error = Arc::new(error);
-            for job in jobs {
-                let _ = job.done.send(Err(Error::Commit(error.clone())));
-            }
-        }
+    for job in answer(jobs, result) {
+        let alone = settle_group(connection, settings, feedback, &[&job.work]).await;
+        job.answer_alone(alone);
     }
 }
 
@@ -235,13 +240,4 @@ async fn settle_group(
         connection.recover(failure).await;
     }
     result
-}
-
-/// The answer to a request that was tried alone after its group failed.
-fn alone_answer<T>(alone: Result<Vec<Result<T>>, GroupFailure>) -> Result<T> {
-    match alone {
-        Ok(mut answers) => answers.pop().expect("one answer per request"),
-        Err(GroupFailure::NotCommitted(error)) => Err(Error::Database(error)),
-        Err(GroupFailure::Commit(error)) => Err(Error::Commit(Arc::new(error))),
-    }
 }
