@@ -28,8 +28,8 @@ use crate::postgres::{GroupFailure, OwnConnection};
 use crate::registry::DeviceId;
 use crate::writer_queue::{self, Refused};
 
-/// Enqueues (or settlements) one transaction takes at most. The `NOTIFY` names each device once, and 32 device ids of at most 128
-/// bytes stay far below PostgreSQL's 8000-byte payload limit.
+/// Enqueues (or settlements) one transaction takes at most. The `NOTIFY` names each device once, and 32 device ids
+/// of at most 128 bytes stay far below PostgreSQL's 8000-byte payload limit.
 const GROUP_MAX: usize = 32;
 const _: () = assert!(GROUP_MAX * (128 + 1) < 8000);
 /// Settlement writers per hub process, sharing one queue. A settlement group locks only the messages it settles,
