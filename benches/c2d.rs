@@ -4,6 +4,9 @@
 //! RabbitMQ broker that answers, the same cycle on it as well: a classic durable queue per device, persistent
 //! messages each published with a confirm awaited, one consumer per queue with a prefetch of 1 and manual acks.
 //!
+//! Each phase on the database prints, per cycle, the WAL bytes, statements, hub CPU (the threads of the runtime the
+//! hub runs on, named `hub`) and database CPU (the PostgreSQL server's processes, when it runs on this machine).
+//!
 //! `cargo bench --bench c2d`. Environment: `DATABASE_URL` (else a private cluster under the target folder),
 //! `C2D_BENCH_SECS` (per phase, default 10), `C2D_BENCH_DEVICES` (default 64), `C2D_BENCH_SENDERS` (default 32),
 //! `AMQP_URL` (e.g. `amqp://guest:guest@127.0.0.1:5672/%2f`; unset: no RabbitMQ phase).
@@ -12,10 +15,11 @@ mod common;
 
 use std::time::Duration;
 
-use iothub::{Config, Listeners};
+use iothub::Config;
 use sqlx::postgres::PgConnectOptions;
 
-use common::{http_cycle, rabbitmq, sql_cycle};
+use common::meter::{Meter, Snapshot};
+use common::{http_cycle, rabbitmq, sql_cycle, Figures};
 
 const HOST: &str = "bench.local";
 
@@ -26,16 +30,19 @@ fn env_number(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let secs = env_number("C2D_BENCH_SECS", 10);
     let devices = env_number("C2D_BENCH_DEVICES", 64) as usize;
     let senders = env_number("C2D_BENCH_SENDERS", 32) as usize;
-
-    common::with_scratch_database(&[], |options| run(options, secs, devices, senders)).await
+    common::cpu::with_hub_runtime(|hub_runtime| {
+        common::with_scratch_database(&[], |options| {
+            run(hub_runtime, options, secs, devices, senders)
+        })
+    })
 }
 
 async fn run(
+    hub_runtime: tokio::runtime::Handle,
     options: PgConnectOptions,
     secs: u64,
     devices: usize,
@@ -45,29 +52,22 @@ async fn run(
     config.hostname = HOST.to_string();
     config.listen = "127.0.0.1:0".parse()?;
     config.c2d.max_queue_depth = 10_000;
-    let pool = iothub::postgres::connect(options.clone(), config.db_pool_size).await?;
-    let listeners = Listeners {
-        http: tokio::net::TcpListener::bind(config.listen).await?,
-        tls: None,
-        metrics: None,
-        mqtts: None,
-        mqtt: None,
-    };
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let hub = iothub::launch(config.clone(), pool.clone(), listeners, async move {
-        let _ = stopped.await;
-    })
-    .await?;
+    let pool_size = config.db_pool_size;
+    let hub = common::BenchHub::launch(hub_runtime, options.clone(), config).await?;
+    let db = iothub::postgres::connect(options.clone(), 2).await?;
+    let meter = Meter::new(&db).await?;
 
-    let api = common::Api::new(&pool, hub.http_addr, HOST).await?;
+    let api = common::Api::new(&db, hub.running.http_addr, HOST).await?;
     let tokens = api.register("bench", devices).await?;
 
     println!(
         "C2D cycle benchmark: {devices} devices (one long-polling receiver each), {senders} senders, \
-         {secs} s per phase, hub pool {} connections",
-        config.db_pool_size
+         {secs} s per phase, hub pool {pool_size} connections; per cycle: WAL bytes, statements ({}), hub CPU and \
+         database CPU",
+        meter.statements_source()
     );
     let duration = Duration::from_secs(secs);
+    let before = meter.start().await?;
     let http_figures = http_cycle(
         &api.base,
         &api.http,
@@ -78,8 +78,11 @@ async fn run(
     )
     .await?;
     http_figures.print("HTTP  enqueue → receive (long poll) → complete");
-    let sql_figures = sql_cycle(&options, devices, senders, config.db_pool_size, duration).await?;
+    print_cost(&meter, &before, &http_figures).await?;
+    let before = meter.start().await?;
+    let sql_figures = sql_cycle(&options, devices, senders, pool_size, duration).await?;
     sql_figures.print("SQL   insert → SKIP LOCKED claim → delete");
+    print_cost(&meter, &before, &sql_figures).await?;
     let rabbit_figures = match rabbitmq::broker().await {
         Ok(broker) => {
             let figures = rabbitmq::cycle(&broker, devices, senders, duration).await?;
@@ -111,8 +114,22 @@ async fn run(
     }
     println!();
 
-    let _ = stop.send(());
-    hub.wait().await?;
-    pool.close().await;
+    hub.stop().await?;
+    db.close().await;
+    Ok(())
+}
+
+/// Prints what a phase cost per cycle, read since `before`.
+async fn print_cost(meter: &Meter, before: &Snapshot, figures: &Figures) -> anyhow::Result<()> {
+    let cost = meter.cost(before, figures.cycles).await?;
+    let db_us = cost
+        .db_us
+        .map_or("n/a (server not on this machine)".to_string(), |us| {
+            format!("{us:.0} µs")
+        });
+    println!(
+        "      per cycle: WAL {:.0} B, {:.2} statements, hub CPU {:.0} µs, database CPU {db_us}",
+        cost.wal_bytes, cost.statements, cost.hub_us
+    );
     Ok(())
 }

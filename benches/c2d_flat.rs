@@ -18,7 +18,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use iothub::{Config, Listeners};
+use iothub::Config;
 use sqlx::postgres::PgConnectOptions;
 use sqlx::PgPool;
 
@@ -71,37 +71,15 @@ async fn run(
     config.listen = "127.0.0.1:0".parse()?;
     config.c2d.max_queue_depth = 10_000;
     let pool_size = config.db_pool_size;
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    // The hub, its pool and every task it starts live on the hub's runtime.
-    let hub = {
-        let (options, config) = (options.clone(), config.clone());
-        hub_runtime
-            .spawn(async move {
-                let pool = iothub::postgres::connect(options, config.db_pool_size).await?;
-                let listeners = Listeners {
-                    http: tokio::net::TcpListener::bind(config.listen).await?,
-                    tls: None,
-                    metrics: None,
-                    mqtts: None,
-                    mqtt: None,
-                };
-                let hub = iothub::launch(config, pool.clone(), listeners, async move {
-                    let _ = stopped.await;
-                })
-                .await?;
-                anyhow::Ok((hub, pool))
-            })
-            .await??
-    };
-    let (hub, hub_pool) = hub;
-    let base = format!("http://{}", hub.http_addr);
+    let hub = common::BenchHub::launch(hub_runtime, options.clone(), config).await?;
+    let base = format!("http://{}", hub.running.http_addr);
     let db = iothub::postgres::connect(options.clone(), 2).await?;
     let meter = Meter::new(&db).await?;
     let plan_mode: String = sqlx::query_scalar("SHOW plan_cache_mode")
         .fetch_one(&db)
         .await?;
 
-    let api = common::Api::new(&db, hub.http_addr, HOST).await?;
+    let api = common::Api::new(&db, hub.running.http_addr, HOST).await?;
     let (http, service) = (api.http.clone(), api.service.clone());
     let register_set = |set: &'static str| api.register(set, settings.devices);
     let fresh = register_set("fresh").await?;
@@ -217,9 +195,7 @@ async fn run(
         many_fresh / many_sql
     );
 
-    let _ = stop.send(());
-    hub_runtime.spawn(hub.wait()).await??;
-    hub_pool.close().await;
+    hub.stop().await?;
     db.close().await;
     Ok(())
 }

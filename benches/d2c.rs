@@ -484,26 +484,10 @@ async fn run(hub_runtime: tokio::runtime::Handle, options: PgConnectOptions) -> 
     config.hostname = HOST.to_string();
     config.listen = "127.0.0.1:0".parse()?;
     let cache_ms = config.auth_cache_ms;
-    let (stop_hub, stopped) = tokio::sync::oneshot::channel::<()>();
-    // The hub, its pool and every task it starts live on the hub's runtime.
-    let hub_options = pool.connect_options().as_ref().clone();
-    let (running, hub_pool) = hub_runtime
-        .spawn(async move {
-            let listeners = iothub::Listeners {
-                http: tokio::net::TcpListener::bind(config.listen).await?,
-                tls: None,
-                metrics: None,
-                mqtts: None,
-                mqtt: None,
-            };
-            let hub_pool = iothub::postgres::connect(hub_options, config.db_pool_size).await?;
-            let running = iothub::launch(config, hub_pool.clone(), listeners, async move {
-                let _ = stopped.await;
-            })
+    let hub =
+        common::BenchHub::launch(hub_runtime, pool.connect_options().as_ref().clone(), config)
             .await?;
-            anyhow::Ok((running, hub_pool))
-        })
-        .await??;
+    let running = &hub.running;
     let base = format!("http://{}", running.http_addr);
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(device_count * 2)
@@ -729,9 +713,7 @@ async fn run(hub_runtime: tokio::runtime::Handle, options: PgConnectOptions) -> 
         decoded.hub_us / all.hub_us
     );
 
-    let _ = stop_hub.send(());
-    hub_runtime.spawn(running.wait()).await??;
-    hub_pool.close().await;
+    hub.stop().await?;
     pool.close().await;
     Ok(())
 }

@@ -20,6 +20,57 @@ use sqlx::postgres::PgConnectOptions;
 use sqlx::{ConnectOptions, Connection, PgPool};
 use tokio::sync::Semaphore;
 
+/// A hub launched for a benchmark on the hub's runtime ([`cpu::with_hub_runtime`]), with a pool of its own.
+pub struct BenchHub {
+    pub running: iothub::RunningHub,
+    pub pool: PgPool,
+    runtime: tokio::runtime::Handle,
+    stop: tokio::sync::oneshot::Sender<()>,
+}
+
+impl BenchHub {
+    /// Launches the hub with `config` (its HTTP listener on `config.listen`) on `runtime`: the hub, its pool and
+    /// every task it starts live there, so their CPU is metered apart from the load generator's.
+    pub async fn launch(
+        runtime: tokio::runtime::Handle,
+        options: PgConnectOptions,
+        config: iothub::Config,
+    ) -> anyhow::Result<BenchHub> {
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let (running, pool) = runtime
+            .spawn(async move {
+                let pool = iothub::postgres::connect(options, config.db_pool_size).await?;
+                let listeners = iothub::Listeners {
+                    http: tokio::net::TcpListener::bind(config.listen).await?,
+                    tls: None,
+                    metrics: None,
+                    mqtts: None,
+                    mqtt: None,
+                };
+                let running = iothub::launch(config, pool.clone(), listeners, async move {
+                    let _ = stopped.await;
+                })
+                .await?;
+                anyhow::Ok((running, pool))
+            })
+            .await??;
+        Ok(BenchHub {
+            running,
+            pool,
+            runtime,
+            stop,
+        })
+    }
+
+    /// Stops the hub and waits for every task it started.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        let _ = self.stop.send(());
+        self.runtime.spawn(self.running.wait()).await??;
+        self.pool.close().await;
+        Ok(())
+    }
+}
+
 /// A hub's REST API as a benchmark drives it: an HTTP client with room for every device's connection, and tokens
 /// of the owner and service policies, valid for an hour.
 pub struct Api {
