@@ -94,7 +94,7 @@ impl OwnConnection {
 
     /// After a statement failed inside a transaction: rolls it back, or drops the connection (the server then rolls
     /// back) when that fails too.
-    pub async fn rollback(&mut self) {
+    async fn rollback(&mut self) {
         if let Some((connection, _)) = &mut self.open {
             if !rollback(connection).await {
                 self.open = None;
@@ -103,7 +103,7 @@ impl OwnConnection {
     }
 
     /// After a failure that leaves the connection's state unknown (at a commit): the next use opens a new one.
-    pub fn discard(&mut self) {
+    fn discard(&mut self) {
         self.open = None;
     }
 
